@@ -1,0 +1,36 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   runs the main job on the embedded default model and real data
+#   make test   lint + format check + the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.bootstrap-$(shell cat pyproject.toml tools/bootstrap.sh | sha1sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: venv test lint format demo bench clean-venv
+
+$(STAMP): pyproject.toml tools/bootstrap.sh
+	./tools/bootstrap.sh $(VENV)
+	rm -f $(VENV)/.bootstrap-*
+	touch $@
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/repinf-lens demo $(DEMO_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

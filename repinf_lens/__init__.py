@@ -1,0 +1,43 @@
+"""repinf_lens: representation-level influence functions for TransformerLens and SAELens.
+
+Which training examples, which SAE latents inside them, and which tokens made a language model give an
+answer (arXiv 2605.12809, "Correcting Influence", RepInfLLM).
+
+Sign convention, everywhere in this package: a POSITIVE influence score marks a proponent, i.e. up-weighting
+the training example lowers the test loss (score = + g_test^T (H + lambda I)^-1 g_train).
+"""
+
+from repinf_lens import data
+from repinf_lens._cache import OfflineAssetError, cache_dir
+from repinf_lens.data import load_mcqa
+from repinf_lens.models import DEFAULT_MODEL, UnknownModelError, load_hf_model, load_model
+from repinf_lens.task import (
+    MCQABatch,
+    MultipleChoiceTask,
+    PromptTooLongError,
+    Task,
+    evaluate,
+    parse_option,
+    predict,
+)
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "MCQABatch",
+    "MultipleChoiceTask",
+    "OfflineAssetError",
+    "PromptTooLongError",
+    "Task",
+    "UnknownModelError",
+    "__version__",
+    "cache_dir",
+    "data",
+    "evaluate",
+    "load_hf_model",
+    "load_mcqa",
+    "load_model",
+    "parse_option",
+    "predict",
+]

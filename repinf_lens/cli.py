@@ -1,0 +1,111 @@
+"""The ``repinf-lens`` command line: thin subcommands over the public API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+_DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model name or local HF folder (default: embedded SmolLM2-135M)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="parameter dtype")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--n-ctx", type=int, default=1024, help="context length of the HookedTransformer")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--offline", action="store_true", help="never try the Hugging Face hub for data")
+    p.add_argument("--no-progress", action="store_true", help="hide tqdm bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="repinf-lens", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ev = sub.add_parser("evaluate", help="zero-shot accuracy of a model on an MCQA split")
+    _common(ev)
+    ev.add_argument("--dataset", default="openbookqa")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    ev.add_argument("--out", type=Path, default=None, help="write a JSON record of the run here")
+    demo = sub.add_parser("demo", help="the main job on the embedded default model and OpenBookQA")
+    _common(demo)
+    demo.add_argument("--quick", action="store_true", help="small sizes (100 test questions)")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
+    return parser
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202
+    import torch
+
+    from repinf_lens.models import load_model
+
+    torch.manual_seed(args.seed)
+    model = load_model(args.model, device=args.device, dtype=getattr(torch, _DTYPES[args.dtype]), n_ctx=args.n_ctx)
+    return model
+
+
+def _evaluate(args: argparse.Namespace, dataset: str, split: str, limit: int | None, out: Path | None) -> dict:
+    from repinf_lens.data import load_mcqa
+    from repinf_lens.task import MultipleChoiceTask, evaluate
+
+    t0 = time.perf_counter()
+    model = _load(args)
+    t_model = time.perf_counter() - t0
+    ds = load_mcqa(dataset, split, offline=True if args.offline else None)
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    task = MultipleChoiceTask.from_model(model)
+    t1 = time.perf_counter()
+    acc = evaluate(model, task, ds, batch_size=args.batch_size, progress=not args.no_progress)
+    record = {
+        "model": args.model or "SmolLM2-135M-Instruct (embedded default)",
+        "dataset": dataset,
+        "split": split,
+        "n_questions": len(ds),
+        "accuracy": acc,
+        "template": task.template,
+        "device": str(model.cfg.device),
+        "dtype": args.dtype,
+        "seconds_model_load": round(t_model, 2),
+        "seconds_evaluate": round(time.perf_counter() - t1, 2),
+    }
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "evaluate":
+        rec = _evaluate(args, args.dataset, args.split, args.limit, args.out)
+        print(json.dumps(rec, indent=2))
+        return 0
+    if args.command == "demo":
+        args.out.mkdir(parents=True, exist_ok=True)
+        limit = 100 if args.quick else None
+        rec = _evaluate(args, "openbookqa", "test", limit, args.out / "zero_shot.json")
+        print(
+            f"\n{rec['model']} zero-shot OpenBookQA test accuracy: {100 * rec['accuracy']:.1f} % "
+            f"on {rec['n_questions']} questions ({rec['seconds_evaluate']:.0f} s). Record: {args.out}/zero_shot.json"
+        )
+        return 0
+    return 2  # pragma: no cover - argparse enforces a subcommand
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Pure curvature functions on theta2 (torch.func): gradients, Hessian- and Gauss-Newton-vector products.
+
+All functions take the split, an explicit parameter dict ``params`` (theta2) and prepared upstream inputs
+(:class:`repinf_lens.split.SplitInputs`); theta2-shaped vectors are dicts with the keys of ``params``.
+The loss reduction is always the MEAN over the examples of a batch; dataset-level quantities are the
+example-weighted mean over batches, so the result does not depend on how the data was batched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+from torch.func import grad, jvp, vjp
+
+from repinf_lens.split import Params, SplitInputs, SplitModel
+
+__all__ = ["loss_grad", "hvp", "gnhvp", "dataset_grad", "dataset_hvp"]
+
+
+def loss_grad(split: SplitModel, params: Params, inp: SplitInputs) -> Params:
+    """Gradient of the batch's mean loss with respect to theta2."""
+    return grad(lambda p: split.inputs_loss(p, inp))(params)
+
+
+def hvp(split: SplitModel, params: Params, inp: SplitInputs, v: Params) -> Params:
+    """Hessian-vector product ``H v`` of the batch's mean loss (forward-over-reverse)."""
+    return jvp(lambda p: grad(lambda q: split.inputs_loss(q, inp))(p), (params,), (v,))[1]
+
+
+def gnhvp(split: SplitModel, params: Params, inp: SplitInputs, v: Params) -> Params:
+    """Gauss-Newton-vector product ``J^T H_z J v`` (always PSD for a convex loss of the logits z).
+
+    ``J`` is the Jacobian of the answer-position logits w.r.t. theta2 and ``H_z`` the Hessian of the task loss
+    w.r.t. those logits (the softmax covariance for cross-entropy).
+    """
+    batch = inp.batch
+
+    def logits_fn(p: Params) -> Tensor:
+        return split.logits(inp.latents, batch, p, inp.error, inp.base)
+
+    z, jv = jvp(logits_fn, (params,), (v,))
+    z = z.detach()
+    hz = jvp(lambda zz: grad(lambda y: split.task.loss(y, batch))(zz), (z,), (jv,))[1]
+    _, pullback = vjp(logits_fn, params)
+    return pullback(hz)[0]
+
+
+def _weighted_sum(parts: Sequence[tuple[int, Params]]) -> Params:
+    total = sum(n for n, _ in parts)
+    out: Params = {}
+    for n, tree in parts:
+        for k, t in tree.items():
+            out[k] = out[k] + t * (n / total) if k in out else t * (n / total)
+    return out
+
+
+def dataset_grad(split: SplitModel, params: Params, inputs: Sequence[SplitInputs]) -> Params:
+    """Gradient of the mean loss over all examples of ``inputs`` (batches weighted by their size)."""
+    return _weighted_sum(
+        [(len(inp), {k: t.detach() for k, t in loss_grad(split, params, inp).items()}) for inp in inputs]
+    )
+
+
+def dataset_hvp(
+    split: SplitModel, params: Params, inputs: Sequence[SplitInputs], v: Params, *, gauss_newton: bool = False
+) -> Params:
+    """``H v`` for the mean loss over all examples of ``inputs``: one pass over the Hessian data."""
+    fn = gnhvp if gauss_newton else hvp
+    return _weighted_sum([(len(inp), {k: t.detach() for k, t in fn(split, params, inp, v).items()}) for inp in inputs])

@@ -1,0 +1,226 @@
+"""Inverse-Hessian-vector solvers: s = (H + lambda I)^-1 g on theta2.
+
+Each solver is a small config dataclass with a ``solve(hvp_fn, g)`` method (one class per variant, a name ->
+class registry, as SAELens does for SAE architectures). ``hvp_fn(v)`` returns ``H v`` for the MEAN loss over
+the whole Hessian dataset (one pass over it per call); damping is added by the solver.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from repinf_lens._tree import tadd, tdot, tflatten, tnorm, tnumel, tscale, tunflatten, tzeros_like
+
+__all__ = [
+    "InverseHessianSolver",
+    "CG",
+    "Explicit",
+    "LiSSA",
+    "Identity",
+    "SolveInfo",
+    "NegativeCurvatureWarning",
+    "SOLVERS",
+    "solver_from_dict",
+]
+
+Tree = dict[str, Tensor]
+HVPFn = Callable[[Tree], Tree]
+
+
+class NegativeCurvatureWarning(RuntimeWarning):
+    """CG met a direction with p^T (H + lambda I) p <= 0: the damped Hessian is not positive definite."""
+
+
+@dataclass
+class SolveInfo:
+    """What a solve did: iterations, residual norms (relative to ||g||), flags."""
+
+    iterations: int = 0
+    residuals: list[float] = field(default_factory=list)
+    converged: bool = True
+    negative_curvature: bool = False
+    n_hvp: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class InverseHessianSolver:
+    """Base class: ``damping`` (lambda), ``batch_size`` (Hessian batches), ``gauss_newton`` (PSD curvature)."""
+
+    name: ClassVar[str] = "base"
+    damping: float = 1e-3
+    batch_size: int = 8
+    gauss_newton: bool = False
+
+    def solve(self, hvp_fn: HVPFn, g: Tree) -> tuple[Tree, SolveInfo]:
+        raise NotImplementedError
+
+    @property
+    def needs_hessian(self) -> bool:
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"solver": self.name, **asdict(self)}
+
+
+@dataclass
+class Identity(InverseHessianSolver):
+    """No curvature: s = g (gradient dot product, TracIn-style). ``damping`` is ignored."""
+
+    name: ClassVar[str] = "identity"
+    damping: float = 0.0
+
+    @property
+    def needs_hessian(self) -> bool:
+        return False
+
+    def solve(self, hvp_fn: HVPFn, g: Tree) -> tuple[Tree, SolveInfo]:
+        return {k: v.clone() for k, v in g.items()}, SolveInfo()
+
+
+@dataclass
+class CG(InverseHessianSolver):
+    """Conjugate gradient on ``(H + damping I) s = g`` (the paper: damping 1e-3, 20 iterations, batches of 8).
+
+    Args:
+        damping: lambda added to the Hessian.
+        max_iter: CG iterations (one HVP over the Hessian data each).
+        tol: stop when ||residual|| <= tol * ||g||.
+        batch_size: Hessian batch size (memory only: the HVP is the mean over the whole Hessian dataset).
+        gauss_newton: use Gauss-Newton HVPs (PSD) instead of exact ones.
+        on_negative_curvature: ``"warn"`` (default: warn, stop, return the last iterate), ``"raise"``, or
+            ``"ignore"`` (keep iterating).
+    """
+
+    name: ClassVar[str] = "cg"
+    max_iter: int = 20
+    tol: float = 1e-6
+    on_negative_curvature: str = "warn"
+
+    def solve(self, hvp_fn: HVPFn, g: Tree) -> tuple[Tree, SolveInfo]:
+        info = SolveInfo(converged=False)
+        x = tzeros_like(g)
+        r = {k: v.clone() for k, v in g.items()}
+        p = {k: v.clone() for k, v in g.items()}
+        g_norm = float(tnorm(g))
+        if g_norm == 0.0:
+            info.converged = True
+            return x, info
+        rs = tdot(r, r)
+        info.residuals.append(1.0)
+        for it in range(self.max_iter):
+            ap = tadd(hvp_fn(p), p, self.damping)
+            info.n_hvp += 1
+            pap = tdot(p, ap)
+            if float(pap) <= 0.0:
+                info.negative_curvature = True
+                msg = (
+                    f"CG iteration {it}: p^T (H + {self.damping:g} I) p = {float(pap):.3e} <= 0, the damped Hessian is "
+                    "not positive definite on theta2. Fix: CG(gauss_newton=True) (PSD Gauss-Newton curvature) or a "
+                    "larger damping."
+                )
+                if self.on_negative_curvature == "raise":
+                    raise FloatingPointError(msg)
+                if self.on_negative_curvature == "warn":
+                    warnings.warn(msg, NegativeCurvatureWarning, stacklevel=3)
+                    break
+            alpha = rs / pap
+            x = tadd(x, p, alpha)
+            r = tadd(r, ap, -alpha)
+            rs_new = tdot(r, r)
+            info.iterations = it + 1
+            rel = float(rs_new.sqrt()) / g_norm
+            info.residuals.append(rel)
+            if rel <= self.tol:
+                info.converged = True
+                break
+            p = tadd(r, p, rs_new / rs)
+            rs = rs_new
+        return x, info
+
+
+@dataclass
+class LiSSA(InverseHessianSolver):
+    """LiSSA (Agarwal et al. 2017): h <- g + h - (H + damping I) h / scale, s = h / scale.
+
+    Converges when ``scale`` exceeds the largest eigenvalue of ``H + damping I``. ``depth`` iterations of one
+    full-Hessian-data HVP each; ``tol`` stops early on a small relative update.
+    """
+
+    name: ClassVar[str] = "lissa"
+    scale: float = 10.0
+    depth: int = 200
+    tol: float = 1e-7
+
+    def solve(self, hvp_fn: HVPFn, g: Tree) -> tuple[Tree, SolveInfo]:
+        info = SolveInfo(converged=False)
+        h = {k: v.clone() for k, v in g.items()}
+        g_norm = float(tnorm(g)) or 1.0
+        for it in range(self.depth):
+            ah = tadd(hvp_fn(h), h, self.damping)
+            info.n_hvp += 1
+            new = tadd(tadd(g, h), ah, -1.0 / self.scale)
+            delta = float(tnorm(tadd(new, h, -1.0))) / g_norm
+            h = new
+            info.iterations = it + 1
+            info.residuals.append(delta)
+            if not torch.isfinite(torch.tensor(delta)):
+                raise FloatingPointError(
+                    f"LiSSA diverged at iteration {it}. Fix: increase `scale` (> largest eigenvalue of H + damping I)."
+                )
+            if delta <= self.tol:
+                info.converged = True
+                break
+        return tscale(h, 1.0 / self.scale), info
+
+
+@dataclass
+class Explicit(InverseHessianSolver):
+    """Dense solve: build H column by column with |theta2| HVPs, then ``torch.linalg.solve`` (small theta2 only)."""
+
+    name: ClassVar[str] = "explicit"
+    max_params: int = 20000
+
+    def matrix(self, hvp_fn: HVPFn, like: Tree) -> Tensor:
+        """The dense, symmetrised Hessian ``[n, n]`` (float64) of the mean loss over the Hessian data."""
+        n = tnumel(like)
+        if n > self.max_params:
+            raise ValueError(
+                f"Explicit() would build a {n} x {n} Hessian (> max_params={self.max_params}). Fix: "
+                "use CG(), or restrict theta2 with SplitModel(..., downstream=...)."
+            )
+        cols = []
+        for i in range(n):
+            e = torch.zeros(n, dtype=torch.float64)
+            e[i] = 1.0
+            cols.append(tflatten(hvp_fn(tunflatten(e, like))).double().cpu())
+        h = torch.stack(cols, dim=1)
+        return 0.5 * (h + h.T)
+
+    def solve(self, hvp_fn: HVPFn, g: Tree) -> tuple[Tree, SolveInfo]:
+        h = self.matrix(hvp_fn, g)
+        n = h.shape[0]
+        a = h + self.damping * torch.eye(n, dtype=h.dtype)
+        s = torch.linalg.solve(a, tflatten(g).double().cpu())
+        info = SolveInfo(iterations=1, n_hvp=n)
+        return {k: v.to(g[k].device) for k, v in tunflatten(s, g).items()}, info
+
+
+SOLVERS: dict[str, type[InverseHessianSolver]] = {c.name: c for c in (CG, LiSSA, Explicit, Identity)}
+
+
+def solver_from_dict(cfg: dict[str, Any]) -> InverseHessianSolver:
+    """Rebuild a solver from :meth:`InverseHessianSolver.to_dict` (what configs and result folders store)."""
+    cfg = dict(cfg)
+    name = cfg.pop("solver", "cg")
+    if name not in SOLVERS:
+        raise ValueError(f"Unknown solver {name!r}. Valid: {sorted(SOLVERS)}.")
+    return SOLVERS[name](**cfg)

