@@ -9,8 +9,17 @@ the training example lowers the test loss (score = + g_test^T (H + lambda I)^-1 
 
 from repinf_lens import data
 from repinf_lens._cache import OfflineAssetError, cache_dir
+from repinf_lens.curvature import CG, Explicit, Identity, InverseHessianSolver, LiSSA
 from repinf_lens.data import load_mcqa
+from repinf_lens.influence import (
+    InfluenceAttributor,
+    InfluenceResult,
+    example_influence,
+    latent_influence,
+    latent_influence_reference,
+)
 from repinf_lens.models import DEFAULT_MODEL, UnknownModelError, load_hf_model, load_model
+from repinf_lens.split import HookNameError, SAECompatibilityError, SplitInputs, SplitModel
 from repinf_lens.task import (
     MCQABatch,
     MultipleChoiceTask,
@@ -24,6 +33,20 @@ from repinf_lens.task import (
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "CG",
+    "Explicit",
+    "HookNameError",
+    "Identity",
+    "InfluenceAttributor",
+    "InfluenceResult",
+    "InverseHessianSolver",
+    "LiSSA",
+    "SAECompatibilityError",
+    "SplitInputs",
+    "SplitModel",
+    "example_influence",
+    "latent_influence",
+    "latent_influence_reference",
     "DEFAULT_MODEL",
     "MCQABatch",
     "MultipleChoiceTask",

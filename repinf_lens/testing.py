@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-__all__ = ["tiny_tokenizer", "tiny_model", "TINY_CHAT_TEMPLATE"]
+__all__ = ["tiny_tokenizer", "tiny_model", "tiny_sae", "TINY_CHAT_TEMPLATE"]
 
 TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -91,3 +91,47 @@ def tiny_model(
     torch.manual_seed(seed)
     model = HookedTransformer(cfg, tokenizer, move_to_device=True, default_padding_side="right")
     return model.eval()
+
+
+def tiny_sae(
+    model: HookedTransformer,
+    hook_name: str,
+    d_sae: int = 64,
+    k: int = 8,
+    *,
+    architecture: str = "topk",
+    seed: int = 0,
+    normalize_activations: str = "none",
+) -> Any:
+    """A randomly initialised SAELens SAE (``topk`` or ``standard``) for ``hook_name`` of ``model``.
+
+    The encoder bias is set so that a realistic share of latents fire on the model's activations.
+    """
+    from sae_lens import SAE
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.saes.standard_sae import StandardSAEConfig
+    from sae_lens.saes.topk_sae import TopKSAEConfig
+
+    with torch.no_grad():
+        tokens = torch.zeros((1, 2), dtype=torch.long, device=model.cfg.device)
+        _, cache = model.run_with_cache(tokens, names_filter=hook_name)
+    d_in = int(torch.tensor(cache[hook_name].shape[2:]).prod())
+    meta = SAEMetadata(hook_name=hook_name, model_name="tiny")
+    common = dict(
+        d_in=d_in,
+        d_sae=d_sae,
+        dtype="float32",
+        device=str(model.cfg.device),
+        normalize_activations=normalize_activations,
+        metadata=meta,
+    )
+    if hook_name.endswith("hook_z"):
+        common["reshape_activations"] = "hook_z"
+    cfg = TopKSAEConfig(k=k, **common) if architecture == "topk" else StandardSAEConfig(**common)
+    torch.manual_seed(seed)
+    sae = SAE.from_dict(cfg.to_dict())
+    with torch.no_grad():
+        sae.W_enc.normal_(0, d_in**-0.5)
+        sae.W_dec.copy_(sae.W_enc.T / sae.W_enc.T.norm(dim=1, keepdim=True))
+        sae.b_enc.fill_(0.0 if architecture == "topk" else -0.5)
+    return sae.eval()

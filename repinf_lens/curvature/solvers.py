@@ -188,21 +188,32 @@ class Explicit(InverseHessianSolver):
 
     name: ClassVar[str] = "explicit"
     max_params: int = 20000
+    chunk_size: int = 256
 
     def matrix(self, hvp_fn: HVPFn, like: Tree) -> Tensor:
-        """The dense, symmetrised Hessian ``[n, n]`` (float64) of the mean loss over the Hessian data."""
+        """The dense, symmetrised Hessian ``[n, n]`` (float64) of the mean loss over the Hessian data.
+
+        Columns are HVPs with basis vectors, ``chunk_size`` at a time under ``torch.func.vmap`` (one at a time
+        when the model does not support vmap).
+        """
         n = tnumel(like)
         if n > self.max_params:
             raise ValueError(
                 f"Explicit() would build a {n} x {n} Hessian (> max_params={self.max_params}). Fix: "
                 "use CG(), or restrict theta2 with SplitModel(..., downstream=...)."
             )
+        device = next(iter(like.values())).device
+        batched = torch.func.vmap(lambda flat: tflatten(hvp_fn(tunflatten(flat, like))))
         cols = []
-        for i in range(n):
-            e = torch.zeros(n, dtype=torch.float64)
-            e[i] = 1.0
-            cols.append(tflatten(hvp_fn(tunflatten(e, like))).double().cpu())
-        h = torch.stack(cols, dim=1)
+        for start in range(0, n, self.chunk_size):
+            stop = min(n, start + self.chunk_size)
+            eye = torch.zeros(stop - start, n, device=device)
+            eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+            try:
+                cols.append(batched(eye).double().cpu())
+            except RuntimeError:  # an op without a batching rule: one HVP per column
+                cols.append(torch.stack([tflatten(hvp_fn(tunflatten(e, like))).double().cpu() for e in eye]))
+        h = torch.cat(cols, dim=0).T
         return 0.5 * (h + h.T)
 
     def solve(self, hvp_fn: HVPFn, g: Tree) -> tuple[Tree, SolveInfo]:

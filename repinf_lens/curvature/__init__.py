@@ -1,0 +1,34 @@
+"""Curvature on theta2: HVPs (exact and Gauss-Newton), inverse-HVP solvers, and the s_test cache."""
+
+from repinf_lens.curvature.cache import STestCache, cache_key
+from repinf_lens.curvature.hvp import dataset_grad, dataset_hvp, gnhvp, hvp, loss_grad
+from repinf_lens.curvature.solvers import (
+    CG,
+    SOLVERS,
+    Explicit,
+    Identity,
+    InverseHessianSolver,
+    LiSSA,
+    NegativeCurvatureWarning,
+    SolveInfo,
+    solver_from_dict,
+)
+
+__all__ = [
+    "CG",
+    "SOLVERS",
+    "Explicit",
+    "Identity",
+    "InverseHessianSolver",
+    "LiSSA",
+    "NegativeCurvatureWarning",
+    "STestCache",
+    "SolveInfo",
+    "cache_key",
+    "dataset_grad",
+    "dataset_hvp",
+    "gnhvp",
+    "hvp",
+    "loss_grad",
+    "solver_from_dict",
+]
