@@ -23,6 +23,7 @@ from torch import Tensor
 __all__ = ["InfluenceResult"]
 
 _FORMAT_VERSION = 1
+_SIGN = "positive = proponent (up-weighting the training example lowers the test loss)"
 
 
 @dataclass
@@ -163,7 +164,7 @@ class InfluenceResult:
                 json.dumps(
                     {
                         "format_version": _FORMAT_VERSION,
-                        "sign_convention": "positive = proponent (up-weighting the training example lowers the test loss)",
+                        "sign_convention": _SIGN,
                         "query_ids": self.query_ids,
                         "train_ids": self.train_ids,
                         "n_train_tokens": len(self.train_tokens),
