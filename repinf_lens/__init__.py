@@ -11,6 +11,7 @@ from repinf_lens import data
 from repinf_lens._cache import OfflineAssetError, cache_dir
 from repinf_lens.curvature import CG, Explicit, Identity, InverseHessianSolver, LiSSA
 from repinf_lens.data import load_mcqa
+from repinf_lens.finetune import FinetuneConfig, FinetuneResult, finetune
 from repinf_lens.influence import (
     InfluenceAttributor,
     InfluenceResult,
@@ -35,6 +36,8 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "CG",
     "Explicit",
+    "FinetuneConfig",
+    "FinetuneResult",
     "HookNameError",
     "Identity",
     "InfluenceAttributor",
@@ -58,6 +61,7 @@ __all__ = [
     "cache_dir",
     "data",
     "evaluate",
+    "finetune",
     "load_hf_model",
     "load_mcqa",
     "load_model",

@@ -11,6 +11,8 @@ from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
+_DEMO_QUICK_QUESTIONS = 100
+
 _DTYPES = {
     "float32": "float32",
     "fp32": "float32",
@@ -41,6 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test")
     ev.add_argument("--limit", type=int, default=None, help="only the first N questions")
     ev.add_argument("--out", type=Path, default=None, help="write a JSON record of the run here")
+    fin = sub.add_parser("finetune", help="LoRA-finetune a model on an MCQA training split (peft), merge, evaluate")
+    _common(fin)
+    fin.add_argument("--dataset", default="openbookqa")
+    fin.add_argument("--train-split", default="train")
+    fin.add_argument("--eval-split", default="test")
+    fin.add_argument("--train-limit", type=int, default=None, help="only the first N training examples")
+    fin.add_argument("--eval-limit", type=int, default=None, help="only the first N evaluation questions")
+    fin.add_argument("--epochs", type=float, default=4.0)
+    fin.add_argument("--lr", type=float, default=2e-4)
+    fin.add_argument("--effective-batch-size", type=int, default=32, help="batch reached by accumulation")
+    fin.add_argument("--lora-r", type=int, default=16)
+    fin.add_argument("--out", type=Path, default=Path("runs/finetune"), help="output directory")
     demo = sub.add_parser("demo", help="the main job on the embedded default model and OpenBookQA")
     _common(demo)
     demo.add_argument("--quick", action="store_true", help="small sizes (100 test questions)")
@@ -95,9 +109,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         rec = _evaluate(args, args.dataset, args.split, args.limit, args.out)
         print(json.dumps(rec, indent=2))
         return 0
+    if args.command == "finetune":
+        import torch
+
+        from repinf_lens.data import load_mcqa
+        from repinf_lens.finetune import finetune
+        from repinf_lens.models import load_model
+        from repinf_lens.task import MultipleChoiceTask
+
+        torch.manual_seed(args.seed)
+        offline = True if args.offline else None
+        train = load_mcqa(args.dataset, args.train_split, offline=offline)
+        if args.train_limit is not None:
+            train = train.select(range(min(args.train_limit, len(train))))
+        ev = load_mcqa(args.dataset, args.eval_split, offline=offline)
+        if args.eval_limit is not None:
+            ev = ev.select(range(min(args.eval_limit, len(ev))))
+        tok_model = load_model(args.model, device="cpu", n_ctx=args.n_ctx)
+        task = MultipleChoiceTask.from_model(tok_model)
+        del tok_model
+        res = finetune(
+            args.model,
+            task,
+            train,
+            out_dir=args.out,
+            eval_dataset=ev,
+            device=args.device,
+            n_ctx=args.n_ctx,
+            progress=not args.no_progress,
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.effective_batch_size,
+            micro_batch_size=args.batch_size,
+            lora_r=args.lora_r,
+            seed=args.seed,
+        )
+        meta = {k: v for k, v in res.metadata.items() if k != "loss_curve"}
+        print(json.dumps(meta, indent=2))
+        return 0
     if args.command == "demo":
         args.out.mkdir(parents=True, exist_ok=True)
-        limit = 100 if args.quick else None
+        limit = _DEMO_QUICK_QUESTIONS if args.quick else None
         rec = _evaluate(args, "openbookqa", "test", limit, args.out / "zero_shot.json")
         print(
             f"\n{rec['model']} zero-shot OpenBookQA test accuracy: {100 * rec['accuracy']:.1f} % "

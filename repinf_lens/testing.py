@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-__all__ = ["tiny_tokenizer", "tiny_model", "tiny_sae", "TINY_CHAT_TEMPLATE"]
+__all__ = ["tiny_tokenizer", "tiny_model", "random_sae", "TINY_CHAT_TEMPLATE"]
 
 TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -93,7 +93,7 @@ def tiny_model(
     return model.eval()
 
 
-def tiny_sae(
+def random_sae(
     model: HookedTransformer,
     hook_name: str,
     d_sae: int = 64,
@@ -116,7 +116,7 @@ def tiny_sae(
         tokens = torch.zeros((1, 2), dtype=torch.long, device=model.cfg.device)
         _, cache = model.run_with_cache(tokens, names_filter=hook_name)
     d_in = int(torch.tensor(cache[hook_name].shape[2:]).prod())
-    meta = SAEMetadata(hook_name=hook_name, model_name="tiny")
+    meta = SAEMetadata(hook_name=hook_name, model_name=str(getattr(model.cfg, "model_name", "unknown")))
     common = dict(
         d_in=d_in,
         d_sae=d_sae,

@@ -24,7 +24,7 @@ from repinf_lens import (
 )
 from repinf_lens._tree import tdot, tflatten, tunflatten
 from repinf_lens.curvature import NegativeCurvatureWarning, dataset_hvp, gnhvp, hvp, loss_grad
-from repinf_lens.testing import tiny_model, tiny_sae
+from repinf_lens.testing import random_sae, tiny_model
 
 HOOKS = ["blocks.1.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_mid"]
 
@@ -55,7 +55,7 @@ def model3():
 @pytest.mark.parametrize("hook", HOOKS + ["blocks.1.attn.hook_z"])
 @pytest.mark.parametrize("arch", ["topk", "standard"])
 def test_splice_with_error_term_reproduces_logits(model3, hook, arch):
-    sae = tiny_sae(model3, hook, d_sae=48, k=6, architecture=arch)
+    sae = random_sae(model3, hook, d_sae=48, k=6, architecture=arch)
     split = SplitModel(model3, hook, sae)
     batch = split.task.collate(_examples(3))
     inp = split.prepare(batch)
@@ -97,21 +97,21 @@ def test_bad_hook_and_incompatible_saes_are_refused(model3):
         SplitModel(model3, "blocks.1.hook_resid_psot")
     with pytest.raises(HookNameError, match="outside the transformer blocks"):
         SplitModel(model3, "hook_embed")
-    sae = tiny_sae(model3, "blocks.1.hook_resid_post")
+    sae = random_sae(model3, "blocks.1.hook_resid_post")
     with pytest.raises(SAECompatibilityError, match="trained at 'blocks.1.hook_resid_post'"):
         SplitModel(model3, "blocks.2.hook_resid_post", sae)
-    z_sae = tiny_sae(model3, "blocks.1.mlp.hook_post")  # d_in = d_mlp = 64 != d_model
+    z_sae = random_sae(model3, "blocks.1.mlp.hook_post")  # d_in = d_mlp = 64 != d_model
     z_sae.cfg.metadata.hook_name = "blocks.1.hook_resid_post"
     with pytest.raises(SAECompatibilityError, match="d_in=64"):
         SplitModel(model3, "blocks.1.hook_resid_post", z_sae)
-    ln_sae = tiny_sae(model3, "blocks.1.hook_resid_post", normalize_activations="layer_norm")
+    ln_sae = random_sae(model3, "blocks.1.hook_resid_post", normalize_activations="layer_norm")
     with pytest.raises(SAECompatibilityError, match="layer_norm"):
         SplitModel(model3, "blocks.1.hook_resid_post", ln_sae)
 
 
 @pytest.mark.parametrize("hook", ["blocks.1.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.1.attn.hook_z"])
 def test_swap_equals_per_latent_jvp_reference(model3, hook):
-    sae = tiny_sae(model3, hook, d_sae=48, k=6)
+    sae = random_sae(model3, hook, d_sae=48, k=6)
     split = SplitModel(model3, hook, sae)
     batch = split.task.collate(_examples(3))
     params = split.downstream_params()
@@ -128,7 +128,7 @@ def test_swap_equals_per_latent_jvp_reference(model3, hook):
 
 
 def test_example_scores_equal_independent_per_example_gradients(model3):
-    split = SplitModel(model3, "blocks.1.hook_resid_post", tiny_sae(model3, "blocks.1.hook_resid_post"))
+    split = SplitModel(model3, "blocks.1.hook_resid_post", random_sae(model3, "blocks.1.hook_resid_post"))
     exs = _examples(4)
     params = split.downstream_params()
     s = {k: torch.randn_like(v) for k, v in params.items()}
@@ -146,7 +146,7 @@ def test_example_scores_equal_independent_per_example_gradients(model3):
 
 
 def test_scores_do_not_depend_on_batch_size(model3):
-    split = SplitModel(model3, "blocks.1.hook_mlp_out", tiny_sae(model3, "blocks.1.hook_mlp_out"))
+    split = SplitModel(model3, "blocks.1.hook_mlp_out", random_sae(model3, "blocks.1.hook_mlp_out"))
     att = InfluenceAttributor(split, hessian=Identity(), use_cache=False, progress=False)
     exs = _examples(5)
     a = att.attribute(exs[:2], exs, batch_size=1)
@@ -329,7 +329,7 @@ def test_leave_one_out_retraining_agrees_with_influence():
 
 
 def test_result_roundtrip_and_rankings(model3, tmp_path):
-    sae = tiny_sae(model3, "blocks.1.hook_resid_post", d_sae=48, k=6)
+    sae = random_sae(model3, "blocks.1.hook_resid_post", d_sae=48, k=6)
     split = SplitModel(model3, "blocks.1.hook_resid_post", sae)
     exs = _examples(6)
     att = InfluenceAttributor(

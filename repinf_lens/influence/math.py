@@ -160,7 +160,7 @@ def latent_influence_reference(
     for j in latents:
         tangent = torch.zeros_like(r)
         tangent[..., j] = r[..., j]
-        out[int(j)] = float(jvp(p_of_r, (r,), (tangent,))[1])
+        out[int(j)] = float(jvp(p_of_r, (r,), (tangent,))[1].detach())
     return out
 
 

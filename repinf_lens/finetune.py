@@ -1,0 +1,312 @@
+"""LoRA finetuning (peft) of a causal LM on a task, merged and handed back as a HookedTransformer.
+
+Step 1 of the paper's pipeline (AdamW, lr 2e-4, batch 32, 4 epochs, max length 512; gradient accumulation
+reaches the batch on small machines). Training runs on the Hugging Face model with peft; the adapter is saved,
+merged into the base weights, saved as a plain HF folder and loaded through :func:`repinf_lens.load_model`'s
+local-directory path, so the HookedTransformer computes exactly what the merged HF model computes.
+
+Output folder layout (``out_dir``)::
+
+    adapter/            the LoRA adapter (peft ``save_pretrained``)
+    merged/             merged fp32 HF model + tokenizer (what ``load_model(out_dir / "merged")`` reads)
+    checkpoints/step-N/ adapter + optimizer + scheduler + RNG state, for resuming (the last two are kept)
+    finetune.json       metadata: base model, adapter hash, data hash, config, accuracy before/after, timings
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from repinf_lens.models import DEFAULT_MODEL, _is_default, default_model_dir, load_model, resolve_device
+from repinf_lens.task import Task, evaluate
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "DEFAULT_LORA_TARGETS"]
+
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class FinetuneConfig:
+    """Every knob of :func:`finetune` (saved next to the results).
+
+    ``batch_size`` is the effective batch (the paper's 32), reached by accumulating ``micro_batch_size``
+    examples per forward/backward pass.
+    """
+
+    epochs: float = 4.0
+    lr: float = 2e-4
+    batch_size: int = 32
+    micro_batch_size: int = 8
+    max_length: int = 512
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    seed: int = 0
+    checkpoint_every: int = 50
+    max_train_examples: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` returns: the merged HookedTransformer, its folders and the run's metadata."""
+
+    model: Any
+    out_dir: Path
+    merged_dir: Path
+    adapter_dir: Path
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _hash_rows(rows: list[dict[str, Any]]) -> str:
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps({k: r.get(k) for k in ("id", "question", "choices", "answer")}, default=str).encode())
+    return h.hexdigest()
+
+
+def _hash_folder(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.name.encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _answer_logits(hf_model: Any, batch: Any) -> torch.Tensor:
+    """Answer-position logits of an HF causal LM (peft-wrapped or not), unembedding one position per row."""
+    base = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model
+    hidden = base.model(input_ids=batch.tokens, attention_mask=batch.attention_mask).last_hidden_state
+    hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.answer_pos.to(hidden.device)]
+    return base.lm_head(hidden)
+
+
+def _latest_checkpoint(folder: Path) -> Path | None:
+    steps = sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if folder.exists() else []
+    steps = [s for s in steps if (s / "state.pt").exists()]
+    return steps[-1] if steps else None
+
+
+def finetune(
+    model_or_name: str | os.PathLike | None,
+    task: Task,
+    train: Any,
+    *,
+    out_dir: str | os.PathLike,
+    config: FinetuneConfig | None = None,
+    eval_dataset: Any | None = None,
+    device: str | torch.device | None = None,
+    n_ctx: int = 1024,
+    progress: bool = True,
+    resume: bool = True,
+    **overrides: Any,
+) -> FinetuneResult:
+    """LoRA-finetune ``model_or_name`` on ``train`` with ``task``'s loss; merge and return a HookedTransformer.
+
+    Args:
+        model_or_name: ``None`` for the embedded default, or a local HF folder.
+        task: the task (its tokenizer must be the model's); the loss is ``task.loss`` at the answer position.
+        train: training examples (a ``datasets.Dataset`` or list of dicts).
+        out_dir: output folder (see the module docstring for its layout). A finished run is reused.
+        config: :class:`FinetuneConfig`; keyword ``overrides`` replace single fields (``epochs=1``).
+        eval_dataset: evaluated with :func:`repinf_lens.evaluate` before and after (the gain is reported).
+        resume: continue from the newest checkpoint in ``out_dir/checkpoints``.
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = config or FinetuneConfig()
+    for k, v in overrides.items():
+        if not hasattr(cfg, k):
+            raise TypeError(f"Unknown finetune option {k!r}. Valid: {sorted(cfg.to_dict())}.")
+        setattr(cfg, k, v)
+    out = Path(out_dir)
+    merged_dir, adapter_dir, ckpt_dir = out / "merged", out / "adapter", out / "checkpoints"
+    meta_path = out / "finetune.json"
+    dev = resolve_device(device)
+    rows = [dict(r) for r in train]
+    if not rows:
+        raise ValueError("The training set is empty. Fix: pass at least one example.")
+    if cfg.max_train_examples is not None:
+        rows = rows[: cfg.max_train_examples]
+    too_long = [r.get("id") for r in rows if len(task.encode(r)) > cfg.max_length]  # type: ignore[attr-defined]
+    if too_long:
+        warnings.warn(
+            f"Skipping {len(too_long)} training examples longer than max_length={cfg.max_length} tokens "
+            f"(first ids: {too_long[:5]}). Raise max_length to keep them.",
+            stacklevel=2,
+        )
+        rows = [r for r in rows if r.get("id") not in set(too_long)]
+    data_hash = _hash_rows(rows)
+    base_dir = default_model_dir() if _is_default(model_or_name) else Path(model_or_name)  # type: ignore[arg-type]
+    base_name = DEFAULT_MODEL if _is_default(model_or_name) else str(base_dir)
+
+    if meta_path.exists() and (merged_dir / "config.json").exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("data_hash") == data_hash and meta.get("config") == cfg.to_dict():
+            return FinetuneResult(load_model(merged_dir, device=dev, n_ctx=n_ctx), out, merged_dir, adapter_dir, meta)
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    timings: dict[str, float] = {}
+    acc_before = None
+    if eval_dataset is not None:
+        t = time.perf_counter()
+        acc_before = evaluate(load_model(base_dir, device=dev, n_ctx=n_ctx), task, eval_dataset, progress=progress)
+        timings["eval_before_s"] = round(time.perf_counter() - t, 1)
+
+    hf = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).to(dev)
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    model = get_peft_model(hf, lora)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    accum = max(1, cfg.batch_size // cfg.micro_batch_size)
+    steps_per_epoch = math.ceil(len(rows) / (cfg.micro_batch_size * accum))
+    total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    warmup = int(cfg.warmup_ratio * total_steps)
+
+    def lr_lambda(s: int) -> float:  # linear warm-up, then linear decay to 0
+        if s < warmup:
+            return (s + 1) / warmup
+        return max(0.0, (total_steps - s) / max(1, total_steps - warmup))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    step = 0
+    losses: list[float] = []
+    latest = _latest_checkpoint(ckpt_dir) if resume else None
+    if latest is not None:
+        model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).to(dev), latest, is_trainable=True
+        )
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        state = torch.load(latest / "state.pt", weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        sched.load_state_dict(state["scheduler"])
+        step, losses = state["step"], state["losses"]
+        torch.set_rng_state(state["torch_rng"])
+
+    def order_for_epoch(epoch: int) -> list[int]:
+        g = random.Random(cfg.seed + epoch)
+        idx = list(range(len(rows)))
+        g.shuffle(idx)
+        return idx
+
+    model.train()
+    t_train = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=step, desc="finetune", disable=not progress)
+    while step < total_steps:
+        epoch, within = divmod(step, steps_per_epoch)
+        order = order_for_epoch(epoch)
+        start = within * cfg.micro_batch_size * accum
+        chunk = order[start : start + cfg.micro_batch_size * accum]
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for m in range(0, len(chunk), cfg.micro_batch_size):
+            part = [rows[i] for i in chunk[m : m + cfg.micro_batch_size]]
+            batch = task.collate(part).to(dev)
+            loss = task.loss(_answer_logits(model, batch), batch) * (len(part) / len(chunk))
+            loss.backward()
+            total += float(loss)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        losses.append(total)
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.3f}")
+        if step % cfg.checkpoint_every == 0 or step == total_steps:
+            _save_checkpoint(model, opt, sched, step, losses, ckpt_dir)
+    bar.close()
+    timings["train_s"] = round(time.perf_counter() - t_train, 1)
+
+    model.eval()
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    model.save_pretrained(adapter_dir)
+    merged = model.merge_and_unload()
+    tmp = out / ".merged-tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(tmp)
+    if merged_dir.exists():
+        shutil.rmtree(merged_dir)
+    os.replace(tmp, merged_dir)
+    tl_model = load_model(merged_dir, device=dev, n_ctx=n_ctx)
+    acc_after = None
+    if eval_dataset is not None:
+        t = time.perf_counter()
+        acc_after = evaluate(tl_model, task, eval_dataset, progress=progress)
+        timings["eval_after_s"] = round(time.perf_counter() - t, 1)
+    meta = {
+        "base_model": base_name,
+        "adapter_sha256": _hash_folder(adapter_dir),
+        "data_hash": data_hash,
+        "n_train": len(rows),
+        "config": cfg.to_dict(),
+        "steps": total_steps,
+        "final_loss": losses[-1] if losses else None,
+        "loss_curve": losses,
+        "accuracy_before": acc_before,
+        "accuracy_after": acc_after,
+        "n_eval": None if eval_dataset is None else len(eval_dataset),
+        "timings": timings,
+    }
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return FinetuneResult(tl_model, out, merged_dir, adapter_dir, meta)
+
+
+def _save_checkpoint(model: Any, opt: Any, sched: Any, step: int, losses: list[float], folder: Path) -> None:
+    """Write ``step-N`` atomically and keep the two newest checkpoints."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".step-{step}-tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    torch.save(
+        {
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "step": step,
+            "losses": losses,
+            "torch_rng": torch.get_rng_state(),
+        },
+        tmp / "state.pt",
+    )
+    final = folder / f"step-{step}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
