@@ -11,7 +11,7 @@ from repinf_lens import data
 from repinf_lens._cache import OfflineAssetError, cache_dir
 from repinf_lens.curvature import CG, Explicit, Identity, InverseHessianSolver, LiSSA
 from repinf_lens.data import load_mcqa
-from repinf_lens.finetune import FinetuneConfig, FinetuneResult, finetune
+from repinf_lens.finetuning import FinetuneConfig, FinetuneResult, finetune
 from repinf_lens.influence import (
     InfluenceAttributor,
     InfluenceResult,

@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         from repinf_lens.data import load_mcqa
-        from repinf_lens.finetune import finetune
+        from repinf_lens.finetuning import finetune
         from repinf_lens.models import load_model
         from repinf_lens.task import MultipleChoiceTask
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import repinf_lens.finetune as ft
+import repinf_lens.finetuning as ft
 from repinf_lens import MultipleChoiceTask, load_model
 from repinf_lens.testing import tiny_tokenizer
 
@@ -24,6 +24,7 @@ def _tiny_llama(folder):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
+        initializer_range=0.2,
         tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
@@ -35,11 +36,9 @@ def _tiny_llama(folder):
 
 
 def _rows(n):
+    """The key is always A: a random tiny model can learn that prior quickly (the test is of the training loop)."""
     colours = ["red", "blue", "green", "black"]
-    return [
-        {"id": f"r{i}", "question": f"Pick colour number {i % 4}", "choices": colours, "answer": i % 4}
-        for i in range(n)
-    ]
+    return [{"id": f"r{i}", "question": f"Pick colour number {i}", "choices": colours, "answer": 0} for i in range(n)]
 
 
 @pytest.fixture()

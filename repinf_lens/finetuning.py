@@ -210,8 +210,8 @@ def finetune(
         trainable = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         state = torch.load(latest / "state.pt", weights_only=False)
-        opt.load_state_dict(state["optimizer"])
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)  # (its constructor resets the lr)
+        opt.load_state_dict(state["optimizer"])  # restores the lr of the step being resumed
         sched.load_state_dict(state["scheduler"])
         step, losses = state["step"], state["losses"]
         torch.set_rng_state(state["torch_rng"])
