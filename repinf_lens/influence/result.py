@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,8 @@ import torch
 from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from repinf_lens._cache import atomic_dir
 
 __all__ = ["InfluenceResult"]
 
@@ -142,9 +142,7 @@ class InfluenceResult:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the result to ``directory`` atomically (a temporary folder renamed at the end)."""
         out = Path(directory)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-        try:
+        with atomic_dir(out) as tmp:
             scores = {
                 "example_scores": self.example_scores.contiguous(),
                 "latent_scores": self.latent_scores.contiguous(),
@@ -176,12 +174,6 @@ class InfluenceResult:
                     default=str,
                 )
             )
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return out
 
     @classmethod
