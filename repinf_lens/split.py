@@ -51,12 +51,17 @@ class SplitInputs:
         error: ``[B, T, d_in]`` SAE error e held constant, or ``None`` (no SAE, or ``use_error_term=False``).
         base: input of the first downstream block (the residual stream entering it).
         batch: the task batch (tokens, answer positions, labels).
+        anchor: ``(x, decode(r), e)`` at the prepared latents. With it the downstream input is computed as
+            ``x + (decode(r') - decode(r)) + (e' - e)``: the same function of ``r'`` and ``e'`` as
+            ``decode(r') + e'`` (same derivatives), but exactly ``x`` at ``r' = r, e' = e``, so the spliced model
+            reproduces the original logits bit for bit instead of up to float rounding.
     """
 
     latents: Float[Tensor, "batch pos d_sae"]
     error: Tensor | None
     base: Tensor
     batch: Any
+    anchor: tuple[Tensor, Tensor, Tensor] | None = None
 
     def __len__(self) -> int:
         return int(self.latents.shape[0])
@@ -292,7 +297,12 @@ class SplitModel:
             recon = self.sae.decode(r)
             error = (x - recon.to(x.dtype)) if self.use_error_term else None
         base = cache[base_name] if self.mode == "inner" else x
-        return SplitInputs(latents=r.detach(), error=None if error is None else error.detach(), base=base, batch=batch)
+        anchor = None
+        if error is not None:
+            anchor = (x.detach(), recon.to(x.dtype).detach(), error.detach())
+        return SplitInputs(
+            latents=r.detach(), error=None if error is None else error.detach(), base=base, batch=batch, anchor=anchor
+        )
 
     def latents(self, batch: Any) -> tuple[Float[Tensor, "batch pos d_sae"], Tensor | None]:
         """``(r, error)`` for a task batch (computed under ``no_grad``)."""
@@ -300,14 +310,24 @@ class SplitModel:
         return inp.latents, inp.error
 
     # ------------------------------------------------------------------ downstream (differentiable)
-    def downstream_input(self, r: Tensor, error: Tensor | None = None) -> Tensor:
-        """``decode(r) + error`` (or ``r`` reshaped to the activation without an SAE)."""
+    def downstream_input(
+        self, r: Tensor, error: Tensor | None = None, anchor: tuple[Tensor, Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """``decode(r) + error`` (or ``r`` reshaped to the activation without an SAE).
+
+        With ``anchor = (x, decode(r0), e0)`` (see :class:`SplitInputs`) the same function is evaluated as
+        ``x + (decode(r) - decode(r0)) + (error - e0)``, exact at the prepared point.
+        """
         if self.sae is None:
             x = r.reshape(*r.shape[:2], *self._act_shape_tail)
         else:
             x = self.sae.decode(r)
         if error is not None:
-            x = x + error
+            if anchor is not None:
+                x0, recon0, e0 = anchor
+                x = x0 + (x.to(x0.dtype) - recon0) + (error - e0)
+            else:
+                x = x + error
         return x.to(self.model.cfg.dtype)
 
     def _run_downstream(self, x: Tensor, base: Tensor, answer_pos: Tensor, params: Params | None) -> Tensor:
@@ -340,6 +360,7 @@ class SplitModel:
         params: Params | None = None,
         error: Tensor | None = None,
         base: Tensor | None = None,
+        anchor: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> Float[Tensor, "batch d_vocab"]:
         """Answer-position logits of the downstream computation from latents ``r``.
 
@@ -349,7 +370,7 @@ class SplitModel:
         """
         if base is None and self.mode == "inner":
             base = self.prepare(batch).base
-        x = self.downstream_input(r, error)
+        x = self.downstream_input(r, error, anchor)
         return self._run_downstream(x, base if base is not None else x, batch.answer_pos, params)
 
     def loss(
@@ -360,13 +381,14 @@ class SplitModel:
         error: Tensor | None = None,
         base: Tensor | None = None,
         reduction: str = "mean",
+        anchor: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> Tensor:
         """Task loss of the downstream computation from latents ``r`` (mean over the batch by default)."""
-        return self.task.loss(self.logits(r, batch, params, error, base), batch, reduction=reduction)
+        return self.task.loss(self.logits(r, batch, params, error, base, anchor), batch, reduction=reduction)
 
     def inputs_loss(self, params: Params, inp: SplitInputs, reduction: str = "mean") -> Tensor:
         """``loss`` on a prepared :class:`SplitInputs` (the function curvature and influence differentiate)."""
-        return self.loss(inp.latents, inp.batch, params, inp.error, inp.base, reduction=reduction)
+        return self.loss(inp.latents, inp.batch, params, inp.error, inp.base, reduction=reduction, anchor=inp.anchor)
 
     @torch.no_grad()
     def original_logits(self, batch: Any) -> Float[Tensor, "batch d_vocab"]:

@@ -62,6 +62,13 @@ def test_splice_with_error_term_reproduces_logits(model3, hook, arch):
     with torch.no_grad():
         spliced = split.logits(inp.latents, batch, split.downstream_params(), inp.error, inp.base)
         assert (spliced - split.original_logits(batch)).abs().max().item() <= 1e-5
+        anchored = split.logits(inp.latents, batch, split.downstream_params(), inp.error, inp.base, inp.anchor)
+        assert (anchored - split.original_logits(batch)).abs().max().item() <= 1e-6  # exact at the prepared point
+        # the anchored form is the same function of (r, e): perturbing the latents changes both equally
+        r2 = inp.latents * 0.5
+        a = split.logits(r2, batch, None, inp.error, inp.base, inp.anchor)
+        b = split.logits(r2, batch, None, inp.error, inp.base)
+        assert (a - b).abs().max().item() <= 1e-4 and (a - anchored).abs().max().item() > 1e-4
         without = SplitModel(model3, hook, sae, use_error_term=False)
         inp2 = without.prepare(batch)
         assert inp2.error is None

@@ -37,7 +37,7 @@ def gnhvp(split: SplitModel, params: Params, inp: SplitInputs, v: Params) -> Par
     batch = inp.batch
 
     def logits_fn(p: Params) -> Tensor:
-        return split.logits(inp.latents, batch, p, inp.error, inp.base)
+        return split.logits(inp.latents, batch, p, inp.error, inp.base, inp.anchor)
 
     z, jv = jvp(logits_fn, (params,), (v,))
     z = z.detach()

@@ -100,7 +100,7 @@ def latent_influence(split: SplitModel, s_test: Params, batch: object, params: P
 
     def inner(p: Params) -> tuple[Tensor, Tensor, Tensor]:
         def total(rr: Tensor, ee: Tensor) -> tuple[Tensor, Tensor]:
-            losses = split.loss(rr, inp.batch, p, ee, inp.base, reduction="none")
+            losses = split.loss(rr, inp.batch, p, ee, inp.base, reduction="none", anchor=inp.anchor)
             return losses.sum(), losses
 
         (g_r, g_e), losses = grad(total, argnums=(0, 1), has_aux=True)(r, err)
@@ -147,11 +147,14 @@ def latent_influence_reference(
         error=None if inp.error is None else inp.error[sl],
         base=inp.base[sl],
         batch=_index_batch(inp.batch, example),
+        anchor=None if inp.anchor is None else tuple(a[sl] for a in inp.anchor),  # type: ignore[arg-type]
     )
     r = one.latents
 
     def p_of_r(rr: Tensor) -> Tensor:
-        g = grad(lambda p: split.loss(rr, one.batch, p, one.error, one.base, reduction="sum"))(params)
+        g = grad(lambda p: split.loss(rr, one.batch, p, one.error, one.base, reduction="sum", anchor=one.anchor))(
+            params
+        )
         return tdot(g, s)
 
     if latents is None:
