@@ -22,6 +22,9 @@ def _rows(n):
     return [{"id": f"r{i}", "question": f"Pick colour number {i}", "choices": colours, "answer": 0} for i in range(n)]
 
 
+LEARN_KW = dict(device="cpu", n_ctx=256, progress=False, epochs=12, lr=2e-2, batch_size=8, micro_batch_size=4, lora_r=4)
+
+
 @pytest.fixture()
 def base(tmp_path):
     folder = tmp_path / "base-model"
@@ -38,14 +41,7 @@ def test_finetune_learns_merges_exactly_and_records_metadata(base, tmp_path):
         rows,
         out_dir=tmp_path / "run",
         eval_dataset=rows,
-        device="cpu",
-        n_ctx=256,
-        progress=False,
-        epochs=12,
-        lr=2e-2,
-        batch_size=8,
-        micro_batch_size=4,
-        lora_r=4,
+        **LEARN_KW,
     )
     meta = res.metadata
     assert meta["steps"] == 24 and meta["n_train"] == 16 and meta["base_model"] == str(folder)
@@ -67,14 +63,7 @@ def test_finetune_learns_merges_exactly_and_records_metadata(base, tmp_path):
         task,
         rows,
         out_dir=tmp_path / "run",
-        device="cpu",
-        n_ctx=256,
-        progress=False,
-        epochs=12,
-        lr=2e-2,
-        batch_size=8,
-        micro_batch_size=4,
-        lora_r=4,
+        **LEARN_KW,
     )
     assert again.metadata["adapter_sha256"] == meta["adapter_sha256"]
 
