@@ -95,10 +95,11 @@ def _measure_memory(kind: str, args_dict: dict, queue: mp.Queue) -> None:
     params = split.downstream_params()
     inp = split.prepare(batch)
     s = {k: torch.randn_like(v) * 1e-3 for k, v in params.items()}
+    chunk = args.swap_chunk if kind == "swap_chunked" else None
     fn = (
         (lambda: loss_grad(split, params, inp))
         if kind == "fwd_bwd"
-        else (lambda: latent_influence(split, s, inp, params))
+        else (lambda: latent_influence(split, s, inp, params, chunk_size=chunk))
     )
     fn()  # warm-up outside the measurement (kernels, decompositions)
     with _PeakRSS() as mem:
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--swap-chunk", type=int, default=4, help="also time/measure the swap in chunks of this size")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/engine.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     t_fb = timeit(lambda: loss_grad(split, params, inp))
     t_swap = timeit(lambda: latent_influence(split, s, inp, params))
+    t_swap_chunked = timeit(lambda: latent_influence(split, s, inp, params, chunk_size=args.swap_chunk))
     li = latent_influence(split, s, inp, params)
     active_per_example = [int((li.latents[i] != 0).any(0).sum()) for i in range(len(batch))]
     n_active = sum(active_per_example)
@@ -174,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     mem = {}
     if not args.no_memory:
         ctx = mp.get_context("spawn")
-        for kind in ("fwd_bwd", "swap"):
+        for kind in ("fwd_bwd", "swap", "swap_chunked"):
             q = ctx.Queue()
             proc = ctx.Process(target=_measure_memory, args=(kind, vars(args) | {"out": str(args.out)}, q))
             proc.start()
@@ -203,6 +206,13 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_mb_fwd_bwd": None if not mem else round(mem["fwd_bwd"], 1),
         "peak_mb_swap": None if not mem else round(mem["swap"], 1),
         "swap_over_fwd_bwd_memory": None if not mem else round(mem["swap"] / max(mem["fwd_bwd"], 1e-9), 2),
+        "swap_chunk": args.swap_chunk,
+        "swap_chunked_s": round(t_swap_chunked, 3),
+        "swap_chunked_over_fwd_bwd": round(t_swap_chunked / t_fb, 2),
+        "peak_mb_swap_chunked": None if not mem else round(mem["swap_chunked"], 1),
+        "swap_chunked_over_fwd_bwd_memory": None
+        if not mem
+        else round(mem["swap_chunked"] / max(mem["fwd_bwd"], 1e-9), 2),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))

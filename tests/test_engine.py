@@ -160,6 +160,10 @@ def test_scores_do_not_depend_on_batch_size(model3):
     b = att.attribute(exs[:2], exs, batch_size=4)
     assert torch.allclose(a.example_scores, b.example_scores, rtol=1e-4, atol=1e-5)
     assert torch.allclose(a.latent_scores, b.latent_scores, rtol=1e-4, atol=1e-5)
+    chunked = InfluenceAttributor(split, hessian=Identity(), use_cache=False, progress=False, swap_chunk_size=2)
+    c = chunked.attribute(exs[:2], exs, batch_size=5)
+    assert torch.allclose(a.latent_scores, c.latent_scores, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(a.diagnostics["error_term"], c.diagnostics["error_term"], rtol=1e-4, atol=1e-5)
     for i in range(5):
         sa, _, _ = a.token_latent_scores(1, i)
         sb, _, _ = b.token_latent_scores(1, i)

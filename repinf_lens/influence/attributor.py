@@ -57,6 +57,7 @@ class InfluenceAttributor:
         cache_dir: where s_test vectors are cached (default ``$REPINF_LENS_CACHE/s_test``); ``None`` +
             ``use_cache=False`` disables the cache.
         store_token_scores: keep sparse token-level latent scores in the result (needed for heatmaps).
+        swap_chunk_size: run the derivative swap this many examples at a time (lower peak memory, same scores).
         progress: show tqdm bars.
 
     Usage::
@@ -80,6 +81,7 @@ class InfluenceAttributor:
         use_cache: bool = True,
         store_token_scores: bool = True,
         progress: bool = True,
+        swap_chunk_size: int | None = None,
     ) -> None:
         self.split = split if task is None or task is split.task else split.with_task(task)
         self.task = self.split.task
@@ -87,6 +89,7 @@ class InfluenceAttributor:
         self.batch_size = batch_size
         self.progress = progress
         self.store_token_scores = store_token_scores
+        self.swap_chunk_size = swap_chunk_size
         self.cache = STestCache(Path(cache_dir) if cache_dir else default_cache_dir("s_test")) if use_cache else None
         self._hessian_inputs: list[SplitInputs] | None = None
         self._hessian_key: str | None = None
@@ -191,7 +194,7 @@ class InfluenceAttributor:
             lengths = batch.attention_mask.sum(1)
             train_tokens.extend(batch.tokens[i, : int(lengths[i])].cpu() for i in range(len(batch)))
             for q, s in enumerate(s_list):
-                li = latent_influence(self.split, s, inp, params)
+                li = latent_influence(self.split, s, inp, params, chunk_size=self.swap_chunk_size)
                 sl = slice(start, start + len(batch))
                 ex[q, sl] = li.example_scores.float().cpu()
                 lat[q, sl] = li.latent_scores.float().cpu()

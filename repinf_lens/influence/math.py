@@ -86,14 +86,30 @@ def example_influence(
     return tangent.detach()
 
 
-def latent_influence(split: SplitModel, s_test: Params, batch: object, params: Params | None = None) -> LatentInfluence:
+def latent_influence(
+    split: SplitModel, s_test: Params, batch: object, params: Params | None = None, *, chunk_size: int | None = None
+) -> LatentInfluence:
     """Latent, example and error-term influence for a batch of training examples in ONE extra differentiation.
 
     Forward-over-reverse: ``jvp`` along ``s_test`` of ``theta2 -> (per-example losses, grad_(r, e) sum loss)``.
     POSITIVE = proponent. ``s_test`` is a dict with the keys of ``split.downstream_params()``.
+    ``chunk_size`` processes the batch that many examples at a time (peak memory scales with it; the scores
+    do not change, since each example's latents only enter its own loss).
     """
     inp = as_inputs(split, batch)
     params = split.downstream_params() if params is None else params
+    if chunk_size is not None and chunk_size < len(inp):
+        parts = [
+            latent_influence(split, s_test, _slice_inputs(inp, i, i + chunk_size), params)
+            for i in range(0, len(inp), chunk_size)
+        ]
+        return LatentInfluence(
+            token_scores=torch.cat([p.token_scores for p in parts]),
+            example_scores=torch.cat([p.example_scores for p in parts]),
+            error_term=torch.cat([p.error_term for p in parts]),
+            bias_term=torch.cat([p.bias_term for p in parts]),
+            latents=inp.latents,
+        )
     s = {k: s_test[k].to(params[k].dtype) for k in params}
     r = inp.latents
     err = inp.error if inp.error is not None else _zero_error(split, inp)
@@ -141,14 +157,7 @@ def latent_influence_reference(
     inp = as_inputs(split, batch)
     params = split.downstream_params() if params is None else params
     s = {k: s_test[k].to(params[k].dtype) for k in params}
-    sl = slice(example, example + 1)
-    one = SplitInputs(
-        latents=inp.latents[sl],
-        error=None if inp.error is None else inp.error[sl],
-        base=inp.base[sl],
-        batch=_index_batch(inp.batch, example),
-        anchor=None if inp.anchor is None else tuple(a[sl] for a in inp.anchor),  # type: ignore[arg-type]
-    )
+    one = _slice_inputs(inp, example, example + 1)
     r = one.latents
 
     def p_of_r(rr: Tensor) -> Tensor:
@@ -167,12 +176,19 @@ def latent_influence_reference(
     return out
 
 
-def _index_batch(batch: object, i: int) -> object:
-    """Row ``i`` of a dataclass batch (tensors sliced, lists indexed)."""
+def _slice_inputs(inp: SplitInputs, start: int, stop: int) -> SplitInputs:
+    """Examples ``start:stop`` of prepared inputs (latents, error, base, batch and anchor sliced alike)."""
     import dataclasses
 
+    sl = slice(start, stop)
     kw = {}
-    for f in dataclasses.fields(batch):  # type: ignore[arg-type]
-        v = getattr(batch, f.name)
-        kw[f.name] = v[i : i + 1] if isinstance(v, Tensor) else (v[i : i + 1] if isinstance(v, list) else v)
-    return type(batch)(**kw)
+    for f in dataclasses.fields(inp.batch):  # type: ignore[arg-type]
+        v = getattr(inp.batch, f.name)
+        kw[f.name] = v[sl] if isinstance(v, (Tensor, list)) else v
+    return SplitInputs(
+        latents=inp.latents[sl],
+        error=None if inp.error is None else inp.error[sl],
+        base=inp.base[sl],
+        batch=type(inp.batch)(**kw),
+        anchor=None if inp.anchor is None else tuple(a[sl] for a in inp.anchor),  # type: ignore[arg-type]
+    )
