@@ -231,7 +231,7 @@ def finetune(
             batch = task.collate(part).to(dev)
             loss = task.loss(_answer_logits(model, batch), batch) * (len(part) / len(chunk))
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         sched.step()
