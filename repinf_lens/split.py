@@ -271,6 +271,11 @@ class SplitModel:
             "sae": sae_info,
             "use_error_term": self.use_error_term,
             "task": type(self.task).__name__,
+            "task_config": {
+                k: v
+                for k, v in sorted(vars(self.task).items())
+                if isinstance(v, (str, int, float, bool, list, tuple, type(None)))
+            },
         }
 
     # ------------------------------------------------------------------ upstream

@@ -391,3 +391,11 @@ def test_empty_inputs_and_missing_fit(model3):
         att.attribute(_examples(1), _examples(2))
     with pytest.raises(ValueError, match="training set is empty"):
         InfluenceAttributor(split, hessian=Identity(), use_cache=False, progress=False).attribute(_examples(1), [])
+
+
+def test_cache_fingerprint_tracks_task_and_weights(model3):
+    a = SplitModel(model3, "blocks.2.hook_resid_post").fingerprint()
+    plain = MultipleChoiceTask(model3.tokenizer, template="plain")
+    assert SplitModel(model3, "blocks.2.hook_resid_post", task=plain).fingerprint() != a
+    assert SplitModel(model3, "blocks.1.hook_resid_post").fingerprint() != a
+    assert SplitModel(model3, "blocks.2.hook_resid_post").fingerprint() == a
