@@ -114,7 +114,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         from repinf_lens.data import load_mcqa
         from repinf_lens.finetuning import finetune
-        from repinf_lens.models import load_model
         from repinf_lens.task import MultipleChoiceTask
 
         torch.manual_seed(args.seed)
@@ -125,9 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ev = load_mcqa(args.dataset, args.eval_split, offline=offline)
         if args.eval_limit is not None:
             ev = ev.select(range(min(args.eval_limit, len(ev))))
-        tok_model = load_model(args.model, device="cpu", n_ctx=args.n_ctx)
-        task = MultipleChoiceTask.from_model(tok_model)
-        del tok_model
+        from transformers import AutoTokenizer
+
+        from repinf_lens.models import _is_default, default_model_dir
+
+        folder = default_model_dir() if _is_default(args.model) else args.model
+        task = MultipleChoiceTask(AutoTokenizer.from_pretrained(str(folder)), max_length=args.n_ctx)
         res = finetune(
             args.model,
             task,

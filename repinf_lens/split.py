@@ -67,10 +67,6 @@ class SplitInputs:
         return int(self.latents.shape[0])
 
 
-def _hook_names(model: HookedTransformer) -> list[str]:
-    return sorted(model.hook_dict)
-
-
 class SplitModel:
     """A HookedTransformer split at ``hook_name``; theta2 = the parameters downstream of the hook.
 
@@ -105,7 +101,7 @@ class SplitModel:
         self.sae = sae
         self.use_error_term = use_error_term
         self._task = task
-        names = _hook_names(model)
+        names = sorted(model.hook_dict)
         if hook_name not in model.hook_dict:
             close = difflib.get_close_matches(hook_name, names, n=5, cutoff=0.6)
             raise HookNameError(
@@ -130,7 +126,7 @@ class SplitModel:
             self.start_layer, self.mode = self.layer, "inner"
         if getattr(model.cfg, "positional_embedding_type", "standard") == "shortformer":
             raise NotImplementedError("Shortformer positional embeddings are not supported by SplitModel.")
-        self._act_width = self._activation_width(None)
+        self._act_width = self._activation_width()
         if sae is not None:
             self._check_sae(sae)
         all_params = dict(model.named_parameters())
@@ -162,7 +158,7 @@ class SplitModel:
                 "Fix: use an SAE trained on this model at this hook point."
             )
 
-    def _activation_width(self, _hook: Any) -> int:
+    def _activation_width(self) -> int:
         with torch.no_grad():
             tokens = torch.zeros((1, 2), dtype=torch.long, device=self.model.cfg.device)
             _, cache = self.model.run_with_cache(tokens, names_filter=self.hook_name, stop_at_layer=self.layer + 1)
@@ -349,14 +345,12 @@ class SplitModel:
             with model.hooks(fwd_hooks=[(self.hook_name, replace)]):
                 return model(base, start_at_layer=self.start_layer, stop_at_layer=n_layers)
 
-        if params:
-            resid = _call_with_params(model, params, body)
-        else:
+        def run() -> Tensor:
             resid = body()
-        resid = resid[torch.arange(resid.shape[0], device=resid.device), answer_pos.to(resid.device)][:, None, :]
-        if params:
-            return _call_with_params(model, params, lambda: model.unembed(model.ln_final(resid)))[:, 0, :]
-        return model.unembed(model.ln_final(resid))[:, 0, :]
+            resid = resid[torch.arange(resid.shape[0], device=resid.device), answer_pos.to(resid.device)]
+            return model.unembed(model.ln_final(resid[:, None, :]))[:, 0, :]
+
+        return _call_with_params(model, params, run) if params else run()
 
     def logits(
         self,

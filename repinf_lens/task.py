@@ -263,7 +263,7 @@ class MultipleChoiceTask(Task):
     # ----------------------------------------------------------------- batching
     def collate(self, examples: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> MCQABatch:
         """Tokenise, validate and right-pad examples (a list of dicts, or a dataset slice of columns)."""
-        rows = _as_rows(examples)
+        rows = as_rows(examples)
         if not rows:
             raise ValueError("collate() got no examples. Fix: pass a non-empty list or dataset slice.")
         for ex in rows:
@@ -315,7 +315,8 @@ class MultipleChoiceTask(Task):
         return self.option_logits(logits, batch).argmax(-1)
 
 
-def _as_rows(examples: Any) -> list[dict[str, Any]]:
+def as_rows(examples: Any) -> list[dict[str, Any]]:
+    """Examples as a list of dicts: a list of mappings, a ``datasets.Dataset`` or a dict of columns."""
     if isinstance(examples, Mapping):
         keys = list(examples)
         n = len(examples[keys[0]]) if keys else 0
@@ -348,11 +349,11 @@ def parse_option(text: str, n_options: int = 5, letters: str = _LETTERS) -> int 
 
 
 def _iter_batches(dataset: Any, batch_size: int) -> Iterable[list[dict[str, Any]]]:
-    rows = _as_rows(dataset) if isinstance(dataset, Mapping) else dataset
+    rows = as_rows(dataset) if isinstance(dataset, Mapping) else dataset
     n = len(rows)
     for start in range(0, n, batch_size):
         if hasattr(rows, "select"):
-            yield _as_rows(rows[start : start + batch_size])
+            yield as_rows(rows[start : start + batch_size])
         else:
             yield [dict(r) for r in rows[start : start + batch_size]]
 

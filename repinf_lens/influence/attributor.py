@@ -23,20 +23,15 @@ from repinf_lens.curvature.solvers import CG, InverseHessianSolver, SolveInfo
 from repinf_lens.influence.math import latent_influence
 from repinf_lens.influence.result import InfluenceResult
 from repinf_lens.split import Params, SplitInputs, SplitModel
+from repinf_lens.task import as_rows as task_rows
 
 __all__ = ["InfluenceAttributor", "as_rows"]
 
 
 def as_rows(data: Any, what: str = "dataset") -> list[dict[str, Any]]:
     """A ``datasets.Dataset``, a list of dicts, a dict of columns or a single example -> list of dicts."""
-    if isinstance(data, Mapping):
-        if "question" in data and isinstance(data["question"], str):
-            rows = [dict(data)]
-        else:
-            keys = list(data)
-            rows = [{k: data[k][i] for k in keys} for i in range(len(data[keys[0]]))] if keys else []
-    else:
-        rows = [dict(r) for r in data]
+    single = isinstance(data, Mapping) and isinstance(data.get("question"), str)
+    rows = [dict(data)] if single else task_rows(data)
     if not rows:
         raise ValueError(f"The {what} is empty. Fix: pass at least one example.")
     return rows
