@@ -7,8 +7,9 @@ Sign convention, everywhere in this package: a POSITIVE influence score marks a 
 the training example lowers the test loss (score = + g_test^T (H + lambda I)^-1 g_train).
 """
 
-from repinf_lens import data
+from repinf_lens import analysis, data, saes
 from repinf_lens._cache import OfflineAssetError, cache_dir
+from repinf_lens.analysis import orthogonality, orthogonality_table
 from repinf_lens.curvature import CG, Explicit, Identity, InverseHessianSolver, LiSSA
 from repinf_lens.data import load_mcqa
 from repinf_lens.finetuning import FinetuneConfig, FinetuneResult, finetune
@@ -20,6 +21,14 @@ from repinf_lens.influence import (
     latent_influence_reference,
 )
 from repinf_lens.models import DEFAULT_MODEL, UnknownModelError, load_hf_model, load_model
+from repinf_lens.saes import (
+    SAETrainingConfig,
+    collect_activations,
+    layer_sweep,
+    load_sae,
+    publish_saes,
+    train_sae,
+)
 from repinf_lens.split import HookNameError, SAECompatibilityError, SplitInputs, SplitModel
 from repinf_lens.task import (
     MCQABatch,
@@ -35,6 +44,16 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "CG",
+    "SAETrainingConfig",
+    "analysis",
+    "collect_activations",
+    "layer_sweep",
+    "load_sae",
+    "orthogonality",
+    "orthogonality_table",
+    "publish_saes",
+    "saes",
+    "train_sae",
     "Explicit",
     "FinetuneConfig",
     "FinetuneResult",

@@ -32,6 +32,47 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--offline", action="store_true", help="never try the Hugging Face hub for data")
     p.add_argument("--no-progress", action="store_true", help="hide tqdm bars")
+    p.add_argument(
+        "--template",
+        default=None,
+        help="prompt template: chat (default for chat models), plain, or a format string with {question} {options}",
+    )
+
+
+def _sae_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="openbookqa")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--train-limit", type=int, default=1000, help="prompts whose activations train the SAE")
+    p.add_argument("--architecture", default="topk", help="any SAELens training architecture (topk, standard...)")
+    p.add_argument("--epochs", type=float, default=8.0, help="passes over the cached activations")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size-tokens", type=int, default=1024)
+
+
+def _sae_config(args: argparse.Namespace):  # noqa: ANN202
+    from repinf_lens.saes import SAETrainingConfig
+
+    return SAETrainingConfig(
+        architecture=args.architecture,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size_tokens=args.batch_size_tokens,
+        seed=args.seed,
+        device=args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu"),
+    )
+
+
+def _task(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
+    from repinf_lens.task import MultipleChoiceTask
+
+    return MultipleChoiceTask.from_model(model, template=args.template)
+
+
+def _split(args: argparse.Namespace, split: str, limit: int | None):  # noqa: ANN202
+    from repinf_lens.data import load_mcqa
+
+    ds = load_mcqa(args.dataset, split, offline=True if args.offline else None)
+    return ds.select(range(min(limit, len(ds)))) if limit is not None else ds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +96,32 @@ def build_parser() -> argparse.ArgumentParser:
     fin.add_argument("--effective-batch-size", type=int, default=32, help="batch reached by accumulation")
     fin.add_argument("--lora-r", type=int, default=16)
     fin.add_argument("--out", type=Path, default=Path("runs/finetune"), help="output directory")
+    ts = sub.add_parser("train-sae", help="train one SAE (SAELens trainer, any architecture) on task activations")
+    _common(ts)
+    _sae_args(ts)
+    ts.add_argument("--hook", required=True, help="hook point, e.g. blocks.15.hook_resid_post")
+    ts.add_argument("--d-sae", type=int, default=2048)
+    ts.add_argument("--k", type=int, default=64, help="active latents (TopK architectures)")
+    ts.add_argument("--out", type=Path, default=Path("runs/sae"), help="output SAE folder (SAELens format)")
+    sw = sub.add_parser("sweep", help="layer sweep: an SAE per (layer, size), accuracy cost, layer selection")
+    _common(sw)
+    _sae_args(sw)
+    sw.add_argument("--layers", type=int, nargs="*", default=None, help="layers (default: spread over middle half)")
+    sw.add_argument("--n-layers", type=int, default=5, help="how many middle-half layers when --layers is absent")
+    sw.add_argument("--sizes", nargs="+", default=["2048x64", "512x64"], help="d_sae x k pairs, e.g. 2048x64")
+    sw.add_argument("--hook-template", default="blocks.{layer}.hook_resid_post")
+    sw.add_argument("--eval-split", default="test")
+    sw.add_argument("--eval-limit", type=int, default=200, help="questions for the accuracy change")
+    sw.add_argument("--out", type=Path, default=Path("runs/sweep"), help="output directory")
+    ort = sub.add_parser("orthogonality", help="orthogonality of token embeddings, activations and SAE latents")
+    _common(ort)
+    ort.add_argument("--sae", required=True, help="SAE folder, SAELens release or HF repo")
+    ort.add_argument("--sae-id", default=None)
+    ort.add_argument("--dataset", default="openbookqa")
+    ort.add_argument("--split", default="test")
+    ort.add_argument("--limit", type=int, default=200, help="prompts to read tokens from")
+    ort.add_argument("--max-tokens", type=int, default=4096)
+    ort.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
     demo = sub.add_parser("demo", help="the main job on the embedded default model and OpenBookQA")
     _common(demo)
     demo.add_argument("--quick", action="store_true", help="small sizes (100 test questions)")
@@ -82,7 +149,7 @@ def _evaluate(args: argparse.Namespace, dataset: str, split: str, limit: int | N
     ds = load_mcqa(dataset, split, offline=True if args.offline else None)
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
-    task = MultipleChoiceTask.from_model(model)
+    task = MultipleChoiceTask.from_model(model, template=args.template)
     t1 = time.perf_counter()
     acc = evaluate(model, task, ds, batch_size=args.batch_size, progress=not args.no_progress)
     record = {
@@ -129,7 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from repinf_lens.models import _is_default, default_model_dir
 
         folder = default_model_dir() if _is_default(args.model) else args.model
-        task = MultipleChoiceTask(AutoTokenizer.from_pretrained(str(folder)), max_length=args.n_ctx)
+        task = MultipleChoiceTask(
+            AutoTokenizer.from_pretrained(str(folder)), max_length=args.n_ctx, template=args.template
+        )
         res = finetune(
             args.model,
             task,
@@ -148,6 +217,87 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         meta = {k: v for k, v in res.metadata.items() if k != "loss_curve"}
         print(json.dumps(meta, indent=2))
+        return 0
+    if args.command == "train-sae":
+        from repinf_lens.saes import collect_activations, train_sae
+
+        model = _load(args)
+        task = _task(args, model)
+        store = collect_activations(
+            model,
+            task,
+            _split(args, args.train_split, args.train_limit),
+            [args.hook],
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
+        res = train_sae(
+            store,
+            args.hook,
+            out_dir=args.out,
+            config=_sae_config(args),
+            d_sae=args.d_sae,
+            k=args.k,
+            metadata={"dataset": args.dataset, "model_path": str(args.model)},
+            progress=not args.no_progress,
+        )
+        print(json.dumps({"path": str(res.path), "reused": res.reused, **res.stats}, indent=2))
+        return 0
+    if args.command == "sweep":
+        from repinf_lens.saes import layer_sweep
+
+        sizes = []
+        for item in args.sizes:
+            try:
+                d, k = (int(v) for v in item.lower().split("x"))
+            except ValueError:
+                print(f"error: --sizes takes d_sae x k pairs such as 2048x64, got {item!r}", file=sys.stderr)
+                return 2
+            sizes.append((d, k))
+        model = _load(args)
+        res = layer_sweep(
+            model,
+            _task(args, model),
+            _split(args, args.train_split, args.train_limit),
+            _split(args, args.eval_split, args.eval_limit),
+            out_dir=args.out,
+            layers=args.layers,
+            n_layers=args.n_layers,
+            sizes=sizes,
+            hook_template=args.hook_template,
+            sae_config=_sae_config(args),
+            max_train_examples=None,
+            max_eval_examples=None,
+            batch_size=args.batch_size,
+            metadata={"dataset": args.dataset, "model_path": str(args.model)},
+            progress=not args.no_progress,
+        )
+        cols = ("point", "in_middle_half", "accuracy_change_no_error", "accuracy_change_with_error")
+        for row in res.table:
+            print("  ".join(f"{c}={row[c]:.4f}" if isinstance(row[c], float) else f"{c}={row[c]}" for c in cols))
+        print(f"selected: {res.selected['point']}  best overall: {res.best_overall['point']}  files: {res.out_dir}")
+        return 0
+    if args.command == "orthogonality":
+        from repinf_lens.analysis import orthogonality_table
+        from repinf_lens.saes import load_sae
+
+        model = _load(args)
+        sae = load_sae(args.sae, args.sae_id, model=model)
+        task = _task(args, model)
+        rows = _split(args, args.split, args.limit)
+        batch = task.collate(list(rows))
+        table = orthogonality_table(
+            model,
+            sae,
+            batch.tokens,
+            attention_mask=batch.attention_mask,
+            max_tokens=args.max_tokens,
+            batch_size=args.batch_size,
+        )
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(table, indent=2))
+        print(json.dumps(table, indent=2))
         return 0
     if args.command == "demo":
         args.out.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ Output folder layout (``out_dir``)::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 
 from repinf_lens._cache import atomic_dir, fingerprint_rows
 from repinf_lens.models import DEFAULT_MODEL, _is_default, default_model_dir, load_model, resolve_device
-from repinf_lens.task import Task, evaluate
+from repinf_lens.task import Task, evaluate, task_config
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "DEFAULT_LORA_TARGETS"]
 
@@ -130,7 +131,7 @@ def finetune(
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = config or FinetuneConfig()
+    cfg = dataclasses.replace(config) if config is not None else FinetuneConfig()  # never mutate the caller's
     for k, v in overrides.items():
         if not hasattr(cfg, k):
             raise TypeError(f"Unknown finetune option {k!r}. Valid: {sorted(cfg.to_dict())}.")
@@ -158,7 +159,11 @@ def finetune(
 
     if meta_path.exists() and (merged_dir / "config.json").exists():
         meta = json.loads(meta_path.read_text())
-        if meta.get("data_hash") == data_hash and meta.get("config") == cfg.to_dict():
+        if (
+            meta.get("data_hash") == data_hash
+            and meta.get("config") == cfg.to_dict()
+            and meta.get("task_config", task_config(task)) == task_config(task)
+        ):
             return FinetuneResult(load_model(merged_dir, device=dev, n_ctx=n_ctx), out, merged_dir, adapter_dir, meta)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -264,6 +269,8 @@ def finetune(
         "data_hash": data_hash,
         "n_train": len(rows),
         "config": cfg.to_dict(),
+        "task": type(task).__name__,
+        "task_config": task_config(task),
         "steps": total_steps,
         "final_loss": losses[-1] if losses else None,
         "loss_curve": losses,

@@ -27,6 +27,8 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from repinf_lens.task import task_config
+
 __all__ = ["SplitModel", "SplitInputs", "HookNameError", "SAECompatibilityError", "Params"]
 
 Params = dict[str, Tensor]
@@ -135,28 +137,16 @@ class SplitModel:
 
     # ------------------------------------------------------------------ construction helpers
     def _check_sae(self, sae: Any) -> None:
-        cfg = sae.cfg
-        norm = getattr(cfg, "normalize_activations", "none")
-        if norm not in _SUPPORTED_NORMS:
-            raise SAECompatibilityError(
-                f"The SAE uses normalize_activations={norm!r}, whose decoder depends on state saved by the "
-                "encoder (per-token norms), so latents cannot be differentiated independently of the input. "
-                f"Supported: {_SUPPORTED_NORMS}. Fix: use an SAE trained with normalize_activations='none' or "
-                "'expected_average_only_in' (SAELens folds the latter into the weights)."
-            )
-        sae_hook = getattr(getattr(cfg, "metadata", None), "hook_name", None)
+        from repinf_lens.saes.loading import check_sae_compatibility
+
+        sae_hook = getattr(getattr(sae.cfg, "metadata", None), "hook_name", None)
         if sae_hook is not None and sae_hook != self.hook_name:
             raise SAECompatibilityError(
                 f"The SAE was trained at {sae_hook!r} but the split is at {self.hook_name!r}. "
                 f"Fix: SplitModel(model, {sae_hook!r}, sae), or set sae.cfg.metadata.hook_name if you know the "
                 "activations are the same."
             )
-        d_act = self._act_width
-        if int(cfg.d_in) != d_act:
-            raise SAECompatibilityError(
-                f"SAE d_in={cfg.d_in} but the activation at {self.hook_name!r} has width {d_act}. "
-                "Fix: use an SAE trained on this model at this hook point."
-            )
+        check_sae_compatibility(sae, self.model, self.hook_name)
 
     def _activation_width(self) -> int:
         with torch.no_grad():
@@ -267,11 +257,7 @@ class SplitModel:
             "sae": sae_info,
             "use_error_term": self.use_error_term,
             "task": type(self.task).__name__,
-            "task_config": {
-                k: v
-                for k, v in sorted(vars(self.task).items())
-                if isinstance(v, (str, int, float, bool, list, tuple, type(None)))
-            },
+            "task_config": task_config(self.task),
         }
 
     # ------------------------------------------------------------------ upstream

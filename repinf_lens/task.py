@@ -315,6 +315,15 @@ class MultipleChoiceTask(Task):
         return self.option_logits(logits, batch).argmax(-1)
 
 
+def task_config(task: Any) -> dict[str, Any]:
+    """The JSON-serialisable settings of a task (template, letters, max_length, ...), recorded next to results."""
+    return {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in sorted(vars(task).items())
+        if isinstance(v, (str, int, float, bool, list, tuple, type(None)))
+    }
+
+
 def as_rows(examples: Any) -> list[dict[str, Any]]:
     """Examples as a list of dicts: a list of mappings, a ``datasets.Dataset`` or a dict of columns."""
     if isinstance(examples, Mapping):

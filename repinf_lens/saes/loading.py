@@ -1,0 +1,336 @@
+"""Load SAEs in SAELens format (local folder, SAELens release, Hugging Face repo) and check them against a model.
+
+:func:`load_sae` accepts the three forms SAELens users meet:
+
+1. a local folder written by SAELens (``SAE.save_model`` / ``TrainingSAE.save_inference_model``:
+   ``cfg.json`` + ``sae_weights.safetensors``), loaded with ``SAE.load_from_disk`` (which upgrades pre-6.0
+   configs). A folder holding several such SAEs in subfolders (e.g. the output of
+   :func:`repinf_lens.saes.publish.publish_saes`) works with ``sae_id`` = the subfolder, or without it when it
+   holds exactly one;
+2. a release name of SAELens' registry (``pretrained_saes.yaml``) with its ``sae_id``;
+3. a Hugging Face repo id ``owner/name`` in SAELens layout, ``sae_id`` being the subfolder that holds the SAE.
+   SAELens (>= 6) accepts repo ids directly in ``SAE.from_pretrained``, so forms 2 and 3 both go through it.
+
+With ``model=`` the SAE is checked against the model (:func:`check_sae_compatibility`): hook point, input width
+and normalisation, with the same rules as :class:`repinf_lens.split.SplitModel`, so a loaded SAE can be spliced.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformer_lens import HookedTransformer
+
+from repinf_lens.split import _SUPPORTED_NORMS, HookNameError, SAECompatibilityError
+
+__all__ = ["load_sae", "sae_hook_name", "check_sae_compatibility", "find_sae_folders"]
+
+_CFG = "cfg.json"
+_WEIGHTS = "sae_weights.safetensors"
+_HF_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
+_MAX_IDS_SHOWN = 20
+
+_ACCEPTED_FORMS = (
+    "load_sae accepts (1) a local folder written by SAELens (cfg.json + sae_weights.safetensors, e.g. from "
+    "SAE.save_model), (2) a SAELens release name from its pretrained_saes.yaml with sae_id, e.g. "
+    "load_sae('gpt2-small-res-jb', 'blocks.8.hook_resid_pre'), or (3) a Hugging Face repo id 'owner/name' in "
+    "SAELens format with sae_id = the subfolder holding cfg.json and sae_weights.safetensors."
+)
+
+
+def sae_hook_name(sae: Any) -> str:
+    """The hook point an SAE reads, from ``sae.cfg.metadata.hook_name`` (SAELens >= 6) or ``sae.cfg.hook_name``.
+
+    Raises:
+        ValueError: the SAE's config records no hook name.
+    """
+    cfg = sae.cfg
+    name = getattr(getattr(cfg, "metadata", None), "hook_name", None) or getattr(cfg, "hook_name", None)
+    if not name:
+        raise ValueError(
+            "This SAE's config records no hook name (cfg.metadata.hook_name is empty). "
+            "Fix: pass hook_name= to load_sae, or set sae.cfg.metadata.hook_name."
+        )
+    return str(name)
+
+
+def find_sae_folders(root: str | os.PathLike, max_depth: int = 4) -> list[Path]:
+    """Folders under ``root`` (``root`` included) that hold a SAELens SAE (``cfg.json`` + weights), sorted."""
+    root = Path(root)
+    found: list[Path] = []
+
+    def walk(folder: Path, depth: int) -> None:
+        if (folder / _CFG).is_file() and (folder / _WEIGHTS).is_file():
+            found.append(folder)
+        if depth >= max_depth:
+            return
+        try:
+            children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError:
+            return
+        for child in children:
+            walk(child, depth + 1)
+
+    if root.is_dir():
+        walk(root, 0)
+    return sorted(found)
+
+
+def _dtype_str(dtype: str | torch.dtype | None) -> str | None:
+    if dtype is None:
+        return None
+    return str(dtype).removeprefix("torch.")
+
+
+def _looks_like_path(s: str) -> bool:
+    return (
+        s.startswith((".", "/", "~", "\\"))
+        or s.endswith(("/", "\\"))
+        or s.count("/") > 1
+        or "\\" in s
+        or (len(s) > 1 and s[1] == ":")  # Windows drive
+    )
+
+
+def _resolve_local_folder(path: Path, sae_id: str | None) -> Path:
+    if path.is_file():
+        if path.name in (_CFG, _WEIGHTS):
+            path = path.parent
+        else:
+            raise ValueError(f"{str(path)!r} is a file, not an SAE folder. {_ACCEPTED_FORMS}")
+    if sae_id is not None and not ((path / _CFG).is_file() and (path / _WEIGHTS).is_file()):
+        sub = path / sae_id
+        if (sub / _CFG).is_file() and (sub / _WEIGHTS).is_file():
+            return sub
+        found = find_sae_folders(path)
+        rel = [str(f.relative_to(path)) for f in found]
+        close = difflib.get_close_matches(sae_id, rel, n=5, cutoff=0.5)
+        raise ValueError(
+            f"No SAE {sae_id!r} in folder {str(path)!r}. "
+            + (f"Closest: {close}. " if close else "")
+            + (f"SAEs there: {rel[:_MAX_IDS_SHOWN]}." if rel else "It holds no cfg.json + sae_weights.safetensors.")
+        )
+    if (path / _CFG).is_file():
+        if not (path / _WEIGHTS).is_file():
+            raise ValueError(
+                f"{str(path)!r} has cfg.json but no {_WEIGHTS}. Fix: save the SAE with SAELens' SAE.save_model or "
+                "TrainingSAE.save_inference_model, which write both files."
+            )
+        return path
+    found = find_sae_folders(path)
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ValueError(
+            f"Folder {str(path)!r} holds no SAE (no cfg.json + {_WEIGHTS} in it or below). {_ACCEPTED_FORMS}"
+        )
+    rel = [str(f.relative_to(path)) for f in found]
+    raise ValueError(
+        f"Folder {str(path)!r} holds {len(found)} SAEs: {rel[:_MAX_IDS_SHOWN]}"
+        + (" ..." if len(rel) > _MAX_IDS_SHOWN else "")
+        + f". Fix: pass sae_id= one of them, e.g. load_sae({str(path)!r}, {rel[0]!r})."
+    )
+
+
+def _load_from_hub(release: str, sae_id: str, device: str, dtype: str | None) -> Any:
+    """``SAE.from_pretrained`` (registry release or repo id) with clear errors for offline / missing repos."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+    from sae_lens import SAE
+
+    what = f"SAE {sae_id!r} of {release!r}"
+    try:
+        return SAE.from_pretrained(release, sae_id, device=device, dtype=dtype or "float32")
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError) as e:
+        raise ConnectionError(
+            f"Could not download {what}: the Hugging Face Hub is unreachable (offline, or HF_HUB_OFFLINE=1) and "
+            "the files are not in the local cache. Fix: run once with network access (the files are then cached), "
+            "or download the SAE folder elsewhere (e.g. `hf download REPO --include 'SAE_ID/*'`) and pass its "
+            f"local path to load_sae. Original error: {type(e).__name__}: {e}"
+        ) from e
+    except GatedRepoError as e:
+        raise PermissionError(
+            f"Could not download {what}: the repository is gated. Fix: accept its terms on huggingface.co and log "
+            "in (`hf auth login` or HF_TOKEN)."
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise ValueError(
+            f"Could not download {what}: the Hugging Face repository does not exist or is private. "
+            f"Fix: check the repo id, or log in (`hf auth login`) if it is private. {_ACCEPTED_FORMS}"
+        ) from e
+    except EntryNotFoundError as e:
+        raise ValueError(
+            f"Could not download {what}: the repository has no {sae_id}/{_CFG} or {sae_id}/{_WEIGHTS}. "
+            "Fix: sae_id must be the subfolder of the repo that holds the SAE (SAELens layout)."
+        ) from e
+
+
+def load_sae(
+    release_or_path: str | os.PathLike,
+    sae_id: str | None = None,
+    *,
+    model: HookedTransformer | None = None,
+    hook_name: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> Any:
+    """Load an SAE in SAELens format and, with ``model``, check that it can be spliced into it.
+
+    Args:
+        release_or_path: a local SAE folder (``cfg.json`` + ``sae_weights.safetensors``, or a folder with SAEs in
+            subfolders), a SAELens release name (``pretrained_saes.yaml``), or a Hugging Face repo id
+            ``owner/name`` in SAELens layout.
+        sae_id: the SAE inside the release (required), the subfolder of the repo (required), or the subfolder
+            of a local folder holding several SAEs.
+        model: when given, the SAE is checked against it with :func:`check_sae_compatibility`.
+        hook_name: override of the SAE's hook point; it is written into ``sae.cfg.metadata.hook_name`` so that
+            ``SplitModel(model, hook_name, sae)`` accepts the SAE.
+        device: where to put the SAE (default: the model's device, else ``"cpu"``).
+        dtype: e.g. ``"float32"`` or ``torch.float32`` (default: the saved dtype for local folders, ``float32``
+            for downloads).
+
+    Returns:
+        The ``sae_lens.SAE`` (an inference SAE, in ``eval`` mode).
+
+    Raises:
+        ValueError: the string is neither an SAE folder, a release nor a repo id (the message lists the three
+            accepted forms and close release names), or ``sae_id`` is missing or unknown (valid ids are listed).
+        ConnectionError: the SAE must be downloaded but the Hugging Face Hub is unreachable.
+        HookNameError, SAECompatibilityError: the SAE does not fit ``model`` (see :func:`check_sae_compatibility`).
+    """
+    from sae_lens import SAE
+
+    dev = str(device) if device is not None else (str(model.cfg.device) if model is not None else "cpu")
+    dt = _dtype_str(dtype)
+    raw = os.fspath(release_or_path)
+    path = Path(raw).expanduser()
+    if isinstance(release_or_path, os.PathLike) or path.exists() or _looks_like_path(raw):
+        if not path.exists():
+            raise ValueError(f"No such SAE folder: {raw!r}. {_ACCEPTED_FORMS}")
+        folder = _resolve_local_folder(path, sae_id)
+        sae = SAE.load_from_disk(str(folder), device=dev, dtype=dt)
+    else:
+        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+        directory = get_pretrained_saes_directory()
+        if raw in directory:
+            valid = list(directory[raw].saes_map)
+            if sae_id is None or sae_id not in directory[raw].saes_map:
+                close = difflib.get_close_matches(sae_id, valid, n=5, cutoff=0.6) if sae_id else []
+                shown = ", ".join(repr(v) for v in valid[:_MAX_IDS_SHOWN])
+                more = f" ... ({len(valid)} in all)" if len(valid) > _MAX_IDS_SHOWN else ""
+                head = "needs sae_id" if sae_id is None else f"has no SAE {sae_id!r}"
+                raise ValueError(
+                    f"SAELens release {raw!r} {head}. "
+                    + (f"Closest: {close}. " if close else "")
+                    + f"Valid sae_ids: {shown}{more}. Fix: load_sae({raw!r}, {valid[0]!r})."
+                )
+            sae = _load_from_hub(raw, sae_id, dev, dt)
+        elif _HF_REPO_RE.match(raw):
+            if not sae_id:
+                raise ValueError(
+                    f"Loading from the Hugging Face repo {raw!r} needs sae_id = the subfolder that holds the SAE "
+                    f"(SAELens layout: <sae_id>/{_CFG} and <sae_id>/{_WEIGHTS})."
+                )
+            sae = _load_from_hub(raw, sae_id, dev, dt)
+        else:
+            close = difflib.get_close_matches(raw, list(directory), n=5, cutoff=0.6)
+            raise ValueError(
+                f"{raw!r} is not an existing SAE folder, a SAELens release or a Hugging Face repo id. "
+                + (f"Did you mean the release(s) {close}? " if close else "")
+                + _ACCEPTED_FORMS
+            )
+    if hook_name is not None:
+        sae.cfg.metadata.hook_name = hook_name
+    if model is not None:
+        check_sae_compatibility(sae, model)
+    return sae.eval()
+
+
+def _activation_shape(model: HookedTransformer, hook: str) -> tuple[int, ...]:
+    m = re.match(r"blocks\.(\d+)\.", hook)
+    stop = int(m.group(1)) + 1 if m else None
+    with torch.no_grad():
+        tokens = torch.zeros((1, 2), dtype=torch.long, device=model.cfg.device)
+        _, cache = model.run_with_cache(tokens, names_filter=hook, stop_at_layer=stop)
+    return tuple(cache[hook].shape[2:])
+
+
+def check_sae_compatibility(sae: Any, model: HookedTransformer, hook_name: str | None = None) -> str:
+    """Check that ``sae`` reads an activation of ``model`` and can be spliced there; return the hook name.
+
+    The rules are those of :class:`repinf_lens.split.SplitModel`: the hook must be a hook point of the model,
+    ``d_in`` must equal the activation's width there (``n_heads * d_head`` for ``attn.hook_z``, whose SAE must
+    flatten heads with ``reshape_activations='hook_z'``), and the normalisation must be stateless
+    (``none``, ``expected_average_only_in`` or ``covariance_whitening``).
+
+    Args:
+        sae: an ``sae_lens.SAE``.
+        model: the HookedTransformer.
+        hook_name: the hook point to check (default: :func:`sae_hook_name`).
+
+    Raises:
+        HookNameError: the hook point does not exist in the model (the message lists close and valid names).
+        SAECompatibilityError: no hook name recorded, wrong ``d_in``, head layout or normalisation.
+    """
+    if hook_name is None:
+        try:
+            hook_name = sae_hook_name(sae)
+        except ValueError as e:
+            raise SAECompatibilityError(str(e)) from e
+    names = sorted(model.hook_dict)
+    if hook_name not in model.hook_dict:
+        close = difflib.get_close_matches(hook_name, names, n=5, cutoff=0.6)
+        m = re.match(r"blocks\.(\d+)\.", hook_name)
+        n_layers = int(model.cfg.n_layers)
+        depth = (
+            f"The model has {n_layers} layers (blocks.0 .. blocks.{n_layers - 1}): the SAE was probably trained on "
+            "another model. "
+            if m and int(m.group(1)) >= n_layers
+            else ""
+        )
+        raise HookNameError(
+            f"The SAE reads {hook_name!r}, which is not a hook point of this model. {depth}"
+            + (f"Closest: {close}. " if close else "")
+            + f"Valid hook points ({len(names)}): {', '.join(names)}. "
+            "Fix: use an SAE trained on this model, or pass hook_name= one of these if the activations are the same."
+        )
+    cfg = sae.cfg
+    norm = getattr(cfg, "normalize_activations", "none")
+    if norm not in _SUPPORTED_NORMS:
+        raise SAECompatibilityError(
+            f"The SAE uses normalize_activations={norm!r}, whose decoder depends on state saved by the encoder "
+            f"(per-token norms), so it cannot be spliced with a held error term. Supported: {_SUPPORTED_NORMS}. "
+            "Fix: use an SAE trained with normalize_activations='none' or 'expected_average_only_in'."
+        )
+    if getattr(getattr(cfg, "metadata", None), "hook_head_index", None) is not None:
+        raise SAECompatibilityError(
+            f"The SAE reads a single attention head (hook_head_index={cfg.metadata.hook_head_index}) of "
+            f"{hook_name!r}; SplitModel splices SAEs over the whole activation. "
+            "Fix: use an SAE trained on all heads (reshape_activations='hook_z')."
+        )
+    shape = _activation_shape(model, hook_name)
+    width = int(torch.tensor(shape).prod().item()) if shape else 1
+    if int(cfg.d_in) != width:
+        detail = f" (= {' x '.join(str(s) for s in shape)})" if len(shape) > 1 else ""
+        raise SAECompatibilityError(
+            f"SAE d_in={cfg.d_in} but the activation at {hook_name!r} has width {width}{detail}. "
+            "Fix: use an SAE trained on this model at this hook point (d_in must equal the activation width)."
+        )
+    if len(shape) > 1 and getattr(cfg, "reshape_activations", "none") != "hook_z":
+        raise SAECompatibilityError(
+            f"The activation at {hook_name!r} has shape {shape} (heads x d_head) but the SAE has "
+            f"reshape_activations={getattr(cfg, 'reshape_activations', None)!r}, so it cannot encode it. "
+            "Fix: sae.cfg.reshape_activations = 'hook_z'; sae.turn_on_forward_pass_hook_z_reshaping()."
+        )
+    return hook_name
