@@ -7,9 +7,15 @@ Sign convention, everywhere in this package: a POSITIVE influence score marks a 
 the training example lowers the test loss (score = + g_test^T (H + lambda I)^-1 g_train).
 """
 
-from repinf_lens import analysis, data, saes
+from repinf_lens import analysis, data, saes, viz
 from repinf_lens._cache import OfflineAssetError, cache_dir
-from repinf_lens.analysis import orthogonality, orthogonality_table
+from repinf_lens.analysis import (
+    leave_one_out,
+    linear_datamodeling_score,
+    necessity_sufficiency,
+    orthogonality,
+    orthogonality_table,
+)
 from repinf_lens.curvature import CG, Explicit, Identity, InverseHessianSolver, LiSSA
 from repinf_lens.data import load_mcqa
 from repinf_lens.finetuning import FinetuneConfig, FinetuneResult, finetune
@@ -46,6 +52,10 @@ __all__ = [
     "CG",
     "SAETrainingConfig",
     "analysis",
+    "leave_one_out",
+    "linear_datamodeling_score",
+    "necessity_sufficiency",
+    "viz",
     "collect_activations",
     "layer_sweep",
     "load_sae",

@@ -1,5 +1,24 @@
-"""Analyses of representation spaces: orthogonality statistics of paper Section 5.2 / Appendix A.2."""
+"""Analyses: orthogonality (paper 5.2 / A.2), latent rankings and ablations (5.4), retraining checks (LOO, LDS)."""
 
+from repinf_lens.analysis.ablation import (
+    DEFAULT_RANKINGS,
+    METRICS,
+    MODES,
+    PAPER_KS,
+    aggregate,
+    masked_logits,
+    necessity_sufficiency,
+    plot_ablation,
+    save_ablation,
+)
+from repinf_lens.analysis.lds import (
+    RetrainingCheck,
+    default_solvers,
+    leave_one_out,
+    linear_datamodeling_score,
+    refit_downstream,
+    spearman,
+)
 from repinf_lens.analysis.orthogonality import (
     SPACES,
     collect_representations,
@@ -8,8 +27,49 @@ from repinf_lens.analysis.orthogonality import (
     orthogonality,
     orthogonality_table,
 )
+from repinf_lens.analysis.rankings import (
+    RANKINGS,
+    ActivationRanking,
+    FrequencyRanking,
+    FunctionRanking,
+    GradXActRanking,
+    InfluenceRanking,
+    LatentRanking,
+    RandomRanking,
+    RankingContext,
+    get_ranking,
+    rank_by_scores,
+    register_ranking,
+)
 
 __all__ = [
+    "DEFAULT_RANKINGS",
+    "METRICS",
+    "MODES",
+    "PAPER_KS",
+    "RANKINGS",
+    "ActivationRanking",
+    "FrequencyRanking",
+    "FunctionRanking",
+    "GradXActRanking",
+    "InfluenceRanking",
+    "LatentRanking",
+    "RandomRanking",
+    "RankingContext",
+    "RetrainingCheck",
+    "aggregate",
+    "default_solvers",
+    "get_ranking",
+    "leave_one_out",
+    "linear_datamodeling_score",
+    "masked_logits",
+    "necessity_sufficiency",
+    "plot_ablation",
+    "rank_by_scores",
+    "refit_downstream",
+    "register_ranking",
+    "save_ablation",
+    "spearman",
     "SPACES",
     "collect_representations",
     "dense_autoencoder_baseline",
