@@ -27,6 +27,15 @@ from repinf_lens.influence import (
     latent_influence_reference,
 )
 from repinf_lens.models import DEFAULT_MODEL, UnknownModelError, load_hf_model, load_model
+from repinf_lens.prefiltering import (
+    GradientSketcher,
+    ManifestMismatchError,
+    PrefilterResult,
+    SketchStore,
+    build_sketches,
+    prefilter,
+    sketch_overlap,
+)
 from repinf_lens.saes import (
     SAETrainingConfig,
     collect_activations,
@@ -52,6 +61,13 @@ __all__ = [
     "CG",
     "SAETrainingConfig",
     "analysis",
+    "GradientSketcher",
+    "ManifestMismatchError",
+    "PrefilterResult",
+    "SketchStore",
+    "build_sketches",
+    "prefilter",
+    "sketch_overlap",
     "leave_one_out",
     "linear_datamodeling_score",
     "necessity_sufficiency",

@@ -6,17 +6,22 @@ Sign convention: POSITIVE = proponent (up-weighting the training example lowers 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from repinf_lens._cache import cache_dir as default_cache_dir
 from repinf_lens._cache import fingerprint_rows
+from repinf_lens._shards import open_manifest, shard_is_done, write_json_atomic, write_shard
 from repinf_lens.curvature.cache import STestCache, cache_key
 from repinf_lens.curvature.hvp import dataset_hvp, loss_grad
 from repinf_lens.curvature.solvers import CG, InverseHessianSolver, SolveInfo
@@ -35,6 +40,10 @@ def as_rows(data: Any, what: str = "dataset") -> list[dict[str, Any]]:
     if not rows:
         raise ValueError(f"The {what} is empty. Fix: pass at least one example.")
     return rows
+
+
+_STREAM_KIND = "repinf_lens.influence_shards"
+_SIGN = "positive = proponent (up-weighting the training example lowers the test loss)"
 
 
 def _data_hash(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -167,6 +176,8 @@ class InfluenceAttributor:
 
         Returns an :class:`InfluenceResult` with ``example_scores [Q, N]`` and ``latent_scores [Q, N, d_sae]``.
         POSITIVE = proponent (up-weighting the training example lowers the query's loss).
+        For training sets too large to hold per-example scores in memory, or long runs that must survive a
+        crash, use :meth:`attribute_streaming` (same scores, written shard by shard and resumable).
         """
         q_rows = as_rows(queries, "query set")
         t_rows = as_rows(train, "training set")
@@ -174,64 +185,284 @@ class InfluenceAttributor:
         t0 = time.perf_counter()
         s_list = self.s_test(q_rows)
         t_solve = time.perf_counter() - t0
-        params = self.split.downstream_params()
-        nq, n, d = len(q_rows), len(t_rows), self.split.d_sae
-        ex = torch.zeros(nq, n)
-        lat = torch.zeros(nq, n, d)
-        diag = {k: torch.zeros(nq, n) for k in ("latent_sum", "error_term", "bias_term")}
-        tok_idx: list[list[Tensor]] = [[] for _ in range(nq)]
-        tok_val: list[list[Tensor]] = [[] for _ in range(nq)]
-        train_tokens: list[Tensor] = []
         t1 = time.perf_counter()
-        for start in tqdm(range(0, n, bs), desc="influence", disable=not self.progress):
-            batch = self.task.collate(t_rows[start : start + bs])
+        with tqdm(total=len(t_rows), desc="influence", disable=not self.progress) as bar:
+            scores = self._score_range(s_list, t_rows, 0, len(t_rows), bs, bar)
+        meta = self._meta(bs, t_solve, time.perf_counter() - t1, self.solve_infos)
+        return self._result(q_rows, t_rows, scores, meta)
+
+    def attribute_streaming(
+        self,
+        queries: Any,
+        train: Any,
+        *,
+        out_dir: str | os.PathLike,
+        shard_size: int = 256,
+        batch_size: int | None = None,
+        overwrite: bool = False,
+    ) -> InfluenceResult:
+        """:meth:`attribute`, computed shard by shard on disk: bounded memory, resumable after a crash.
+
+        Each shard of ``shard_size`` training examples (rounded up to a multiple of the batch size, so the
+        batches are exactly those of :meth:`attribute`) is scored, written atomically to
+        ``out_dir/shards/shard_XXXXX.safetensors`` (example and latent scores, diagnostics, sparse token
+        scores, token ids) and recorded in ``out_dir/manifest.json``, whose fingerprint covers the split (model
+        weights, hook, SAE, theta2, task), the solver, the Hessian data, the queries, the training set and these
+        settings. Only one shard of per-example state is held in memory while scoring. A rerun with the same
+        inputs (after ``kill -9``, a power cut, Ctrl-C) skips every finished shard. At the end all shards are
+        assembled into the result, which is saved into ``out_dir`` in the :meth:`InfluenceResult.save` format
+        (``InfluenceResult.load(out_dir)`` reads it) and returned; its scores equal :meth:`attribute`'s with
+        the same ``batch_size``. Sign convention: POSITIVE = proponent (up-weighting the training example
+        lowers the query's loss).
+
+        Args:
+            queries: the test queries (dict, list of dicts, dataset).
+            train: the training examples.
+            out_dir: the folder for the manifest, the shards and the final result.
+            shard_size: training examples per shard (the unit of resumption and of peak memory).
+            batch_size: training examples per influence batch (default: the attributor's).
+            overwrite: discard outputs of a run with other inputs instead of raising.
+
+        Raises:
+            ValueError: empty query or training set.
+            ManifestMismatchError: ``out_dir`` holds shards of a run with other inputs (and not ``overwrite``).
+            RuntimeError: the solver needs Hessian data and :meth:`fit` was not called.
+        """
+        q_rows = as_rows(queries, "query set")
+        t_rows = as_rows(train, "training set")
+        bs = batch_size or self.batch_size
+        if shard_size < 1 or bs < 1:
+            raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size} and {bs}.")
+        if self.solver.needs_hessian and self._hessian_inputs is None:
+            raise RuntimeError(
+                f"{type(self.solver).__name__} needs Hessian data. Fix: call attributor.fit(hessian_dataset) "
+                "first (the same data as in the interrupted run, to resume it), or use Identity()."
+            )
+        shard_size = -(-shard_size // bs) * bs
+        n = len(t_rows)
+        out = Path(out_dir)
+        fingerprint = json.loads(
+            json.dumps(
+                {
+                    "split": self.fingerprint,
+                    "solver": self.solver.to_dict(),
+                    "hessian": self._hessian_key if self.solver.needs_hessian else None,
+                    "queries": _data_hash(q_rows),
+                    "train": _data_hash(t_rows),
+                    "n_queries": len(q_rows),
+                    "n_train": n,
+                    "batch_size": bs,
+                    "shard_size": shard_size,
+                    "store_token_scores": self.store_token_scores,
+                },
+                default=str,
+            )
+        )
+        shards = [
+            {"index": i, "file": f"shards/shard_{i:05d}.safetensors", "start": lo, "stop": min(n, lo + shard_size)}
+            for i, lo in enumerate(range(0, n, shard_size))
+        ]
+        manifest = open_manifest(
+            out,
+            kind=_STREAM_KIND,
+            fingerprint=fingerprint,
+            overwrite=overwrite,
+            owned=("shards", "result.json", "scores.safetensors", "tokens.safetensors"),
+            extra={"sign_convention": _SIGN, "shards": shards, "finished": [], "complete": False},
+        )
+        fp = manifest["fingerprint_hash"]
+        done = {
+            s["index"]
+            for s in shards
+            if shard_is_done(out / s["file"], fingerprint=fp, start=s["start"], stop=s["stop"])
+        }
+        todo = [s for s in shards if s["index"] not in done]
+        resumed = sorted(done)
+        manifest["finished"] = resumed
+        t_solve = t_inf = 0.0
+        infos: list[SolveInfo] = []
+        if todo:
+            t0 = time.perf_counter()
+            s_list = self.s_test(q_rows)
+            infos = self.solve_infos
+            t_solve = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            with tqdm(
+                total=sum(s["stop"] - s["start"] for s in todo), desc="influence", disable=not self.progress
+            ) as bar:
+                for s in todo:
+                    part = self._score_range(s_list, t_rows, s["start"], s["stop"], bs, bar)
+                    write_shard(
+                        out / s["file"],
+                        part.to_tensors(self.store_token_scores),
+                        fingerprint=fp,
+                        start=s["start"],
+                        stop=s["stop"],
+                    )
+                    del part
+                    done.add(s["index"])
+                    manifest["finished"] = sorted(done)
+                    write_json_atomic(out / "manifest.json", manifest)
+            t_inf = time.perf_counter() - t1
+        scores = _Scores.empty(len(q_rows), n, self.split.d_sae, 0)
+        for s in shards:  # one shard read at a time, copied into the preallocated result
+            scores.fill(_Scores.from_tensors(load_file(str(out / s["file"])), s["start"], s["stop"], len(q_rows)))
+        meta = self._meta(bs, t_solve, t_inf, infos)
+        meta["streaming"] = {
+            "shard_size": shard_size,
+            "n_shards": len(shards),
+            "shards_resumed": resumed,
+            "shards_computed": [s["index"] for s in todo],
+        }
+        result = self._result(q_rows, t_rows, scores, meta)
+        _save_into(result, out)
+        manifest["complete"] = True
+        write_json_atomic(out / "manifest.json", manifest)
+        return result
+
+    def _score_range(
+        self, s_list: Sequence[Params], t_rows: Sequence[Mapping[str, Any]], start: int, stop: int, bs: int, bar: Any
+    ) -> _Scores:
+        """Scores of training examples ``start:stop``, batch by batch (the one loop behind every attribution)."""
+        params = self.split.downstream_params()
+        nq, n, d = len(s_list), stop - start, self.split.d_sae
+        part = _Scores.empty(nq, n, d, start)
+        for lo in range(start, stop, bs):
+            hi = min(stop, lo + bs)
+            batch = self.task.collate(t_rows[lo:hi])
             inp = self.split.prepare(batch)
             lengths = batch.attention_mask.sum(1)
-            train_tokens.extend(batch.tokens[i, : int(lengths[i])].cpu() for i in range(len(batch)))
+            part.train_tokens.extend(batch.tokens[i, : int(lengths[i])].cpu() for i in range(len(batch)))
+            sl = slice(lo - start, hi - start)
             for q, s in enumerate(s_list):
                 li = latent_influence(self.split, s, inp, params, chunk_size=self.swap_chunk_size)
-                sl = slice(start, start + len(batch))
-                ex[q, sl] = li.example_scores.float().cpu()
-                lat[q, sl] = li.latent_scores.float().cpu()
-                diag["latent_sum"][q, sl] = li.latent_sum.float().cpu()
-                diag["error_term"][q, sl] = li.error_term.float().cpu()
-                diag["bias_term"][q, sl] = li.bias_term.float().cpu()
+                part.example[q, sl] = li.example_scores.float().cpu()
+                part.latent[q, sl] = li.latent_scores.float().cpu()
+                part.diag["latent_sum"][q, sl] = li.latent_sum.float().cpu()
+                part.diag["error_term"][q, sl] = li.error_term.float().cpu()
+                part.diag["bias_term"][q, sl] = li.bias_term.float().cpu()
                 if self.store_token_scores:
                     nz = torch.nonzero(li.token_scores != 0).T  # [3, nnz] (example, pos, latent)
                     vals = li.token_scores[nz[0], nz[1], nz[2]].float().cpu()
                     nz = nz.cpu()
-                    nz[0] += start
-                    tok_idx[q].append(nz)
-                    tok_val[q].append(vals)
-        t_inf = time.perf_counter() - t1
-        query_tokens = []
-        for row in q_rows:
-            b = self.task.collate([row])
-            query_tokens.append(b.tokens[0].cpu())
-        meta = {
+                    nz[0] += lo
+                    part.tok_idx[q].append(nz)
+                    part.tok_val[q].append(vals)
+            bar.update(hi - lo)
+        return part
+
+    def _meta(self, bs: int, t_solve: float, t_inf: float, infos: Sequence[SolveInfo]) -> dict[str, Any]:
+        return {
             "hook_name": self.split.hook_name,
             "sae": None if self.split.sae is None else self.split.sae.cfg.to_dict(),
             "use_error_term": self.split.use_error_term,
             "theta2": self.split.param_names,
             "n_theta2": self.split.num_downstream_params(),
             "solver": self.solver.to_dict(),
-            "solve_infos": [i.to_dict() for i in self.solve_infos],
+            "solve_infos": [i.to_dict() for i in infos],
             "seconds_s_test": round(t_solve, 3),
             "seconds_influence": round(t_inf, 3),
             "batch_size": bs,
         }
+
+    def _result(
+        self, q_rows: Sequence[Mapping[str, Any]], t_rows: Sequence[Mapping[str, Any]], scores: _Scores, meta: dict
+    ) -> InfluenceResult:
+        query_tokens = [self.task.collate([row]).tokens[0].cpu() for row in q_rows]
+        store = self.store_token_scores
         return InfluenceResult(
-            example_scores=ex,
-            latent_scores=lat,
+            example_scores=scores.example,
+            latent_scores=scores.latent,
             query_ids=[str(r.get("id", i)) for i, r in enumerate(q_rows)],
             train_ids=[str(r.get("id", i)) for i, r in enumerate(t_rows)],
-            train_tokens=train_tokens,
+            train_tokens=scores.train_tokens,
             query_tokens=query_tokens,
-            token_indices=[torch.cat(x, 1) if x else torch.zeros(3, 0, dtype=torch.long) for x in tok_idx]
-            if self.store_token_scores
+            token_indices=[torch.cat(x, 1) if x else torch.zeros(3, 0, dtype=torch.long) for x in scores.tok_idx]
+            if store
             else [],
-            token_values=[torch.cat(x) if x else torch.zeros(0) for x in tok_val] if self.store_token_scores else [],
-            diagnostics=diag,
+            token_values=[torch.cat(x) if x else torch.zeros(0) for x in scores.tok_val] if store else [],
+            diagnostics=scores.diag,
             meta=json.loads(json.dumps(meta, default=str)),
             tokenizer=getattr(self.task, "tokenizer", None),
         )
+
+
+_DIAG = ("latent_sum", "error_term", "bias_term")
+
+
+@dataclass
+class _Scores:
+    """Per-example state of training examples ``start:start+n`` for Q queries (one shard, or everything).
+
+    ``tok_idx[q]`` holds ``[3, nnz]`` (GLOBAL example index, position, latent) parts, ``tok_val[q]`` the values.
+    """
+
+    start: int
+    example: Tensor
+    latent: Tensor
+    diag: dict[str, Tensor]
+    tok_idx: list[list[Tensor]]
+    tok_val: list[list[Tensor]]
+    train_tokens: list[Tensor] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, nq: int, n: int, d: int, start: int) -> _Scores:
+        return cls(
+            start=start,
+            example=torch.zeros(nq, n),
+            latent=torch.zeros(nq, n, d),
+            diag={k: torch.zeros(nq, n) for k in _DIAG},
+            tok_idx=[[] for _ in range(nq)],
+            tok_val=[[] for _ in range(nq)],
+        )
+
+    def to_tensors(self, token_scores: bool) -> dict[str, Tensor]:
+        """Flat dict for one safetensors shard (token parts concatenated per query when ``token_scores``)."""
+        out = {"example_scores": self.example, "latent_scores": self.latent}
+        out.update({f"diag_{k}": v for k, v in self.diag.items()})
+        for q, (idx, val) in enumerate(zip(self.tok_idx, self.tok_val) if token_scores else []):
+            out[f"tokidx_{q}"] = torch.cat(idx, 1) if idx else torch.zeros(3, 0, dtype=torch.long)
+            out[f"tokval_{q}"] = torch.cat(val) if val else torch.zeros(0)
+        out.update({f"train_{i}": t for i, t in enumerate(self.train_tokens)})
+        return out
+
+    @classmethod
+    def from_tensors(cls, t: Mapping[str, Tensor], start: int, stop: int, nq: int) -> _Scores:
+        has_tok = "tokidx_0" in t
+        return cls(
+            start=start,
+            example=t["example_scores"],
+            latent=t["latent_scores"],
+            diag={k: t[f"diag_{k}"] for k in _DIAG},
+            tok_idx=[[t[f"tokidx_{q}"]] if has_tok else [] for q in range(nq)],
+            tok_val=[[t[f"tokval_{q}"]] if has_tok else [] for q in range(nq)],
+            train_tokens=[t[f"train_{i}"] for i in range(stop - start)],
+        )
+
+    def fill(self, part: _Scores) -> None:
+        """Copy ``part`` (the next examples, in order) into this preallocated state."""
+        sl = slice(part.start - self.start, part.start - self.start + part.example.shape[1])
+        self.example[:, sl] = part.example
+        self.latent[:, sl] = part.latent
+        for k in _DIAG:
+            self.diag[k][:, sl] = part.diag[k]
+        for q in range(len(self.tok_idx)):
+            self.tok_idx[q].extend(part.tok_idx[q])
+            self.tok_val[q].extend(part.tok_val[q])
+        self.train_tokens.extend(part.train_tokens)
+
+
+def _save_into(result: InfluenceResult, out: Path) -> None:
+    """Save ``result`` into ``out`` (which also holds the manifest and shards) in the ``InfluenceResult.save`` format.
+
+    ``InfluenceResult.save`` replaces its whole target folder, so the result is saved into a staging folder and
+    its files are moved into ``out`` one rename each, ``result.json`` (what ``load`` looks for) last.
+    """
+    staging = out / ".result-staging"
+    result.save(staging)
+    try:
+        (out / "result.json").unlink(missing_ok=True)
+        for name in ("scores.safetensors", "tokens.safetensors", "result.json"):
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
