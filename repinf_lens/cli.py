@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main", "build_parser"]
 
@@ -47,6 +48,36 @@ def _sae_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=float, default=8.0, help="passes over the cached activations")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size-tokens", type=int, default=1024)
+
+
+def _sae_ref_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sae", required=True, help="SAE folder, SAELens release or HF repo id")
+    p.add_argument("--sae-id", default=None, help="SAE id inside a release / repo / folder of SAEs")
+    p.add_argument("--hook", default=None, help="hook point (default: the SAE's own)")
+
+
+def _split_model(args: argparse.Namespace):  # noqa: ANN202
+    from repinf_lens.saes import load_sae, sae_hook_name
+    from repinf_lens.split import SplitModel
+
+    model = _load(args)
+    sae = load_sae(str(args.sae), args.sae_id, model=model, hook_name=args.hook)
+    return SplitModel(model, args.hook or sae_hook_name(sae), sae, task=_task(args, model))
+
+
+def _queries_of(args: argparse.Namespace, attribution: Path) -> tuple[Any, list[dict]]:
+    """The stored result of `attribute` and its test questions, in result order."""
+    from repinf_lens.influence.result import InfluenceResult
+
+    result = InfluenceResult.load(attribution / "result")
+    rows = {str(r["id"]): dict(r) for r in _split(args, args.query_split, None)}
+    missing = [q for q in result.query_ids if q not in rows]
+    if missing:
+        raise SystemExit(
+            f"error: query ids {missing[:5]} are not in {args.dataset}/{args.query_split}. "
+            "Fix: pass the --dataset/--query-split used by `attribute`."
+        )
+    return result, [rows[q] for q in result.query_ids]
 
 
 def _sae_config(args: argparse.Namespace):  # noqa: ANN202
@@ -122,6 +153,47 @@ def build_parser() -> argparse.ArgumentParser:
     ort.add_argument("--limit", type=int, default=200, help="prompts to read tokens from")
     ort.add_argument("--max-tokens", type=int, default=4096)
     ort.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
+    at = sub.add_parser("attribute", help="influence of training examples, SAE latents and tokens on test questions")
+    _common(at)
+    _sae_ref_args(at)
+    at.add_argument("--dataset", default="openbookqa")
+    at.add_argument("--train-split", default="train")
+    at.add_argument("--train-limit", type=int, default=None, help="only the first N training examples")
+    at.add_argument("--query-split", default="test")
+    at.add_argument("--query-limit", type=int, default=3, help="the first N test questions")
+    at.add_argument("--query-ids", nargs="*", default=None, help="explicit test question ids (override the limit)")
+    at.add_argument("--solver", default="cg", choices=["cg", "lissa", "explicit", "identity"])
+    at.add_argument("--damping", type=float, default=1e-3)
+    at.add_argument("--max-iter", type=int, default=20, help="CG iterations / LiSSA depth")
+    at.add_argument("--hessian-examples", type=int, default=64, help="training examples that define H")
+    at.add_argument("--prefilter-fraction", type=float, default=None, help="keep this share per query (0.01-0.1)")
+    at.add_argument("--prefilter-top-k", type=int, default=None, help="keep this many per query")
+    at.add_argument("--sketch-dim", type=int, default=4096)
+    at.add_argument("--shard-size", type=int, default=256)
+    at.add_argument("--out", type=Path, default=Path("runs/attribute"), help="output directory")
+    ab = sub.add_parser("ablate", help="necessity / sufficiency of the top-k latents per ranking")
+    _common(ab)
+    _sae_ref_args(ab)
+    ab.add_argument("--attribution", type=Path, required=True, help="output directory of `attribute`")
+    ab.add_argument("--dataset", default="openbookqa")
+    ab.add_argument("--query-split", default="test")
+    ab.add_argument("--rankings", nargs="+", default=["influence", "activation", "frequency", "random"])
+    ab.add_argument("--ks", type=int, nargs="+", default=None, help="default: the paper's 10 25 50 ... 200")
+    ab.add_argument("--n-boot", type=int, default=1000)
+    ab.add_argument("--out", type=Path, default=Path("runs/ablate"), help="output directory")
+    rp = sub.add_parser("report", help="one self-contained HTML report (heatmaps, latents, plots, tables)")
+    _common(rp)
+    _sae_ref_args(rp)
+    rp.add_argument("--attribution", type=Path, required=True, help="output directory of `attribute`")
+    rp.add_argument("--dataset", default="openbookqa")
+    rp.add_argument("--query-split", default="test")
+    rp.add_argument("--ablation", type=Path, default=None, help="output directory of `ablate`")
+    rp.add_argument("--sweep", type=Path, default=None, help="output directory of `sweep`")
+    rp.add_argument("--table", nargs=2, action="append", default=[], metavar=("TITLE", "JSON"),
+                    help="add a table from a JSON list of rows (repeatable)")  # fmt: skip
+    rp.add_argument("--top-examples", type=int, default=5)
+    rp.add_argument("--top-latents", type=int, default=10)
+    rp.add_argument("--out", type=Path, default=Path("runs/report.html"), help="the HTML file")
     demo = sub.add_parser("demo", help="the main job on the embedded default model and OpenBookQA")
     _common(demo)
     demo.add_argument("--quick", action="store_true", help="small sizes (100 test questions)")
@@ -298,6 +370,57 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(table, indent=2))
         print(json.dumps(table, indent=2))
+        return 0
+    if args.command == "attribute":
+        from repinf_lens.pipeline import AttributionConfig, run_attribution
+
+        split = _split_model(args)
+        queries = list(_split(args, args.query_split, None if args.query_ids else args.query_limit))
+        if args.query_ids:
+            by_id = {str(r["id"]): dict(r) for r in queries}
+            unknown = [q for q in args.query_ids if q not in by_id]
+            if unknown:
+                print(f"error: unknown query ids {unknown[:5]} in {args.dataset}/{args.query_split}", file=sys.stderr)
+                return 2
+            queries = [by_id[q] for q in args.query_ids]
+        cfg = AttributionConfig(
+            solver=args.solver, damping=args.damping, max_iter=args.max_iter, hessian_examples=args.hessian_examples,
+            prefilter_fraction=args.prefilter_fraction, prefilter_top_k=args.prefilter_top_k,
+            sketch_dim=args.sketch_dim, batch_size=args.batch_size, shard_size=args.shard_size,
+        )  # fmt: skip
+        result, _ = run_attribution(
+            split, queries, _split(args, args.train_split, args.train_limit), out_dir=args.out, config=cfg,
+            progress=not args.no_progress,
+        )  # fmt: skip
+        for q, qid in enumerate(result.query_ids):
+            top = result.top_examples(q, k=3)
+            print(f"query {qid}: top proponents {top}")
+        print(f"result: {args.out / 'result'}")
+        return 0
+    if args.command == "ablate":
+        from repinf_lens.pipeline import run_ablation
+
+        split = _split_model(args)
+        result, queries = _queries_of(args, args.attribution)
+        _, agg, files = run_ablation(
+            split, queries, result, out_dir=args.out, rankings=list(args.rankings), ks=args.ks, n_boot=args.n_boot,
+            seed=args.seed, progress=not args.no_progress,
+        )  # fmt: skip
+        print(f"{len(agg)} aggregate rows; files: {', '.join(str(p) for p in files.values())}")
+        return 0
+    if args.command == "report":
+        from repinf_lens.pipeline import make_report
+
+        split = _split_model(args)
+        result, queries = _queries_of(args, args.attribution)
+        tables = {title: json.loads(Path(path).read_text()) for title, path in args.table}
+        path = make_report(
+            args.out, split=split, queries=queries, result=result,
+            ablation_plot=args.ablation / "ablation.png" if args.ablation else None,
+            sweep_plot=args.sweep / "sweep.png" if args.sweep else None,
+            tables=tables, top_examples=args.top_examples, top_latents=args.top_latents,
+        )  # fmt: skip
+        print(f"report: {path}")
         return 0
     if args.command == "demo":
         args.out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-__all__ = ["tiny_tokenizer", "tiny_model", "tiny_hf_llama", "random_sae", "TINY_CHAT_TEMPLATE"]
+__all__ = ["tiny_tokenizer", "tiny_model", "tiny_hf_llama", "random_sae", "toy_mcqa_rows", "TINY_CHAT_TEMPLATE"]
 
 TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -163,3 +163,21 @@ def tiny_hf_llama(folder: str | os.PathLike, *, seed: int = 0, initializer_range
     LlamaForCausalLM(cfg).eval().save_pretrained(folder)
     tok.save_pretrained(folder)
     return tok
+
+
+def toy_mcqa_rows(n: int, seed: int = 0, *, prefix: str = "q") -> list[dict[str, Any]]:
+    """``n`` short random 4-option questions (``id, question, choices, answer``) for tests on tiny models."""
+    g = torch.Generator().manual_seed(seed)
+    words = ["sun", "moon", "rock", "tree", "water", "fire", "plant", "cold", "heat", "light"]
+    rows = []
+    for i in range(n):
+        w = [words[int(j)] for j in torch.randint(0, len(words), (6,), generator=g)]
+        rows.append(
+            {
+                "id": f"{prefix}{i}",
+                "question": f"What does the {w[0]} do to the {w[1]}?",
+                "choices": [w[2], w[3], w[4], w[5]],
+                "answer": int(torch.randint(0, 4, (1,), generator=g)),
+            }
+        )
+    return rows

@@ -19,26 +19,13 @@ from repinf_lens.saes import (
 )
 from repinf_lens.split import HookNameError
 from repinf_lens.task import MultipleChoiceTask
-from repinf_lens.testing import random_sae, tiny_model
+from repinf_lens.testing import random_sae, tiny_model, toy_mcqa_rows
 
 FAST = SAETrainingConfig(d_sae=32, k=4, batch_size_tokens=64, epochs=2, lr=3e-3)
 
 
 def _rows(n: int, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    words = ["sun", "moon", "rock", "tree", "water", "fire", "plant", "cold", "heat", "light"]
-    rows = []
-    for i in range(n):
-        w = [words[int(j)] for j in torch.randint(0, len(words), (6,), generator=g)]
-        rows.append(
-            {
-                "id": f"q{i}",
-                "question": f"What does the {w[0]} do to the {w[1]}?",
-                "choices": [w[2], w[3], w[4], w[5]],
-                "answer": int(torch.randint(0, 4, (1,), generator=g)),
-            }
-        )
-    return rows
+    return toy_mcqa_rows(n, seed)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,225 @@
+"""The main job's stages as functions: attribution (with the gradient prefilter), ablations and the HTML report.
+
+Thin orchestration over the public API, shared by the ``repinf-lens`` subcommands and ``demo``. Each stage
+writes into its own folder with a ``manifest.json`` saying what produced it (arguments, inputs, timings), and
+reuses finished work: sketches and attribution shards resume after a crash, a finished ablation is reread.
+
+Sign convention: POSITIVE influence = proponent (up-weighting the training example lowers the test loss).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from repinf_lens.curvature.solvers import solver_from_dict
+from repinf_lens.influence.attributor import InfluenceAttributor, as_rows
+from repinf_lens.influence.result import InfluenceResult
+from repinf_lens.split import SplitModel
+
+__all__ = ["AttributionConfig", "run_attribution", "run_ablation", "make_report", "write_manifest"]
+
+
+def write_manifest(folder: str | os.PathLike, stage: str, args: dict[str, Any], **extra: Any) -> Path:
+    """Write ``folder/manifest.json``: which stage, with which arguments, produced the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    from repinf_lens import __version__
+
+    rec = {"stage": stage, "repinf_lens": __version__, "args": args, **extra}
+    tmp = folder / "manifest.json.tmp"
+    tmp.write_text(json.dumps(rec, indent=2, default=str))
+    os.replace(tmp, folder / "manifest.json")
+    return folder / "manifest.json"
+
+
+@dataclass
+class AttributionConfig:
+    """Knobs of :func:`run_attribution` (saved in the manifest).
+
+    ``solver`` names a solver of :mod:`repinf_lens.curvature` (``cg``, ``lissa``, ``explicit``, ``identity``);
+    ``hessian_examples`` training examples define H. With ``prefilter_fraction`` / ``prefilter_top_k`` the
+    candidates are the union over queries of each query's most gradient-similar training examples.
+    """
+
+    solver: str = "cg"
+    damping: float = 1e-3
+    max_iter: int = 20
+    hessian_examples: int = 64
+    prefilter_fraction: float | None = None
+    prefilter_top_k: int | None = None
+    sketch_dim: int = 4096
+    batch_size: int = 8
+    shard_size: int = 256
+
+
+def _solver(cfg: AttributionConfig) -> Any:
+    spec: dict[str, Any] = {"solver": cfg.solver}
+    if cfg.solver != "identity":
+        spec["damping"] = cfg.damping
+    if cfg.solver == "cg":
+        spec.update(max_iter=cfg.max_iter, batch_size=cfg.batch_size)
+    if cfg.solver == "lissa":
+        spec.update(depth=cfg.max_iter)
+    return solver_from_dict(spec)
+
+
+def run_attribution(
+    split: SplitModel,
+    queries: Any,
+    train: Any,
+    *,
+    out_dir: str | os.PathLike,
+    config: AttributionConfig | None = None,
+    progress: bool = True,
+) -> tuple[InfluenceResult, list[dict[str, Any]]]:
+    """Prefilter (optional), solve s_test, score every candidate (streamed, resumable) and save the result.
+
+    Layout: ``out_dir/sketches`` (gradient sketches of the whole training set, computed once),
+    ``out_dir/result`` (the :class:`InfluenceResult`, loadable with ``InfluenceResult.load``),
+    ``out_dir/manifest.json``. Returns the result and the candidate training rows (in result order).
+    """
+    cfg = config or AttributionConfig()
+    out = Path(out_dir)
+    q_rows, t_rows = as_rows(queries, "query set"), as_rows(train, "training set")
+    task = split.task
+    t0 = time.perf_counter()
+    att = InfluenceAttributor(split, task, hessian=_solver(cfg), batch_size=cfg.batch_size, progress=progress)
+    timings: dict[str, float] = {}
+    candidates = t_rows
+    prefilter_info: dict[str, Any] | None = None
+    if cfg.prefilter_fraction is not None or cfg.prefilter_top_k is not None:
+        from repinf_lens.prefiltering import build_sketches, prefilter
+
+        t = time.perf_counter()
+        store = build_sketches(
+            split, task, t_rows, out_dir=out / "sketches", dim=cfg.sketch_dim, batch_size=cfg.batch_size,
+            progress=progress,
+        )  # fmt: skip
+        timings["sketches_s"] = round(time.perf_counter() - t, 2)
+        t = time.perf_counter()
+        pf = prefilter(
+            q_rows, store, split=split, top_fraction=cfg.prefilter_fraction, top_k=cfg.prefilter_top_k,
+            batch_size=cfg.batch_size,
+        )  # fmt: skip
+        timings["prefilter_s"] = round(time.perf_counter() - t, 2)
+        keep = sorted({int(i) for i in pf.indices.flatten()})
+        candidates = [t_rows[i] for i in keep]
+        prefilter_info = {"per_query": pf.k, "union": len(keep), "n_train": len(t_rows)}
+    if att.solver.needs_hessian:
+        t = time.perf_counter()
+        att.fit(t_rows[: cfg.hessian_examples])
+        timings["fit_s"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    result = att.attribute_streaming(q_rows, candidates, out_dir=out / "result", shard_size=cfg.shard_size)
+    timings["attribute_s"] = round(time.perf_counter() - t, 2)
+    timings["total_s"] = round(time.perf_counter() - t0, 2)
+    write_manifest(
+        out,
+        "attribute",
+        asdict(cfg),
+        hook_name=split.hook_name,
+        n_queries=len(q_rows),
+        n_candidates=len(candidates),
+        prefilter=prefilter_info,
+        timings=timings,
+        query_ids=[str(r.get("id")) for r in q_rows],
+    )
+    return result, candidates
+
+
+def run_ablation(
+    split: SplitModel,
+    queries: Any,
+    result: InfluenceResult,
+    *,
+    out_dir: str | os.PathLike,
+    rankings: Any = None,
+    ks: Any = None,
+    train: Any = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[Any, Any, dict[str, Path]]:
+    """Necessity / sufficiency curves for every ranking; tidy tables, JSON and the plot in ``out_dir``."""
+    from repinf_lens.analysis.ablation import PAPER_KS, aggregate, necessity_sufficiency, plot_ablation, save_ablation
+
+    t0 = time.perf_counter()
+    df = necessity_sufficiency(
+        split, split.task, queries, rankings, ks=tuple(ks or PAPER_KS), result=result, train=train, n_boot=n_boot,
+        seed=seed, progress=progress,
+    )  # fmt: skip
+    agg = aggregate(df)
+    files = save_ablation(df, out_dir, agg)
+    files["plot"] = plot_ablation(agg, Path(out_dir) / "ablation.png")
+    write_manifest(
+        out_dir,
+        "ablate",
+        {"rankings": rankings, "ks": list(ks or PAPER_KS), "n_boot": n_boot, "seed": seed},
+        n_queries=len(as_rows(queries, "query set")),
+        seconds=round(time.perf_counter() - t0, 2),
+    )
+    return df, agg, files
+
+
+def make_report(
+    path: str | os.PathLike,
+    *,
+    split: SplitModel,
+    queries: Any,
+    result: InfluenceResult,
+    train: Any = None,
+    predictions_before: dict[str, Any] | None = None,
+    ablation_plot: str | os.PathLike | None = None,
+    sweep_plot: str | os.PathLike | None = None,
+    tables: dict[str, Any] | None = None,
+    top_examples: int = 5,
+    top_latents: int = 10,
+    max_queries: int = 3,
+    title: str = "repinf_lens report",
+) -> Path:
+    """One self-contained HTML page: per query the question, predictions, the test input's token heatmap, the
+    top training examples with heatmaps and the top latents; then plots (ablation, sweep) and tables."""
+    from repinf_lens.viz.report import (
+        attribution_section,
+        build_report,
+        image_section,
+        question_section,
+        table_section,
+        top_examples_section,
+        top_latents_section,
+    )
+    from repinf_lens.viz.tokens import query_token_attribution
+
+    task = split.task
+    q_rows = as_rows(queries, "query set")
+    by_id = {str(r.get("id")): r for r in q_rows}
+    train_rows = as_rows(train, "training set") if train is not None else None
+    sections = []
+    for q, qid in enumerate(result.query_ids[:max_queries]):
+        row = by_id.get(qid, q_rows[q] if q < len(q_rows) else None)
+        if row is None:
+            continue
+        batch = task.collate([row]).to(split.device)
+        with torch.no_grad():
+            after = int(task.predictions(task.model_logits(split.model, batch), batch)[0])  # type: ignore[attr-defined]
+        before = (predictions_before or {}).get(qid)
+        sections.append(question_section(row, title=f"Test question {qid}", prediction_before=before,
+                                         prediction_after=after))  # fmt: skip
+        sections.append(attribution_section(f"Test input tokens ({qid})", query_token_attribution(split, task, row)))
+        sections.append(top_examples_section(result, q, k=top_examples, train_rows=train_rows,
+                                             tokenizer=getattr(task, "tokenizer", None)))  # fmt: skip
+        sections.append(top_latents_section(result, q, k=top_latents))
+    if ablation_plot is not None and Path(ablation_plot).exists():
+        sections.append(image_section("Necessity and sufficiency ablations", Path(ablation_plot)))
+    if sweep_plot is not None and Path(sweep_plot).exists():
+        sections.append(image_section("Layer sweep: accuracy change when the SAE is inserted", Path(sweep_plot)))
+    for name, rows in (tables or {}).items():
+        sections.append(table_section(name, rows))
+    return build_report(path, title=title, sections=sections)

@@ -1,0 +1,47 @@
+"""`repinf-lens attribute`, `ablate` and `report` end to end on a tiny local model and SAE."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from repinf_lens.cli import main
+from repinf_lens.influence.result import InfluenceResult
+from repinf_lens.testing import tiny_hf_llama, toy_mcqa_rows
+
+
+def test_attribute_ablate_report(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "tiny"
+    tiny_hf_llama(folder, initializer_range=0.2)
+    monkeypatch.setattr("repinf_lens.cli._split", lambda args, split, limit: toy_mcqa_rows(limit or 24))
+    model_args = ["--model", str(folder), "--template", "plain", "--no-progress"]
+    sae = tmp_path / "sae"
+    assert main(["train-sae", *model_args, "--hook", "blocks.1.hook_resid_post", "--d-sae", "16", "--k", "3",
+                 "--train-limit", "24", "--epochs", "2", "--batch-size-tokens", "64",
+                 "--out", str(sae)]) == 0  # fmt: skip
+    common = [*model_args, "--sae", str(sae)]
+    att = tmp_path / "att"
+    assert main(["attribute", *common, "--train-limit", "12", "--query-limit", "2", "--solver", "cg",
+                 "--max-iter", "3", "--hessian-examples", "8", "--prefilter-top-k", "5", "--sketch-dim", "64",
+                 "--batch-size", "4", "--out", str(att)]) == 0  # fmt: skip
+    result = InfluenceResult.load(att / "result")
+    manifest = json.loads((att / "manifest.json").read_text())
+    assert result.query_ids == ["q0", "q1"] and manifest["stage"] == "attribute"
+    assert 5 <= result.n_train == manifest["n_candidates"] <= 10  # union of each query's top 5 of 12
+    assert manifest["prefilter"] == {"per_query": 5, "union": result.n_train, "n_train": 12}
+    abl = tmp_path / "abl"
+    assert main(["ablate", *common, "--attribution", str(att), "--ks", "2", "4", "--n-boot", "50",
+                 "--out", str(abl)]) == 0  # fmt: skip
+    assert (abl / "ablation.png").exists() and (abl / "manifest.json").exists()
+    rows = (abl / "ablation_per_query.csv").read_text().splitlines()
+    assert len(rows) - 1 == 4 * 2 * 2 * 2 * 2  # rankings x ks x modes x error variants x queries
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps([{"space": "sae_latents", "gram_abs": 0.1}]))
+    html = tmp_path / "report.html"
+    assert main(["report", *common, "--attribution", str(att), "--ablation", str(abl), "--table", "Orthogonality",
+                 str(table), "--out", str(html)]) == 0  # fmt: skip
+    text = html.read_text()
+    for needle in ("Test question q0", "Test question q1", "Necessity and sufficiency", "Orthogonality", "gram_abs"):
+        assert needle in text
+    assert not re.search(r"""(src|href)=["']https?://""", text)  # self-contained: nothing fetched
+    capsys.readouterr()
