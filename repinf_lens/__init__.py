@@ -24,6 +24,7 @@ from repinf_lens.influence import (
     InfluenceResult,
     example_influence,
     latent_influence,
+    latent_influence_multi,
     latent_influence_reference,
 )
 from repinf_lens.models import DEFAULT_MODEL, UnknownModelError, load_hf_model, load_model
@@ -61,6 +62,7 @@ __all__ = [
     "CG",
     "SAETrainingConfig",
     "analysis",
+    "latent_influence_multi",
     "GradientSketcher",
     "ManifestMismatchError",
     "PrefilterResult",

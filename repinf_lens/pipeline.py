@@ -23,7 +23,13 @@ from repinf_lens.influence.attributor import InfluenceAttributor, as_rows
 from repinf_lens.influence.result import InfluenceResult
 from repinf_lens.split import SplitModel
 
-__all__ = ["AttributionConfig", "run_attribution", "run_ablation", "make_report", "write_manifest"]
+__all__ = [
+    "AttributionConfig",
+    "make_report",
+    "run_ablation",
+    "run_attribution",
+    "write_manifest",
+]
 
 
 def write_manifest(folder: str | os.PathLike, stage: str, args: dict[str, Any], **extra: Any) -> Path:

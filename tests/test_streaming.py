@@ -45,11 +45,11 @@ SLOW_RUN = """
 import sys, time
 import repinf_lens.influence.attributor as mod
 torch.set_num_threads({threads})
-real = mod.latent_influence
+real = mod.latent_influence_multi  # the per-batch call of the attributor's scoring loop (all queries at once)
 def slow(*args, **kwargs):
-    time.sleep(0.4)
+    time.sleep(0.8)
     return real(*args, **kwargs)
-mod.latent_influence = slow
+mod.latent_influence_multi = slow
 att.attribute_streaming(queries, train, out_dir=sys.argv[1], shard_size=2)
 print("FINISHED")
 """

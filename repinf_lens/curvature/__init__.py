@@ -11,6 +11,7 @@ from repinf_lens.curvature.solvers import (
     LiSSA,
     NegativeCurvatureWarning,
     SolveInfo,
+    batched_hvp,
     solver_from_dict,
 )
 
@@ -24,6 +25,7 @@ __all__ = [
     "NegativeCurvatureWarning",
     "STestCache",
     "SolveInfo",
+    "batched_hvp",
     "cache_key",
     "dataset_grad",
     "dataset_hvp",

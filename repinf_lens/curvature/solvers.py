@@ -3,6 +3,12 @@
 Each solver is a small config dataclass with a ``solve(hvp_fn, g)`` method (one class per variant, a name ->
 class registry, as SAELens does for SAE architectures). ``hvp_fn(v)`` returns ``H v`` for the MEAN loss over
 the whole Hessian dataset (one pass over it per call); damping is added by the solver.
+
+``solve_many(hvp_fn, gs)`` solves for several right-hand sides (one per test query) together. CG runs the queries
+in lockstep: the HVPs of all still-running queries come from ONE pass over the Hessian data (``torch.func.vmap``
+over ``hvp_fn``: the primal forward/backward is shared, the tangents are batched), and each query stops once its
+own residual is below ``tol`` (a per-query convergence mask), so every query does exactly the iterations of its
+own :meth:`CG.solve`. The base class loops over :meth:`solve`.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ __all__ = [
     "Identity",
     "SolveInfo",
     "NegativeCurvatureWarning",
+    "batched_hvp",
     "SOLVERS",
     "solver_from_dict",
 ]
@@ -51,6 +58,37 @@ class SolveInfo:
         return asdict(self)
 
 
+def _stack(trees: list[Tree]) -> Tree:
+    return {k: torch.stack([t[k] for t in trees]) for k in trees[0]}
+
+
+def batched_hvp(hvp_fn: HVPFn, vs: list[Tree], *, chunk_size: int | None = None) -> list[Tree]:
+    """``[hvp_fn(v) for v in vs]`` computed together: ``torch.func.vmap`` over ``hvp_fn`` on the stacked vectors.
+
+    Under ``vmap`` the primal part of each HVP (forward and backward on the Hessian data) runs once for all
+    vectors and only the tangents are batched. ``chunk_size`` vectors at a time bound the memory (``None``: all).
+    Falls back to one call per vector when ``hvp_fn`` uses an operation without a batching rule.
+    """
+    if not vs:
+        return []
+    if len(vs) == 1:
+        return [hvp_fn(vs[0])]
+    step = len(vs) if chunk_size is None else max(1, int(chunk_size))
+    out: list[Tree] = []
+    for lo in range(0, len(vs), step):
+        part = vs[lo : lo + step]
+        if len(part) == 1:
+            out.append(hvp_fn(part[0]))
+            continue
+        try:
+            stacked = torch.func.vmap(hvp_fn)(_stack(part))
+        except (RuntimeError, NotImplementedError):  # an op without a batching rule: one HVP per vector
+            out.extend(hvp_fn(v) for v in part)
+            continue
+        out.extend({k: t[i] for k, t in stacked.items()} for i in range(len(part)))
+    return out
+
+
 @dataclass
 class InverseHessianSolver:
     """Base class: ``damping`` (lambda), ``batch_size`` (Hessian batches), ``gauss_newton`` (PSD curvature)."""
@@ -62,6 +100,20 @@ class InverseHessianSolver:
 
     def solve(self, hvp_fn: HVPFn, g: Tree) -> tuple[Tree, SolveInfo]:
         raise NotImplementedError
+
+    def solve_many(
+        self, hvp_fn: HVPFn, gs: list[Tree], *, chunk_size: int | None = None
+    ) -> tuple[list[Tree], list[SolveInfo]]:
+        """Solve ``(H + damping I) s_q = g_q`` for every ``g_q`` in ``gs`` (one per query).
+
+        The base implementation calls :meth:`solve` once per query; :class:`CG` and :class:`Explicit` share
+        the work between queries. ``chunk_size`` bounds how many vectors are pushed through one batched HVP.
+
+        Returns:
+            ``(solutions, infos)`` in the order of ``gs``.
+        """
+        pairs = [self.solve(hvp_fn, g) for g in gs]
+        return [s for s, _ in pairs], [i for _, i in pairs]
 
     @property
     def needs_hessian(self) -> bool:
@@ -146,6 +198,70 @@ class CG(InverseHessianSolver):
             rs = rs_new
         return x, info
 
+    def solve_many(
+        self, hvp_fn: HVPFn, gs: list[Tree], *, chunk_size: int | None = None
+    ) -> tuple[list[Tree], list[SolveInfo]]:
+        """CG for several right-hand sides in lockstep, with per-query convergence masks.
+
+        Each iteration computes ``H p_q`` for every still-running query in one batched pass over the Hessian data
+        (:func:`batched_hvp`, ``chunk_size`` vectors at a time) and then applies exactly :meth:`solve`'s update
+        to each query. A query leaves the active set once its relative residual is ``<= tol`` (or, with
+        ``on_negative_curvature="warn"``, when it meets negative curvature), so its iterations, residuals and
+        solution are those of its own :meth:`solve` (up to float rounding of the batched HVP).
+        """
+        n = len(gs)
+        infos = [SolveInfo(converged=False) for _ in range(n)]
+        xs = [tzeros_like(g) for g in gs]
+        rs_ = [dict(g) for g in gs]  # no copies: every update below makes new tensors, gs is never modified
+        ps = [dict(g) for g in gs]
+        g_norms = [float(tnorm(g)) for g in gs]
+        rss: list[Tensor | None] = [None] * n
+        active: list[int] = []
+        for q in range(n):
+            if g_norms[q] == 0.0:
+                infos[q].converged = True
+                continue
+            rss[q] = tdot(rs_[q], rs_[q])
+            infos[q].residuals.append(1.0)
+            active.append(q)
+        for it in range(self.max_iter):
+            if not active:
+                break
+            hps = batched_hvp(hvp_fn, [ps[q] for q in active], chunk_size=chunk_size)
+            still: list[int] = []
+            for q, hp in zip(active, hps):
+                info, p = infos[q], ps[q]
+                ap = tadd(hp, p, self.damping)
+                info.n_hvp += 1
+                pap = tdot(p, ap)
+                if float(pap) <= 0.0:
+                    info.negative_curvature = True
+                    msg = (
+                        f"CG iteration {it} (query {q}): p^T (H + {self.damping:g} I) p = {float(pap):.3e} <= 0, the "
+                        "damped Hessian is not positive definite on theta2. Fix: CG(gauss_newton=True) (PSD "
+                        "Gauss-Newton curvature) or a larger damping."
+                    )
+                    if self.on_negative_curvature == "raise":
+                        raise FloatingPointError(msg)
+                    if self.on_negative_curvature == "warn":
+                        warnings.warn(msg, NegativeCurvatureWarning, stacklevel=3)
+                        continue
+                alpha = rss[q] / pap
+                xs[q] = tadd(xs[q], p, alpha)
+                rs_[q] = tadd(rs_[q], ap, -alpha)
+                rs_new = tdot(rs_[q], rs_[q])
+                info.iterations = it + 1
+                rel = float(rs_new.sqrt()) / g_norms[q]
+                info.residuals.append(rel)
+                if rel <= self.tol:
+                    info.converged = True
+                    continue
+                ps[q] = tadd(rs_[q], p, rs_new / rss[q])
+                rss[q] = rs_new
+                still.append(q)
+            active = still
+        return xs, infos
+
 
 @dataclass
 class LiSSA(InverseHessianSolver):
@@ -223,6 +339,21 @@ class Explicit(InverseHessianSolver):
         s = torch.linalg.solve(a, tflatten(g).double().cpu())
         info = SolveInfo(iterations=1, n_hvp=n)
         return {k: v.to(g[k].device) for k, v in tunflatten(s, g).items()}, info
+
+    def solve_many(
+        self, hvp_fn: HVPFn, gs: list[Tree], *, chunk_size: int | None = None
+    ) -> tuple[list[Tree], list[SolveInfo]]:
+        """Build the dense Hessian ONCE and solve for every query (the first info counts its HVPs)."""
+        if not gs:
+            return [], []
+        h = self.matrix(hvp_fn, gs[0])
+        n = h.shape[0]
+        a = h + self.damping * torch.eye(n, dtype=h.dtype)
+        rhs = torch.stack([tflatten(g).double().cpu() for g in gs], dim=1)
+        sol = torch.linalg.solve(a, rhs)
+        outs = [{k: v.to(g[k].device) for k, v in tunflatten(sol[:, i], g).items()} for i, g in enumerate(gs)]
+        infos = [SolveInfo(iterations=1, n_hvp=n if i == 0 else 0) for i in range(len(gs))]
+        return outs, infos
 
 
 SOLVERS: dict[str, type[InverseHessianSolver]] = {c.name: c for c in (CG, LiSSA, Explicit, Identity)}

@@ -6,7 +6,9 @@ from repinf_lens.influence.math import (
     as_inputs,
     example_influence,
     latent_influence,
+    latent_influence_multi,
     latent_influence_reference,
+    stack_queries,
 )
 from repinf_lens.influence.result import InfluenceResult
 
@@ -17,5 +19,7 @@ __all__ = [
     "as_inputs",
     "example_influence",
     "latent_influence",
+    "latent_influence_multi",
     "latent_influence_reference",
+    "stack_queries",
 ]

@@ -1,6 +1,11 @@
 """InfluenceAttributor: batching, caching and progress around the pure influence math.
 
 Sign convention: POSITIVE = proponent (up-weighting the training example lowers the test query's loss).
+
+Many queries share each pass: s_test vectors missing from the cache are solved together
+(:meth:`InverseHessianSolver.solve_many`: batched HVPs), and each training batch is scored for all queries at once
+(:func:`~repinf_lens.influence.math.latent_influence_multi`: one primal pass, the queries' tangents under ``vmap``).
+``query_chunk_size`` bounds how many queries share a pass (memory grows with it).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from repinf_lens._shards import open_manifest, shard_is_done, write_json_atomic,
 from repinf_lens.curvature.cache import STestCache, cache_key
 from repinf_lens.curvature.hvp import dataset_hvp, loss_grad
 from repinf_lens.curvature.solvers import CG, InverseHessianSolver, SolveInfo
-from repinf_lens.influence.math import latent_influence
+from repinf_lens.influence.math import latent_influence_multi, stack_queries
 from repinf_lens.influence.result import InfluenceResult
 from repinf_lens.split import Params, SplitInputs, SplitModel
 from repinf_lens.task import as_rows as task_rows
@@ -62,6 +67,10 @@ class InfluenceAttributor:
             ``use_cache=False`` disables the cache.
         store_token_scores: keep sparse token-level latent scores in the result (needed for heatmaps).
         swap_chunk_size: run the derivative swap this many examples at a time (lower peak memory, same scores).
+        query_chunk_size: queries that share one pass: one swap per training batch (their tangents under
+            ``vmap``) and one batched HVP per CG iteration (default 8; ``None`` = all queries at once). Larger is
+            faster, but the tangent part of the swap and of the HVPs, and the CG state (about 7 theta2-sized
+            vectors per query), grow with it: lower it when memory is tight. Scores do not change.
         progress: show tqdm bars.
 
     Usage::
@@ -70,6 +79,9 @@ class InfluenceAttributor:
         attributor.fit(hessian_dataset)          # the data whose mean loss defines H
         result = attributor.attribute(queries, train)
         result.top_examples(0, k=5); result.top_latents(0, k=10)
+
+    Under ``torchrun``, :meth:`attribute_distributed` shards the training examples across processes and returns
+    the same result on rank 0.
 
     Sign convention: POSITIVE = proponent (up-weighting the training example lowers the test loss).
     """
@@ -86,6 +98,7 @@ class InfluenceAttributor:
         store_token_scores: bool = True,
         progress: bool = True,
         swap_chunk_size: int | None = None,
+        query_chunk_size: int | None = 8,
     ) -> None:
         self.split = split if task is None or task is split.task else split.with_task(task)
         self.task = self.split.task
@@ -94,6 +107,9 @@ class InfluenceAttributor:
         self.progress = progress
         self.store_token_scores = store_token_scores
         self.swap_chunk_size = swap_chunk_size
+        if query_chunk_size is not None and query_chunk_size < 1:
+            raise ValueError(f"query_chunk_size must be >= 1 or None, got {query_chunk_size}.")
+        self.query_chunk_size = query_chunk_size
         self.cache = STestCache(Path(cache_dir) if cache_dir else default_cache_dir("s_test")) if use_cache else None
         self._hessian_inputs: list[SplitInputs] | None = None
         self._hessian_key: str | None = None
@@ -130,45 +146,93 @@ class InfluenceAttributor:
         inp = self.split.prepare(self.task.collate([query]))
         return {k: v.detach() for k, v in loss_grad(self.split, self.split.downstream_params(), inp).items()}
 
+    def _s_test_key(self, row: Mapping[str, Any]) -> str:
+        return cache_key(
+            split=self.fingerprint,
+            solver=self.solver.to_dict(),
+            hessian=self._hessian_key if self.solver.needs_hessian else None,
+            query=_data_hash([row]),
+        )
+
     def s_test(self, queries: Any) -> list[Params]:
-        """s_test = (H + lambda I)^-1 g_test for every query, cached on disk (safetensors)."""
+        """s_test = (H + lambda I)^-1 g_test for every query, cached on disk (safetensors).
+
+        Queries found in the cache are read; the others are solved together, ``query_chunk_size`` at a time,
+        with the solver's ``solve_many`` (for CG: one batched HVP per iteration for all still-running queries,
+        each query stopping at its own tolerance), then cached. ``self.solve_infos`` holds one
+        :class:`SolveInfo` per query (``iterations=0`` for cache hits).
+        """
         rows = as_rows(queries, "query set")
         if self.solver.needs_hessian and self._hessian_inputs is None:
             raise RuntimeError(
                 f"{type(self.solver).__name__} needs Hessian data. Fix: call "
                 "attributor.fit(hessian_dataset) first (or use Identity())."
             )
-        out = []
-        self.solve_infos = []
-        for row in tqdm(rows, desc="s_test", disable=not self.progress or len(rows) == 1):
-            key = cache_key(
-                split=self.fingerprint,
-                solver=self.solver.to_dict(),
-                hessian=self._hessian_key if self.solver.needs_hessian else None,
-                query=_data_hash([row]),
-            )
-            cached = self.cache.get(key) if self.cache is not None else None
-            if cached is not None:
-                params = self.split.downstream_params()
-                out.append({k: cached[k].to(params[k].device, params[k].dtype) for k in params})
-                self.solve_infos.append(SolveInfo(iterations=0, converged=True))
+        n = len(rows)
+        out: list[Params | None] = [None] * n
+        infos: list[SolveInfo | None] = [None] * n
+        keys = [self._s_test_key(row) for row in rows]
+        params = self.split.downstream_params()
+        missing: list[int] = []  # first index of each distinct query to solve
+        repeats: dict[str, list[int]] = {}  # key -> indices of the same query later in ``rows``
+        for i, key in enumerate(keys):
+            if key in repeats:
+                repeats[key].append(i)
                 continue
-            g = self.query_gradient(row)
-            s, info = self.solver.solve(self.hvp, g)
-            self.solve_infos.append(info)
-            if self.cache is not None:
-                self.cache.put(
-                    key,
-                    s,
-                    meta={
-                        "query_id": row.get("id"),
-                        "solver": self.solver.to_dict(),
-                        "info": info.to_dict(),
-                        "hook": self.split.hook_name,
-                    },
-                )
-            out.append(s)
-        return out
+            repeats[key] = []
+            cached = self.cache.get(key) if self.cache is not None else None
+            if cached is None:
+                missing.append(i)
+                continue
+            out[i] = {k: cached[k].to(params[k].device, params[k].dtype) for k in params}
+            infos[i] = SolveInfo(iterations=0, converged=True)
+        step = self.query_chunk_size or max(1, len(missing))
+        with tqdm(total=len(missing), desc="s_test", disable=not self.progress or len(missing) <= 1) as bar:
+            for lo in range(0, len(missing), step):
+                idx = missing[lo : lo + step]
+                gs = [self.query_gradient(rows[i]) for i in idx]
+                solve_many = getattr(self.solver, "solve_many", None)
+                if solve_many is not None:
+                    sols, sol_infos = solve_many(self.hvp, gs, chunk_size=self.query_chunk_size)
+                else:  # a duck-typed solver with only solve()
+                    pairs = [self.solver.solve(self.hvp, g) for g in gs]
+                    sols, sol_infos = [p[0] for p in pairs], [p[1] for p in pairs]
+                del gs
+                for i, sol, info in zip(idx, sols, sol_infos):
+                    out[i], infos[i] = sol, info
+                    if self.cache is not None:
+                        self.cache.put(
+                            keys[i],
+                            sol,
+                            meta={
+                                "query_id": rows[i].get("id"),
+                                "solver": self.solver.to_dict(),
+                                "info": info.to_dict(),
+                                "hook": self.split.hook_name,
+                            },
+                        )
+                bar.update(len(idx))
+        for key, later in repeats.items():  # a query given twice is solved once
+            first = keys.index(key)
+            for i in later:
+                out[i], infos[i] = out[first], SolveInfo(iterations=0, converged=True)
+        self.solve_infos = [i for i in infos if i is not None]
+        return [s for s in out if s is not None]
+
+    def _stack_queries(self, s_list: list[Params | None]) -> list[Params]:
+        """s_test vectors stacked per query chunk (``query_chunk_size``), reused for every training batch.
+
+        CONSUMES ``s_list`` (its entries are set to ``None`` once stacked), so the vectors are not held twice.
+        """
+        params = self.split.downstream_params()
+        step = self.query_chunk_size or max(1, len(s_list))
+        stacks = []
+        for lo in range(0, len(s_list), step):
+            chunk = s_list[lo : lo + step]
+            stacks.append(stack_queries(chunk, params))  # type: ignore[arg-type]
+            del chunk
+            s_list[lo : lo + step] = [None] * len(s_list[lo : lo + step])
+        return stacks
 
     # ------------------------------------------------------------------ influence
     def attribute(self, queries: Any, train: Any, *, batch_size: int | None = None) -> InfluenceResult:
@@ -183,13 +247,29 @@ class InfluenceAttributor:
         t_rows = as_rows(train, "training set")
         bs = batch_size or self.batch_size
         t0 = time.perf_counter()
-        s_list = self.s_test(q_rows)
+        s_stacks = self._stack_queries(self.s_test(q_rows))
         t_solve = time.perf_counter() - t0
         t1 = time.perf_counter()
         with tqdm(total=len(t_rows), desc="influence", disable=not self.progress) as bar:
-            scores = self._score_range(s_list, t_rows, 0, len(t_rows), bs, bar)
+            scores = self._score_range(s_stacks, t_rows, 0, len(t_rows), bs, bar)
         meta = self._meta(bs, t_solve, time.perf_counter() - t1, self.solve_infos)
         return self._result(q_rows, t_rows, scores, meta)
+
+    def attribute_distributed(
+        self, queries: Any, train: Any, *, batch_size: int | None = None, shard: str = "contiguous"
+    ) -> InfluenceResult | None:
+        """:meth:`attribute` with the training examples sharded across ``torch.distributed`` ranks (``torchrun``).
+
+        Call it on every rank after :func:`repinf_lens.distributed.init_from_env`. Rank 0 computes s_test (only
+        it needs :meth:`fit`) and broadcasts it, each rank scores its training batches (``shard``:
+        ``"contiguous"`` blocks of batches or ``"strided"``, batch ``b`` on rank ``b % world_size``), and rank 0
+        returns the gathered result, equal to :meth:`attribute`'s (same batches, same order); other ranks
+        return ``None``. Without a multi-process group it is :meth:`attribute`. See :mod:`repinf_lens.distributed`.
+        POSITIVE = proponent (up-weighting the training example lowers the query's loss).
+        """
+        from repinf_lens.distributed import attribute_distributed
+
+        return attribute_distributed(self, queries, train, batch_size=batch_size, shard=shard)
 
     def attribute_streaming(
         self,
@@ -283,7 +363,7 @@ class InfluenceAttributor:
         infos: list[SolveInfo] = []
         if todo:
             t0 = time.perf_counter()
-            s_list = self.s_test(q_rows)
+            s_stacks = self._stack_queries(self.s_test(q_rows))
             infos = self.solve_infos
             t_solve = time.perf_counter() - t0
             t1 = time.perf_counter()
@@ -291,7 +371,7 @@ class InfluenceAttributor:
                 total=sum(s["stop"] - s["start"] for s in todo), desc="influence", disable=not self.progress
             ) as bar:
                 for s in todo:
-                    part = self._score_range(s_list, t_rows, s["start"], s["stop"], bs, bar)
+                    part = self._score_range(s_stacks, t_rows, s["start"], s["stop"], bs, bar)
                     write_shard(
                         out / s["file"],
                         part.to_tensors(self.store_token_scores),
@@ -321,11 +401,22 @@ class InfluenceAttributor:
         return result
 
     def _score_range(
-        self, s_list: Sequence[Params], t_rows: Sequence[Mapping[str, Any]], start: int, stop: int, bs: int, bar: Any
+        self,
+        s_stacks: Sequence[Params],
+        t_rows: Sequence[Mapping[str, Any]],
+        start: int,
+        stop: int,
+        bs: int,
+        bar: Any,
     ) -> _Scores:
-        """Scores of training examples ``start:stop``, batch by batch (the one loop behind every attribution)."""
+        """Scores of training examples ``start:stop``, batch by batch (the one loop behind every attribution).
+
+        ``s_stacks`` are the s_test vectors stacked per query chunk (:meth:`_stack_queries`); each training
+        batch is scored for all queries of a chunk in one :func:`latent_influence_multi` call.
+        """
         params = self.split.downstream_params()
-        nq, n, d = len(s_list), stop - start, self.split.d_sae
+        nq = sum(int(next(iter(s.values())).shape[0]) for s in s_stacks)
+        n, d = stop - start, self.split.d_sae
         part = _Scores.empty(nq, n, d, start)
         for lo in range(start, stop, bs):
             hi = min(stop, lo + bs)
@@ -334,20 +425,22 @@ class InfluenceAttributor:
             lengths = batch.attention_mask.sum(1)
             part.train_tokens.extend(batch.tokens[i, : int(lengths[i])].cpu() for i in range(len(batch)))
             sl = slice(lo - start, hi - start)
-            for q, s in enumerate(s_list):
-                li = latent_influence(self.split, s, inp, params, chunk_size=self.swap_chunk_size)
-                part.example[q, sl] = li.example_scores.float().cpu()
-                part.latent[q, sl] = li.latent_scores.float().cpu()
-                part.diag["latent_sum"][q, sl] = li.latent_sum.float().cpu()
-                part.diag["error_term"][q, sl] = li.error_term.float().cpu()
-                part.diag["bias_term"][q, sl] = li.bias_term.float().cpu()
-                if self.store_token_scores:
-                    nz = torch.nonzero(li.token_scores != 0).T  # [3, nnz] (example, pos, latent)
-                    vals = li.token_scores[nz[0], nz[1], nz[2]].float().cpu()
-                    nz = nz.cpu()
-                    nz[0] += lo
-                    part.tok_idx[q].append(nz)
-                    part.tok_val[q].append(vals)
+            q = 0
+            for stacked in s_stacks:
+                for li in latent_influence_multi(self.split, stacked, inp, params, chunk_size=self.swap_chunk_size):
+                    part.example[q, sl] = li.example_scores.float().cpu()
+                    part.latent[q, sl] = li.latent_scores.float().cpu()
+                    part.diag["latent_sum"][q, sl] = li.latent_sum.float().cpu()
+                    part.diag["error_term"][q, sl] = li.error_term.float().cpu()
+                    part.diag["bias_term"][q, sl] = li.bias_term.float().cpu()
+                    if self.store_token_scores:
+                        nz = torch.nonzero(li.token_scores != 0).T  # [3, nnz] (example, pos, latent)
+                        vals = li.token_scores[nz[0], nz[1], nz[2]].float().cpu()
+                        nz = nz.cpu()
+                        nz[0] += lo
+                        part.tok_idx[q].append(nz)
+                        part.tok_val[q].append(vals)
+                    q += 1
             bar.update(hi - lo)
         return part
 
@@ -363,6 +456,7 @@ class InfluenceAttributor:
             "seconds_s_test": round(t_solve, 3),
             "seconds_influence": round(t_inf, 3),
             "batch_size": bs,
+            "query_chunk_size": self.query_chunk_size,
         }
 
     def _result(
