@@ -65,7 +65,10 @@ def _assert_same(a: InfluenceResult, b: InfluenceResult) -> None:
         assert torch.equal(x, y)
     for x, y in zip(a.token_values, b.token_values):
         close(x, y)
-    assert a.meta["solve_infos"] == b.meta["solve_infos"]
+    # same CG path; residual histories agree up to float reduction order (thread counts differ across runs)
+    for x, y in zip(a.meta["solve_infos"], b.meta["solve_infos"], strict=True):
+        assert {k: v for k, v in x.items() if k != "residuals"} == {k: v for k, v in y.items() if k != "residuals"}
+        torch.testing.assert_close(torch.tensor(x["residuals"]), torch.tensor(y["residuals"]), rtol=1e-5, atol=1e-7)
 
 
 @needs_gloo
