@@ -6,6 +6,7 @@ They let the unit tests (and users' own tests) exercise every code path in secon
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -165,17 +166,29 @@ def tiny_hf_llama(folder: str | os.PathLike, *, seed: int = 0, initializer_range
     return tok
 
 
-def toy_mcqa_rows(n: int, seed: int = 0, *, prefix: str = "q") -> list[dict[str, Any]]:
-    """``n`` short random 4-option questions (``id, question, choices, answer``) for tests on tiny models."""
+TOY_WORDS = ("sun", "moon", "rock", "tree", "water", "fire", "plant", "cold", "heat", "light")
+
+
+def toy_mcqa_rows(
+    n: int,
+    seed: int = 0,
+    *,
+    prefix: str = "q",
+    words: Sequence[str] = TOY_WORDS,
+    question: str = "What does the {0} do to the {1}?",
+) -> list[dict[str, Any]]:
+    """``n`` short random 4-option questions (``id, question, choices, answer``) for tests on tiny models.
+
+    Ids are ``f"{prefix}{i}"``; ``question`` is formatted with two random ``words``, the options are four more.
+    """
     g = torch.Generator().manual_seed(seed)
-    words = ["sun", "moon", "rock", "tree", "water", "fire", "plant", "cold", "heat", "light"]
     rows = []
     for i in range(n):
         w = [words[int(j)] for j in torch.randint(0, len(words), (6,), generator=g)]
         rows.append(
             {
                 "id": f"{prefix}{i}",
-                "question": f"What does the {w[0]} do to the {w[1]}?",
+                "question": question.format(w[0], w[1]),
                 "choices": [w[2], w[3], w[4], w[5]],
                 "answer": int(torch.randint(0, 4, (1,), generator=g)),
             }

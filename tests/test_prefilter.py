@@ -20,24 +20,13 @@ from repinf_lens.prefiltering import (
     sketch_overlap,
     top_count,
 )
-from repinf_lens.testing import random_sae, tiny_model
+from repinf_lens.testing import random_sae, tiny_model, toy_mcqa_rows
+
+_WORDS = ("red", "blue", "sun", "rain", "leaf", "stone", "fire", "ice", "wind", "seed", "moon", "salt")
 
 
 def _examples(n: int, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    words = ["red", "blue", "sun", "rain", "leaf", "stone", "fire", "ice", "wind", "seed", "moon", "salt"]
-    out = []
-    for i in range(n):
-        pick = torch.randint(0, len(words), (6,), generator=g).tolist()
-        out.append(
-            {
-                "id": f"s{seed}-{i}",
-                "question": f"Which goes with {words[pick[0]]} and {words[pick[1]]}?",
-                "choices": [words[p] for p in pick[2:6]],
-                "answer": int(torch.randint(0, 4, (1,), generator=g)),
-            }
-        )
-    return out
+    return toy_mcqa_rows(n, seed, prefix=f"s{seed}-", words=_WORDS, question="Which goes with {0} and {1}?")
 
 
 @pytest.fixture(scope="module")
