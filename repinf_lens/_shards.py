@@ -204,3 +204,11 @@ def mmap_tensor(path: str | os.PathLike, name: str) -> Tensor:
             return fh.get_tensor(name)
     arr = np.memmap(path, dtype=dtype, mode="c", offset=8 + n_header + begin, shape=shape)
     return torch.from_numpy(arr)
+
+
+def shard_plan(n: int, shard_size: int) -> list[dict[str, Any]]:
+    """The manifest's shard list: contiguous ranges of ``shard_size`` examples over ``n``, one file each."""
+    return [
+        {"index": i, "file": f"shards/shard_{i:05d}.safetensors", "start": lo, "stop": min(n, lo + shard_size)}
+        for i, lo in enumerate(range(0, n, shard_size))
+    ]

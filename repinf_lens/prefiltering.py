@@ -67,6 +67,7 @@ from repinf_lens._shards import (
     mmap_tensor,
     open_manifest,
     shard_is_done,
+    shard_plan,
     write_json_atomic,
     write_shard,
 )
@@ -493,10 +494,7 @@ def build_sketches(
             default=str,
         )
     )
-    shards = [
-        {"index": i, "file": f"shards/shard_{i:05d}.safetensors", "start": lo, "stop": min(n, lo + shard_size)}
-        for i, lo in enumerate(range(0, n, shard_size))
-    ]
+    shards = shard_plan(n, shard_size)
     manifest = open_manifest(
         out,
         kind=_KIND,

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from repinf_lens._cache import cache_dir as default_cache_dir
 from repinf_lens._cache import fingerprint_rows
-from repinf_lens._shards import open_manifest, shard_is_done, write_json_atomic, write_shard
+from repinf_lens._shards import open_manifest, shard_is_done, shard_plan, write_json_atomic, write_shard
 from repinf_lens.curvature.cache import STestCache, cache_key
 from repinf_lens.curvature.hvp import dataset_hvp, loss_grad
 from repinf_lens.curvature.solvers import CG, InverseHessianSolver, SolveInfo
@@ -338,10 +338,7 @@ class InfluenceAttributor:
                 default=str,
             )
         )
-        shards = [
-            {"index": i, "file": f"shards/shard_{i:05d}.safetensors", "start": lo, "stop": min(n, lo + shard_size)}
-            for i, lo in enumerate(range(0, n, shard_size))
-        ]
+        shards = shard_plan(n, shard_size)
         manifest = open_manifest(
             out,
             kind=_STREAM_KIND,
