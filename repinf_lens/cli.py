@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -11,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["main", "build_parser"]
-
-_DEMO_QUICK_QUESTIONS = 100
 
 _DTYPES = {
     "float32": "float32",
@@ -194,9 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--top-examples", type=int, default=5)
     rp.add_argument("--top-latents", type=int, default=10)
     rp.add_argument("--out", type=Path, default=Path("runs/report.html"), help="the HTML file")
-    demo = sub.add_parser("demo", help="the main job on the embedded default model and OpenBookQA")
+    demo = sub.add_parser(
+        "demo", help="the main job: finetune, SAE, attribution, ablations and an HTML report on OpenBookQA"
+    )
     _common(demo)
-    demo.add_argument("--quick", action="store_true", help="small sizes (100 test questions)")
+    demo.add_argument("--quick", action="store_true", help="the quick preset (a few minutes on 2 CPU cores)")
+    demo.add_argument("--config", type=Path, default=None, help="JSON/YAML file of DemoConfig fields")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
     return parser
 
@@ -251,18 +253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "finetune":
         import torch
 
-        from repinf_lens.data import load_mcqa
         from repinf_lens.finetuning import finetune
         from repinf_lens.task import MultipleChoiceTask
 
         torch.manual_seed(args.seed)
-        offline = True if args.offline else None
-        train = load_mcqa(args.dataset, args.train_split, offline=offline)
-        if args.train_limit is not None:
-            train = train.select(range(min(args.train_limit, len(train))))
-        ev = load_mcqa(args.dataset, args.eval_split, offline=offline)
-        if args.eval_limit is not None:
-            ev = ev.select(range(min(args.eval_limit, len(ev))))
+        train = _split(args, args.train_split, args.train_limit)
+        ev = _split(args, args.eval_split, args.eval_limit)
         from transformers import AutoTokenizer
 
         from repinf_lens.models import _is_default, default_model_dir
@@ -423,12 +419,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"report: {path}")
         return 0
     if args.command == "demo":
-        args.out.mkdir(parents=True, exist_ok=True)
-        limit = _DEMO_QUICK_QUESTIONS if args.quick else None
-        rec = _evaluate(args, "openbookqa", "test", limit, args.out / "zero_shot.json")
+        from repinf_lens.demo import DemoConfig, run_demo
+
+        if args.config is not None:
+            cfg = DemoConfig.from_file(args.config, quick=args.quick)
+        else:
+            cfg = DemoConfig.quick() if args.quick else DemoConfig()
+        cfg = dataclasses.replace(cfg, seed=args.seed, batch_size=args.batch_size)
+        if args.template is not None:
+            cfg = dataclasses.replace(cfg, template=args.template)
+        res = run_demo(
+            args.out, cfg, model=args.model, offline=True if args.offline else None, device=args.device,
+            n_ctx=args.n_ctx, progress=not args.no_progress,
+        )  # fmt: skip
+        s = res.summary
         print(
-            f"\n{rec['model']} zero-shot OpenBookQA test accuracy: {100 * rec['accuracy']:.1f} % "
-            f"on {rec['n_questions']} questions ({rec['seconds_evaluate']:.0f} s). Record: {args.out}/zero_shot.json"
+            f"\naccuracy on {s['n_eval']} test questions: {100 * s['accuracy_zero_shot']:.1f} % zero-shot -> "
+            f"{100 * s['accuracy_finetuned']:.1f} % after LoRA; SAE {s['selected_sae']}; "
+            f"{s['timings']['total_s']:.0f} s. Report: {res.report}"
         )
         return 0
     return 2  # pragma: no cover - argparse enforces a subcommand

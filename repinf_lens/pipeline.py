@@ -163,7 +163,8 @@ def run_ablation(
     )  # fmt: skip
     agg = aggregate(df)
     files = save_ablation(df, out_dir, agg)
-    files["plot"] = plot_ablation(agg, Path(out_dir) / "ablation.png")
+    plot_ablation(agg, Path(out_dir) / "ablation.png")
+    files["plot"] = Path(out_dir) / "ablation.png"
     write_manifest(
         out_dir,
         "ablate",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from repinf_lens.cli import build_parser, main
+from repinf_lens.testing import tiny_hf_llama, toy_mcqa_rows
 
 
 def test_parser_lists_subcommands_and_common_flags():
@@ -26,9 +28,52 @@ def test_evaluate_writes_a_record(tmp_path, capsys):
     assert '"accuracy"' in capsys.readouterr().out
 
 
+def test_finetune_cli_tiny(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "tiny"
+    tiny_hf_llama(folder, initializer_range=0.2)
+    monkeypatch.setattr("repinf_lens.cli._split", lambda args, split, limit: toy_mcqa_rows(limit or 24))
+    out = tmp_path / "ft"
+    assert main(["finetune", "--model", str(folder), "--template", "plain", "--no-progress", "--train-limit", "8",
+                 "--eval-limit", "4", "--epochs", "1", "--lr", "1e-2", "--effective-batch-size", "4",
+                 "--batch-size", "2", "--lora-r", "2", "--out", str(out)]) == 0  # fmt: skip
+    meta = json.loads((out / "finetune.json").read_text())
+    assert meta["n_train"] == 8 and meta["steps"] == 2 and meta["n_eval"] == 4
+    assert meta["config"]["micro_batch_size"] == 2 and meta["config"]["lora_r"] == 2
+    assert (out / "merged" / "config.json").exists() and (out / "adapter" / "adapter_config.json").exists()
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{\n") :])["adapter_sha256"] == meta["adapter_sha256"]
+
+
+TINY_DEMO = dict(n_eval=4, n_finetune=8, finetune_batch_size=4, finetune_micro_batch_size=4, d_sae=16, k=3,
+                 n_sae_prompts=16, sae_epochs=2.0, n_queries=1, prefilter_top_k=4, cg_iters=2, hessian_examples=4,
+                 ks=[2, 4], n_boot=20, ortho_tokens=128)  # fmt: skip
+
+
+def test_demo_cli_tiny_with_a_config_file(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "tiny"
+    tiny_hf_llama(folder, initializer_range=0.2)
+    monkeypatch.setattr("repinf_lens.data.load_mcqa", lambda name, split, **kw: toy_mcqa_rows(24, prefix=split))
+    config = tmp_path / "demo.json"
+    config.write_text(json.dumps(TINY_DEMO))
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", str(folder), "--config", str(config), "--no-progress", "--out", str(out)]) == 0
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["config"]["n_eval"] == 4 and summary["config"]["ks"] == [2, 4] and len(summary["queries"]) == 1
+    assert (out / "report.html").exists() and json.loads((out / "manifest.json").read_text())["stage"] == "demo"
+    assert f"Report: {out / 'report.html'}" in capsys.readouterr().out
+
+
 @pytest.mark.integration
-def test_demo_quick_runs(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("repinf_lens.cli._DEMO_QUICK_QUESTIONS", 4)
-    assert main(["demo", "--quick", "--offline", "--no-progress", "--out", str(tmp_path / "demo")]) == 0
-    assert "zero-shot OpenBookQA test accuracy" in capsys.readouterr().out
-    assert json.loads((tmp_path / "demo" / "zero_shot.json").read_text())["n_questions"] == 4
+def test_demo_on_the_real_default_model_and_data(tmp_path, capsys):
+    """The main job on the embedded SmolLM2 and real OpenBookQA, at tiny sizes (the full demo is `make demo`)."""
+    config = tmp_path / "demo.json"
+    config.write_text(json.dumps({**TINY_DEMO, "d_sae": 256, "k": 16, "ks": [10, 50]}))
+    out = tmp_path / "demo"
+    assert main(["demo", "--offline", "--config", str(config), "--no-progress", "--out", str(out)]) == 0
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["hook_name"] == "blocks.22.hook_resid_post" and summary["n_eval"] == 4
+    assert summary["selected_sae"] == "L22_d256_k16" and summary["n_candidates"] == 4
+    html = (out / "report.html").read_text()
+    assert f"Test question {summary['queries'][0]['query']}" in html
+    assert not re.search(r"""(src|href)=["']https?://""", html)
+    capsys.readouterr()

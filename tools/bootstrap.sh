@@ -28,4 +28,15 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     fi
 fi
 "${PIP[@]}" install -q -e ".[dev]"
+# Best effort: Debian's chromium for the test that opens the HTML report in a headless browser with networking
+# off (it is skipped without one). Only as root with apt-get; REPINF_SKIP_APT=1 opts out; failures are ignored.
+if [ "${REPINF_SKIP_APT:-0}" != "1" ] && ! command -v chromium >/dev/null 2>&1 \
+    && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+    echo "[bootstrap] installing Debian chromium for the headless report test (REPINF_SKIP_APT=1 skips this)"
+    if ! { timeout 600 apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+        || { timeout 300 apt-get update -q >/dev/null 2>&1 \
+            && timeout 600 apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; }; then
+        echo "[bootstrap] chromium not installed; the headless browser test will be skipped"
+    fi
+fi
 "$VENV/bin/python" -c "import torch, repinf_lens; print('[bootstrap] torch', torch.__version__, '| repinf_lens', repinf_lens.__version__)"

@@ -1,0 +1,108 @@
+"""`run_demo` (the main job) end to end on a tiny local model, and its reuse of finished stages."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from repinf_lens.demo import DemoConfig, run_demo, select_queries
+from repinf_lens.influence.result import InfluenceResult
+from repinf_lens.testing import tiny_hf_llama, toy_mcqa_rows
+
+
+def test_select_queries_prefers_the_paper_protocol():
+    ids = ["a", "b", "c", "d", "e"]
+    before = [True, False, False, True, False]
+    after = [True, False, True, False, True]
+    picked, why = select_queries(ids, before, after, 4)
+    assert picked == [2, 4, 0, 1]
+    assert why == ["wrong before, right after"] * 2 + ["right after", "other"]
+    assert select_queries(ids, before, after, 9)[0] == [2, 4, 0, 1, 3]  # never more than there are
+
+
+def test_demo_config_files(tmp_path):
+    path = tmp_path / "demo.yaml"
+    path.write_text("n_eval: 7\nks: [3, 5]\n")
+    cfg = DemoConfig.from_file(path, quick=True)
+    assert cfg.n_eval == 7 and cfg.ks == (3, 5) and cfg.n_finetune == DemoConfig.quick().n_finetune
+    (tmp_path / "bad.json").write_text(json.dumps({"n_evals": 3}))
+    with pytest.raises(ValueError, match="n_evals"):
+        DemoConfig.from_file(tmp_path / "bad.json")
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    folder = tmp / "tiny"
+    tiny_hf_llama(folder, initializer_range=0.2)
+    rows = toy_mcqa_rows(40)
+    cfg = DemoConfig.quick(n_eval=8, n_finetune=12, finetune_batch_size=4, finetune_micro_batch_size=4, d_sae=16,
+                           k=3, n_sae_prompts=24, sae_epochs=2.0, prefilter_top_k=5, cg_iters=2,
+                           hessian_examples=4, ks=(2, 4, 64), n_boot=20, ortho_tokens=256)  # fmt: skip
+    logs: list[str] = []
+    kwargs = dict(model=folder, train=rows[:24], test=rows[24:], progress=False)
+    res = run_demo(tmp / "demo", cfg, log=logs.append, **kwargs)
+    return tmp / "demo", cfg, kwargs, res, logs
+
+
+def test_run_demo_tiny_end_to_end(tiny_demo):
+    out, _, _, res, logs = tiny_demo
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["hook_name"] == "blocks.1.hook_resid_post" and summary["n_eval"] == 8
+    assert len(summary["queries"]) == 2
+    assert 5 <= summary["n_candidates"] <= 10  # union of each query's top 5 of the 12 finetuning examples
+    result = InfluenceResult.load(out / "attribution" / "result")
+    assert result.query_ids == [q["query"] for q in summary["queries"]] and result.n_train == summary["n_candidates"]
+    ablation = (out / "ablation" / "ablation_per_query.csv").read_text().splitlines()
+    assert len(ablation) - 1 == 4 * 2 * 2 * 2 * 2  # rankings x ks (64 > d_sae is dropped) x modes x error x queries
+    html = res.report.read_text()
+    for needle in ("Test question", "Accuracy", "Layer sweep", "Orthogonality", "Necessity and sufficiency"):
+        assert needle in html
+    assert not re.search(r"""(src|href)=["']https?://""", html)  # self-contained: nothing fetched
+    assert any("report:" in line for line in logs)
+
+
+def test_run_demo_rerun_reuses_every_stage(tiny_demo):
+    out, cfg, kwargs, _, _ = tiny_demo
+    summary = json.loads((out / "demo.json").read_text())
+    shards = sorted((out / "attribution" / "result" / "shards").iterdir())
+    stamps = {p.name: p.stat().st_mtime_ns for p in [*shards, out / "finetune" / "finetune.json"]}
+    run_demo(out, cfg, log=lambda _: None, **kwargs)
+    assert {p.name: p.stat().st_mtime_ns for p in [*shards, out / "finetune" / "finetune.json"]} == stamps
+    again = json.loads((out / "demo.json").read_text())
+    assert again["queries"] == summary["queries"] and again["accuracy_finetuned"] == summary["accuracy_finetuned"]
+    assert again["timings"]["finetune_s"] < summary["timings"]["finetune_s"]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed (apt-get install chromium)")
+def test_demo_report_screenshot_in_headless_chromium_offline(tiny_demo, tmp_path):
+    """Open the demo's report with networking off, take a screenshot, check the rendered page and its pixels."""
+    _, _, _, res, _ = tiny_demo
+    net_off = ["--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND"]
+    base = [CHROMIUM, "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run", *net_off,
+            "--virtual-time-budget=5000", "--hide-scrollbars"]  # fmt: skip
+    url = res.report.resolve().as_uri()
+    dom = subprocess.run([*base, f"--user-data-dir={tmp_path / 'p1'}", "--dump-dom", url], capture_output=True,
+                         text=True, timeout=180)  # fmt: skip
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert dom.stdout.count('class="colored-tokens"') >= 2  # circuitsvis rendered the heatmaps, offline
+    assert "Test question" in dom.stdout and "Necessity and sufficiency" in dom.stdout
+    png = tmp_path / "report.png"
+    shot = subprocess.run([*base, f"--user-data-dir={tmp_path / 'p2'}", "--window-size=1280,2400",
+                           f"--screenshot={png}", url], capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert shot.returncode == 0 and png.exists(), shot.stderr[-2000:]
+    from PIL import Image
+
+    img = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    assert img.shape[:2] == (2400, 1280)
+    saturation = img.max(-1) - img.min(-1)
+    assert (saturation > 60).sum() > 500  # coloured heatmap cells and plots, not a blank or grey page
+    assert img.std() > 10
