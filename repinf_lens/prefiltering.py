@@ -128,7 +128,7 @@ class GradientSketcher:
         projection: Projection = "sjlt",
         exact: bool = False,
         method: Literal["auto", "vmap", "loop"] = "auto",
-        cache_bytes: int = 2**28,
+        cache_bytes: int = 2**30,
     ) -> None:
         split = getattr(split, "split", split)
         if not isinstance(split, SplitModel):
@@ -288,9 +288,17 @@ class GradientSketcher:
             g = grads[name].reshape(n, -1)
             for c, lo in enumerate(range(0, g.shape[1], rows)):
                 part = g[:, lo : lo + rows].float()
+                live = part.ne(0).any(0)  # coordinates some example's gradient touches
+                n_live = int(live.sum())
+                if n_live == 0:  # e.g. unembedding columns of tokens the loss never reads: nothing to add
+                    continue
                 block = self._block(name, c, part.shape[1], device)
+                sparse = n_live * 4 < part.shape[1]
+                cols = live.nonzero().squeeze(1) if sparse else None
                 if self.projection == "rademacher":
-                    out.addmm_(part, block[0])
+                    out.addmm_(part[:, cols], block[0][cols]) if sparse else out.addmm_(part, block[0])
+                elif sparse:
+                    out.index_add_(1, block[0][cols], part[:, cols] * block[1][cols])
                 else:
                     out.index_add_(1, block[0], part * block[1])
         return out

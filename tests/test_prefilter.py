@@ -224,3 +224,28 @@ def test_errors_name_the_fix(split, model, tmp_path):
         SketchStore.load(tmp_path / "nothing")
     with pytest.raises(ValueError, match="projection must be"):
         GradientSketcher(split, projection="gaussian")
+
+
+@pytest.mark.parametrize("projection", ["sjlt", "rademacher"])
+def test_projection_skips_untouched_coordinates_exactly(split, projection):
+    """Gradients that touch few coordinates (the unembedding columns the loss reads) take the sparse path; the
+    sketch equals the explicit projection matrix applied to the full gradient."""
+    sk = GradientSketcher(split, dim=32, projection=projection, seed=3)
+    name = next(iter(sk.shapes))
+    shape = sk.shapes[name]
+    g = torch.zeros(3, *shape)
+    flat = g.view(3, -1)
+    flat[:, [1, 7]] = torch.randn(3, 2)  # 2 live coordinates: sparse path
+    dense_g = torch.randn(3, flat.shape[1])  # every coordinate live: dense path
+    n = flat.shape[1]
+    block = sk._block(name, 0, n, torch.device("cpu"))
+    if projection == "sjlt":
+        S = torch.zeros(n, 32)
+        S[torch.arange(n), block[0]] = block[1]
+    else:
+        S = block[0]
+    zeros = {k: torch.zeros(3, *s) for k, s in sk.shapes.items() if k != name}
+    for grads in (flat, dense_g):
+        got = sk.project({name: grads.view(3, *shape), **zeros})
+        torch.testing.assert_close(got, grads @ S, rtol=1e-5, atol=1e-5)
+    assert not sk.project({name: torch.zeros(3, *shape), **zeros}).any()
