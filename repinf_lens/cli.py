@@ -98,6 +98,27 @@ def _task(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
     return MultipleChoiceTask.from_model(model, template=args.template)
 
 
+def _attribution_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--solver", default="cg", choices=["cg", "lissa", "explicit", "identity"])
+    p.add_argument("--damping", type=float, default=1e-3)
+    p.add_argument("--max-iter", type=int, default=20, help="CG iterations / LiSSA depth")
+    p.add_argument("--hessian-examples", type=int, default=64, help="training examples that define H")
+    p.add_argument("--prefilter-fraction", type=float, default=None, help="keep this share per query (0.01-0.1)")
+    p.add_argument("--prefilter-top-k", type=int, default=None, help="keep this many per query")
+    p.add_argument("--sketch-dim", type=int, default=4096)
+    p.add_argument("--shard-size", type=int, default=256)
+
+
+def _attribution_config(args: argparse.Namespace):  # noqa: ANN202
+    from repinf_lens.pipeline import AttributionConfig
+
+    return AttributionConfig(
+        solver=args.solver, damping=args.damping, max_iter=args.max_iter, hessian_examples=args.hessian_examples,
+        prefilter_fraction=args.prefilter_fraction, prefilter_top_k=args.prefilter_top_k,
+        sketch_dim=args.sketch_dim, batch_size=args.batch_size, shard_size=args.shard_size,
+    )  # fmt: skip
+
+
 def _split(args: argparse.Namespace, split: str, limit: int | None):  # noqa: ANN202
     from repinf_lens.data import load_mcqa
 
@@ -161,15 +182,24 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--query-split", default="test")
     at.add_argument("--query-limit", type=int, default=3, help="the first N test questions")
     at.add_argument("--query-ids", nargs="*", default=None, help="explicit test question ids (override the limit)")
-    at.add_argument("--solver", default="cg", choices=["cg", "lissa", "explicit", "identity"])
-    at.add_argument("--damping", type=float, default=1e-3)
-    at.add_argument("--max-iter", type=int, default=20, help="CG iterations / LiSSA depth")
-    at.add_argument("--hessian-examples", type=int, default=64, help="training examples that define H")
-    at.add_argument("--prefilter-fraction", type=float, default=None, help="keep this share per query (0.01-0.1)")
-    at.add_argument("--prefilter-top-k", type=int, default=None, help="keep this many per query")
-    at.add_argument("--sketch-dim", type=int, default=4096)
-    at.add_argument("--shard-size", type=int, default=256)
+    _attribution_args(at)
     at.add_argument("--out", type=Path, default=Path("runs/attribute"), help="output directory")
+    cs = sub.add_parser(
+        "case-studies", help="test questions fixed by finetuning: top examples, latents, tokens, rationale variant"
+    )
+    _common(cs)
+    _sae_ref_args(cs)
+    cs.add_argument("--base-model", default=None, help="the model before finetuning (default: embedded SmolLM2)")
+    cs.add_argument("--dataset", default="openbookqa")
+    cs.add_argument("--train-split", default="train")
+    cs.add_argument("--train-limit", type=int, default=None, help="the training examples attributed (first N)")
+    cs.add_argument("--eval-split", default="test")
+    cs.add_argument("--eval-limit", type=int, default=200, help="test questions searched for cases (first N)")
+    cs.add_argument("--n-cases", type=int, default=3)
+    cs.add_argument("--top-examples", type=int, default=5)
+    cs.add_argument("--top-latents", type=int, default=5)
+    _attribution_args(cs)
+    cs.add_argument("--out", type=Path, default=Path("runs/case_studies"), help="output directory")
     ab = sub.add_parser("ablate", help="necessity / sufficiency of the top-k latents per ranking")
     _common(ab)
     _sae_ref_args(ab)
@@ -368,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(table, indent=2))
         return 0
     if args.command == "attribute":
-        from repinf_lens.pipeline import AttributionConfig, run_attribution
+        from repinf_lens.pipeline import run_attribution
 
         split = _split_model(args)
         queries = list(_split(args, args.query_split, None if args.query_ids else args.query_limit))
@@ -379,19 +409,52 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"error: unknown query ids {unknown[:5]} in {args.dataset}/{args.query_split}", file=sys.stderr)
                 return 2
             queries = [by_id[q] for q in args.query_ids]
-        cfg = AttributionConfig(
-            solver=args.solver, damping=args.damping, max_iter=args.max_iter, hessian_examples=args.hessian_examples,
-            prefilter_fraction=args.prefilter_fraction, prefilter_top_k=args.prefilter_top_k,
-            sketch_dim=args.sketch_dim, batch_size=args.batch_size, shard_size=args.shard_size,
-        )  # fmt: skip
         result, _ = run_attribution(
-            split, queries, _split(args, args.train_split, args.train_limit), out_dir=args.out, config=cfg,
-            progress=not args.no_progress,
+            split, queries, _split(args, args.train_split, args.train_limit), out_dir=args.out,
+            config=_attribution_config(args), progress=not args.no_progress,
         )  # fmt: skip
         for q, qid in enumerate(result.query_ids):
             top = result.top_examples(q, k=3)
             print(f"query {qid}: top proponents {top}")
         print(f"result: {args.out / 'result'}")
+        return 0
+    if args.command == "case-studies":
+        from repinf_lens.analysis.case_studies import cached_predictions, prediction_record, run_case_studies
+        from repinf_lens.models import load_model
+
+        split = _split_model(args)
+        rows = [dict(r) for r in _split(args, args.eval_split, args.eval_limit)]
+        key = {"template": split.task.template, "ids": [str(r["id"]) for r in rows]}
+        progress = not args.no_progress
+
+        def base_record() -> dict:
+            base = load_model(args.base_model, device=args.device, n_ctx=args.n_ctx)
+            return prediction_record(base, split.task, rows, batch_size=args.batch_size, progress=progress)
+
+        before = cached_predictions(args.out / "eval_base.json", {**key, "model": str(args.base_model)}, base_record)
+        after = cached_predictions(
+            args.out / "eval_finetuned.json",
+            {**key, "model": str(args.model)},
+            lambda: prediction_record(split.model, split.task, rows, batch_size=args.batch_size, progress=progress),
+        )
+        summary = run_case_studies(
+            split, rows, _split(args, args.train_split, args.train_limit), out_dir=args.out,
+            predictions_before=before, predictions_after=after, n_cases=args.n_cases,
+            config=_attribution_config(args), top_examples=args.top_examples, top_latents=args.top_latents,
+            progress=progress,
+        )  # fmt: skip
+        print(
+            f"accuracy on {len(rows)} questions: {100 * before['accuracy']:.1f} % before -> "
+            f"{100 * after['accuracy']:.1f} % after finetuning"
+        )
+        for c in summary["cases"]:
+            aug = c["augmentation"]
+            print(
+                f"case {c['query']} ({c['why']}): top example {c['top_examples'][0]['id']} "
+                f"{c['top_examples'][0]['score']:+.4g}; with a rationale {aug['score']:+.4g} -> "
+                f"{aug['score_with_rationale']:+.4g}"
+            )
+        print(f"report: {summary['report']}")
         return 0
     if args.command == "ablate":
         from repinf_lens.pipeline import run_ablation

@@ -20,14 +20,14 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["DemoConfig", "DemoResult", "run_demo", "select_queries"]
+__all__ = ["DemoConfig", "DemoResult", "run_demo"]
 
 
 @dataclass
@@ -108,59 +108,6 @@ class DemoResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def select_queries(
-    ids: Sequence[str], before: Sequence[bool], after: Sequence[bool], n: int
-) -> tuple[list[int], list[str]]:
-    """Pick ``n`` test questions, the paper's case-study protocol first (Sec. 5.5).
-
-    Order: wrong before finetuning and right after, then right after, then the rest; each group in dataset
-    order. Returns the indices and, per pick, the group it came from.
-    """
-    groups = (
-        ("wrong before, right after", lambda i: not before[i] and after[i]),
-        ("right after", lambda i: after[i]),
-        ("other", lambda i: True),
-    )
-    picked: list[int] = []
-    why: list[str] = []
-    for name, keep in groups:
-        for i in range(len(ids)):
-            if len(picked) == n:
-                return picked, why
-            if i not in picked and keep(i):
-                picked.append(i)
-                why.append(name)
-    return picked, why
-
-
-def _cached_predictions(path: Path, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    if path.exists():
-        rec = json.loads(path.read_text())
-        if rec.get("key") == key:
-            return rec
-    rec = {"key": key, **compute()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=2))
-    os.replace(tmp, path)
-    return rec
-
-
-def _predictions(model: Any, task: Any, rows: list[dict[str, Any]], batch_size: int, progress: bool) -> dict:
-    from repinf_lens.task import predict
-
-    t = time.perf_counter()
-    preds, labels = predict(model, task, rows, batch_size=batch_size, progress=progress, desc="evaluate")
-    correct = (preds == labels).tolist()
-    return {
-        "ids": [str(r["id"]) for r in rows],
-        "predictions": preds.tolist(),
-        "correct": correct,
-        "accuracy": sum(correct) / len(correct),
-        "seconds": round(time.perf_counter() - t, 2),
-    }
-
-
 def run_demo(
     out_dir: str | os.PathLike = "runs/demo",
     config: DemoConfig | None = None,
@@ -188,6 +135,7 @@ def run_demo(
     """
     from transformers import AutoTokenizer
 
+    from repinf_lens.analysis.case_studies import cached_predictions, prediction_record, select_queries
     from repinf_lens.analysis.orthogonality import orthogonality_table
     from repinf_lens.data import load_mcqa
     from repinf_lens.finetuning import finetune
@@ -221,11 +169,14 @@ def run_demo(
 
     # 1. zero-shot accuracy (per question, for the case-study choice)
     t = time.perf_counter()
-    before = _cached_predictions(
+    before = cached_predictions(
         out / "eval_base.json",
         key,
-        lambda: _predictions(load_model(base_dir, device=dev, n_ctx=n_ctx), task, eval_rows, cfg.batch_size, progress),
-    )
+        lambda: prediction_record(
+            load_model(base_dir, device=dev, n_ctx=n_ctx), task, eval_rows, batch_size=cfg.batch_size,
+            progress=progress,
+        ),
+    )  # fmt: skip
     stage("zero_shot_eval_s", t)
 
     # 2. a short LoRA finetune (reused when finished with the same data and settings)
@@ -238,10 +189,10 @@ def run_demo(
     tl_model = ft.model
     stage("finetune_s", t)
     t = time.perf_counter()
-    after = _cached_predictions(
+    after = cached_predictions(
         out / "eval_finetuned.json",
         {**key, "adapter_sha256": ft.metadata["adapter_sha256"]},
-        lambda: _predictions(tl_model, task, eval_rows, cfg.batch_size, progress),
+        lambda: prediction_record(tl_model, task, eval_rows, batch_size=cfg.batch_size, progress=progress),
     )
     stage("finetuned_eval_s", t)
     log(

@@ -25,6 +25,7 @@ from repinf_lens.split import SplitModel
 
 __all__ = [
     "AttributionConfig",
+    "build_attributor",
     "make_report",
     "run_ablation",
     "run_attribution",
@@ -76,6 +77,21 @@ def _solver(cfg: AttributionConfig) -> Any:
     return solver_from_dict(spec)
 
 
+def build_attributor(
+    split: SplitModel, config: AttributionConfig | None = None, train: Any = None, *, progress: bool = True
+) -> InfluenceAttributor:
+    """The :class:`InfluenceAttributor` of ``config``, fitted on the first ``hessian_examples`` of ``train``
+    when its solver needs Hessian data. Its s_test vectors are cached: scoring more training examples (e.g. a
+    rationale-augmented copy) for the same queries later costs no new solve."""
+    cfg = config or AttributionConfig()
+    att = InfluenceAttributor(split, split.task, hessian=_solver(cfg), batch_size=cfg.batch_size, progress=progress)
+    if att.solver.needs_hessian:
+        if train is None:
+            raise ValueError(f"The {cfg.solver} solver needs Hessian data. Fix: pass the training examples.")
+        att.fit(as_rows(train, "training set")[: cfg.hessian_examples])
+    return att
+
+
 def run_attribution(
     split: SplitModel,
     queries: Any,
@@ -84,19 +100,20 @@ def run_attribution(
     out_dir: str | os.PathLike,
     config: AttributionConfig | None = None,
     progress: bool = True,
+    attributor: InfluenceAttributor | None = None,
 ) -> tuple[InfluenceResult, list[dict[str, Any]]]:
     """Prefilter (optional), solve s_test, score every candidate (streamed, resumable) and save the result.
 
     Layout: ``out_dir/sketches`` (gradient sketches of the whole training set, computed once),
     ``out_dir/result`` (the :class:`InfluenceResult`, loadable with ``InfluenceResult.load``),
     ``out_dir/manifest.json``. Returns the result and the candidate training rows (in result order).
+    ``attributor``: one from :func:`build_attributor` (to reuse its s_test afterwards); default: built here.
     """
     cfg = config or AttributionConfig()
     out = Path(out_dir)
     q_rows, t_rows = as_rows(queries, "query set"), as_rows(train, "training set")
     task = split.task
     t0 = time.perf_counter()
-    att = InfluenceAttributor(split, task, hessian=_solver(cfg), batch_size=cfg.batch_size, progress=progress)
     timings: dict[str, float] = {}
     candidates = t_rows
     prefilter_info: dict[str, Any] | None = None
@@ -118,10 +135,9 @@ def run_attribution(
         keep = sorted({int(i) for i in pf.indices.flatten()})
         candidates = [t_rows[i] for i in keep]
         prefilter_info = {"per_query": pf.k, "union": len(keep), "n_train": len(t_rows)}
-    if att.solver.needs_hessian:
-        t = time.perf_counter()
-        att.fit(t_rows[: cfg.hessian_examples])
-        timings["fit_s"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    att = attributor if attributor is not None else build_attributor(split, cfg, t_rows, progress=progress)
+    timings["fit_s"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
     result = att.attribute_streaming(q_rows, candidates, out_dir=out / "result", shard_size=cfg.shard_size)
     timings["attribute_s"] = round(time.perf_counter() - t, 2)

@@ -45,3 +45,29 @@ def test_attribute_ablate_report(tmp_path, monkeypatch, capsys):
         assert needle in text
     assert not re.search(r"""(src|href)=["']https?://""", text)  # self-contained: nothing fetched
     capsys.readouterr()
+
+
+def test_case_studies_cli(tmp_path, monkeypatch, capsys):
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    tiny_hf_llama(base, initializer_range=0.2, seed=0)
+    tiny_hf_llama(tuned, initializer_range=0.2, seed=1)  # stands in for the finetuned model
+    monkeypatch.setattr("repinf_lens.cli._split", lambda args, split, limit: toy_mcqa_rows(limit or 24, prefix=split))
+    sae = tmp_path / "sae"
+    model_args = ["--model", str(tuned), "--template", "plain", "--no-progress"]
+    sae_argv = ["train-sae", *model_args, "--hook", "blocks.1.hook_resid_post", "--d-sae", "16", "--k", "3",
+                "--train-limit", "24", "--epochs", "2", "--batch-size-tokens", "64", "--out", str(sae)]  # fmt: skip
+    assert main(sae_argv) == 0
+    out = tmp_path / "cases"
+    argv = ["case-studies", *model_args, "--sae", str(sae), "--base-model", str(base), "--eval-limit", "10",
+            "--train-limit", "12", "--n-cases", "3", "--max-iter", "2", "--hessian-examples", "4",
+            "--prefilter-top-k", "4", "--sketch-dim", "32", "--batch-size", "4", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((out / "case_studies.json").read_text())
+    before = json.loads((out / "eval_base.json").read_text())
+    after = json.loads((out / "eval_finetuned.json").read_text())
+    assert before["ids"] == after["ids"] == [f"test{i}" for i in range(10)]
+    assert len(summary["cases"]) == 3 and (out / "case_studies.html").exists()
+    first_fixed = [i for i, (b, a) in enumerate(zip(before["correct"], after["correct"])) if not b and a]
+    assert [c["query"] for c in summary["cases"]][: len(first_fixed[:3])] == [f"test{i}" for i in first_fixed[:3]]
+    printed = capsys.readouterr().out
+    assert printed.count("case test") == 3 and "report:" in printed

@@ -10,7 +10,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from repinf_lens.demo import DemoConfig, run_demo, select_queries
+from repinf_lens.analysis.case_studies import select_queries
+from repinf_lens.demo import DemoConfig, run_demo
 from repinf_lens.influence.result import InfluenceResult
 from repinf_lens.testing import tiny_hf_llama, toy_mcqa_rows
 

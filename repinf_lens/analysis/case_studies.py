@@ -1,0 +1,309 @@
+"""Case studies (paper Sec. 5.5 and App. A.3): why did finetuning fix this answer?
+
+For test questions the base model got wrong and the finetuned model gets right (the paper's protocol), a case
+study shows the top training examples with their influence, the top latents with the tokens that activate them
+most among the candidates, the token heatmaps of the test input and of each top example, and the
+reasoning-augmentation variant (paper Case Study D): a rationale is appended to the top proponent, its influence
+recomputed with the same s_test, and the two heatmaps compared.
+
+:func:`run_case_studies` writes ``case_studies.json`` and one self-contained ``case_studies.html``; the
+attribution underneath is :func:`repinf_lens.pipeline.run_attribution` (prefilter, CG, resumable shards).
+
+Sign convention: POSITIVE influence = proponent (up-weighting the training example lowers the test loss).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+__all__ = [
+    "added_tokens_share",
+    "cached_predictions",
+    "default_rationale",
+    "prediction_record",
+    "run_case_studies",
+    "select_queries",
+    "top_activating_tokens",
+    "with_rationale",
+]
+
+
+def select_queries(
+    ids: Sequence[str], before: Sequence[bool], after: Sequence[bool], n: int
+) -> tuple[list[int], list[str]]:
+    """Pick ``n`` test questions, the paper's case-study protocol first (Sec. 5.5).
+
+    Order: wrong before finetuning and right after, then right after, then the rest; each group in dataset
+    order. Returns the indices and, per pick, the group it came from.
+    """
+    groups: tuple[tuple[str, Callable[[int], bool]], ...] = (
+        ("wrong before, right after", lambda i: not before[i] and after[i]),
+        ("right after", lambda i: bool(after[i])),
+        ("other", lambda i: True),
+    )
+    picked: list[int] = []
+    why: list[str] = []
+    for name, keep in groups:
+        for i in range(len(ids)):
+            if len(picked) == n:
+                return picked, why
+            if i not in picked and keep(i):
+                picked.append(i)
+                why.append(name)
+    return picked, why
+
+
+def prediction_record(model: Any, task: Any, rows: Sequence[Mapping[str, Any]], *, batch_size: int = 8,
+                      progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """``{ids, predictions, correct, accuracy, seconds}`` of ``model`` on ``rows`` (option indices)."""
+    from repinf_lens.task import predict
+
+    t = time.perf_counter()
+    preds, labels = predict(model, task, list(rows), batch_size=batch_size, progress=progress, desc="evaluate")
+    correct = (preds == labels).tolist()
+    return {
+        "ids": [str(r["id"]) for r in rows],
+        "predictions": preds.tolist(),
+        "correct": correct,
+        "accuracy": sum(correct) / len(correct),
+        "seconds": round(time.perf_counter() - t, 2),
+    }
+
+
+def cached_predictions(
+    path: str | os.PathLike, key: Mapping[str, Any], compute: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """Read ``path`` when it was written for the same ``key`` (model, template, question ids...), else compute
+    the record with ``compute()`` and write it atomically."""
+    path = Path(path)
+    key = json.loads(json.dumps(dict(key), default=str))
+    if path.exists():
+        rec = json.loads(path.read_text())
+        if rec.get("key") == key:
+            return rec
+    rec = {"key": key, **compute()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=2))
+    os.replace(tmp, path)
+    return rec
+
+
+def default_rationale(row: Mapping[str, Any], letters: str = "ABCDEFGHIJ") -> str:
+    """The row's own supporting fact when it has one (OpenBookQA's ``fact1``), else a one-line explanation that
+    names the correct option."""
+    fact = row.get("fact1") or row.get("rationale") or row.get("explanation")
+    if fact:
+        return str(fact).strip()
+    k = int(row["answer"])
+    return f"The correct option is {letters[k]}, {row['choices'][k]}."
+
+
+def with_rationale(row: Mapping[str, Any], rationale: str) -> dict[str, Any]:
+    """A copy of a training example with ``rationale`` appended to its question (paper Case Study D); the id
+    gets a ``+rationale`` suffix."""
+    out = dict(row)
+    out["question"] = f"{row['question'].rstrip()} Reasoning: {rationale.strip()}"
+    out["id"] = f"{row.get('id')}+rationale"
+    return out
+
+
+@torch.no_grad()
+def top_activating_tokens(
+    split: Any,
+    rows: Sequence[Mapping[str, Any]],
+    latents: Sequence[int],
+    *,
+    k: int = 5,
+    context: int = 4,
+    batch_size: int = 8,
+) -> dict[int, list[dict[str, Any]]]:
+    """For each latent, the ``k`` (example, token) pairs of ``rows`` where its SAE activation is largest.
+
+    Returns ``{latent: [{"id", "position", "token", "context", "activation"}, ...]}`` (largest first); the
+    context is the token with ``context`` tokens either side, the token itself in brackets. Padding is skipped.
+    """
+    from repinf_lens.analysis.rankings import latents_of_tokens
+
+    task = split.task
+    tok = getattr(task, "tokenizer", None)
+    lat = torch.as_tensor(list(latents), dtype=torch.long)
+    best: dict[int, list[tuple[float, str, int, list[int]]]] = {int(j): [] for j in lat.tolist()}
+    for s in range(0, len(rows), batch_size):
+        chunk = [dict(r) for r in rows[s : s + batch_size]]
+        batch = task.collate(chunk)
+        acts: Float[Tensor, "b pos n"] = latents_of_tokens(split, batch.tokens)[..., lat.to(batch.tokens.device)]
+        acts = acts.float().cpu() * batch.attention_mask.cpu()[..., None]
+        for b, row in enumerate(chunk):
+            ids = batch.tokens[b].tolist()
+            for c, j in enumerate(lat.tolist()):
+                vals, pos = torch.topk(acts[b, :, c], min(k, acts.shape[1]))
+                for v, p in zip(vals.tolist(), pos.tolist(), strict=True):
+                    if v > 0:
+                        best[j].append((v, str(row.get("id")), p, ids))
+    out: dict[int, list[dict[str, Any]]] = {}
+    for j, items in best.items():
+        items.sort(key=lambda x: -x[0])
+        recs = []
+        for v, ex_id, p, ids in items[:k]:
+            lo, hi = max(0, p - context), min(len(ids), p + context + 1)
+            piece = [tok.decode([t]) if tok is not None else str(t) for t in ids[lo:hi]]
+            piece[p - lo] = f"[{piece[p - lo]}]"
+            recs.append(
+                {"id": ex_id, "position": p, "token": piece[p - lo][1:-1], "context": "".join(piece), "activation": v}
+            )
+        out[j] = recs
+    return out
+
+
+def run_case_studies(
+    split: Any,
+    test: Any,
+    train: Any,
+    *,
+    out_dir: str | os.PathLike,
+    predictions_before: Mapping[str, Any],
+    predictions_after: Mapping[str, Any],
+    n_cases: int = 3,
+    config: Any = None,
+    top_examples: int = 5,
+    top_latents: int = 5,
+    rationale: Callable[[Mapping[str, Any]], str] | None = None,
+    progress: bool = True,
+    title: str = "repinf_lens case studies",
+) -> dict[str, Any]:
+    """Case studies for ``n_cases`` test questions chosen by :func:`select_queries`.
+
+    Args:
+        split: the finetuned :class:`~repinf_lens.split.SplitModel` (with its task).
+        test: the evaluated test rows (the ids of the prediction records).
+        train: the training examples attributed (e.g. the finetuning set).
+        out_dir: output folder (``attribution/``, ``case_studies.json``, ``case_studies.html``).
+        predictions_before / predictions_after: records of :func:`prediction_record` (base / finetuned model).
+        config: :class:`repinf_lens.pipeline.AttributionConfig` (prefilter, solver...).
+        rationale: ``row -> text`` appended to the top proponent (default :func:`default_rationale`).
+
+    Returns:
+        The summary written to ``case_studies.json``.
+    """
+    from repinf_lens.influence.attributor import as_rows
+    from repinf_lens.pipeline import AttributionConfig, build_attributor, run_attribution, write_manifest
+    from repinf_lens.viz.report import (
+        attribution_section,
+        build_report,
+        question_section,
+        table_section,
+        top_examples_section,
+        top_latents_section,
+    )
+    from repinf_lens.viz.tokens import example_token_attribution, query_token_attribution
+
+    out = Path(out_dir)
+    cfg = config or AttributionConfig()
+    t0 = time.perf_counter()
+    test_rows = {str(r["id"]): r for r in as_rows(test, "test set")}
+    t_rows = as_rows(train, "training set")
+    ids = [str(i) for i in predictions_after["ids"]]
+    if [str(i) for i in predictions_before["ids"]] != ids:
+        raise ValueError("predictions_before and predictions_after cover different questions. Fix: evaluate both "
+                         "models on the same test rows.")  # fmt: skip
+    missing = [i for i in ids if i not in test_rows]
+    if missing:
+        raise ValueError(f"Prediction records name test ids {missing[:5]} that are not in `test`.")
+    picked, why = select_queries(ids, predictions_before["correct"], predictions_after["correct"], n_cases)
+    queries = [test_rows[ids[i]] for i in picked]
+    att = build_attributor(split, cfg, t_rows, progress=progress)
+    result, candidates = run_attribution(
+        split, queries, t_rows, out_dir=out / "attribution", config=cfg, progress=progress, attributor=att
+    )
+    task = split.task
+    tok = getattr(task, "tokenizer", None)
+    make_rationale = rationale or default_rationale
+    sections = []
+    cases = []
+    for q, (i, reason) in enumerate(zip(picked, why, strict=True)):
+        row = queries[q]
+        qid = str(row["id"])
+        p_before, p_after = predictions_before["predictions"][i], predictions_after["predictions"][i]
+        sections.append(question_section(row, title=f"Case {q + 1}: test question {qid} ({reason})",
+                                         prediction_before=p_before, prediction_after=p_after))  # fmt: skip
+        sections.append(attribution_section(f"Test input tokens ({qid})", query_token_attribution(split, task, row)))
+        sections.append(top_examples_section(result, q, k=top_examples, train_rows=candidates, tokenizer=tok))
+        sections.append(top_latents_section(result, q, k=top_latents))
+        lat_df = result.top_latents(q, top_latents)
+        acts = top_activating_tokens(split, candidates, [int(j) for j in lat_df["latent"]], k=3)
+        lat_rows = [
+            {"latent": j, "mean IFR": float(s), "top-activating tokens among the candidates":
+             " | ".join(f"{a['context']} ({a['activation']:.2f}, {a['id']})" for a in acts[int(j)]) or "(never fires)"}
+            for j, s in zip(lat_df["latent"], lat_df["score"], strict=True)
+        ]  # fmt: skip
+        sections.append(table_section(f"What the top latents of {qid} respond to", lat_rows))
+        top = result.top_examples(q, top_examples)
+        best = int(top["index"][0])
+        orig = candidates[best]
+        text = make_rationale(orig)
+        aug = with_rationale(orig, text)
+        pair = att.attribute([row], [orig, aug])  # same s_test: cached in the attributor, no new solve
+        before_attr = example_token_attribution(pair, 0, 0, tok)
+        after_attr = example_token_attribution(pair, 0, 1, tok)
+        aug_rec = {
+            "example": str(orig.get("id")),
+            "rationale": text,
+            "score": float(pair.example_scores[0, 0]),
+            "score_with_rationale": float(pair.example_scores[0, 1]),
+            "rationale_tokens_share": added_tokens_share(after_attr, before_attr),
+        }
+        sections.append(table_section(f"Reasoning augmentation for {qid} (paper Case Study D)", [aug_rec]))
+        sections.append(attribution_section(f"{orig.get('id')} as trained", before_attr, switcher=False))
+        sections.append(attribution_section(f"{orig.get('id')} with the rationale appended", after_attr,
+                                            switcher=False))  # fmt: skip
+        cases.append(
+            {
+                "query": qid,
+                "why": reason,
+                "prediction_before": predictions_before["predictions"][i],
+                "prediction_after": predictions_after["predictions"][i],
+                "answer": int(row["answer"]),
+                "top_examples": [{"id": e, "score": float(s)} for e, s in zip(top["id"], top["score"], strict=True)],
+                "top_latents": [
+                    {"latent": int(j), "mean_ifr": float(s), "top_tokens": acts[int(j)]}
+                    for j, s in zip(lat_df["latent"], lat_df["score"], strict=True)
+                ],
+                "augmentation": aug_rec,
+            }
+        )
+    report = build_report(out / "case_studies.html", title=title, sections=sections)
+    summary = {
+        "hook_name": split.hook_name,
+        "n_candidates": len(candidates),
+        "cases": cases,
+        "report": str(report),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    (out / "case_studies.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_manifest(out, "case-studies", {"n_cases": n_cases, **vars(cfg)}, seconds=summary["seconds"])
+    return summary
+
+
+def added_tokens_share(with_rationale: Any, without: Any) -> float:
+    """Share of the augmented example's total |token influence| carried by the tokens the rationale added.
+
+    Both are :class:`~repinf_lens.viz.tokens.TokenAttribution`; the added tokens start where the token ids
+    first differ and are as many as the augmented sequence is longer."""
+    a, b = with_rationale.token_ids, without.token_ids
+    extra = len(a) - len(b)
+    vals = with_rationale.values.abs().double()
+    total = float(vals.sum())
+    if extra <= 0 or total == 0:
+        return 0.0
+    start = next((p for p, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(b))
+    return float(vals[start : start + extra].sum()) / total
