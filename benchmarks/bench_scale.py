@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS measurements")
     p.add_argument("--no-end-to-end", action="store_true", help="skip InfluenceAttributor.attribute")
+    p.add_argument(
+        "--amp", default=None, choices=["bf16", "fp16"], help="also score under torch.autocast and compare to fp32"
+    )
     p.add_argument("--out", type=Path, default=None, help="default results/scale.json (--tiny: scale_tiny.json)")
     args = p.parse_args(argv)
     args.swap_chunk = args.swap_chunk or None
@@ -161,6 +164,38 @@ def main(argv: list[str] | None = None) -> dict:
             max_rel = max(max_rel, float((a.latent_scores - b.latent_scores).abs().max()) / scale)
             scale = float(a.example_scores.abs().max()) or 1.0
             max_rel = max(max_rel, float((a.example_scores - b.example_scores).abs().max()) / scale)
+    amp_res: dict[str, Any] = {}
+    if args.amp:
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+        amp_att = InfluenceAttributor(split, hessian=Identity(), use_cache=False, progress=False, amp_dtype=amp_dtype)
+        amp_stacked = stack_queries(amp_att.s_test(queries), params)  # query gradients under autocast too
+
+        def amp_batched() -> list:
+            with amp_att._amp():
+                return [
+                    latent_influence_multi(split, amp_stacked, inp, params, chunk_size=args.swap_chunk,
+                                           query_chunk_size=args.query_chunk)
+                    for inp in batches
+                ]  # fmt: skip
+
+        t_amp, amp_out = _best(amp_batched, args.repeats)
+        full_ex = torch.cat([torch.stack([li.example_scores for li in b]) for b in bat], dim=1).double()
+        amp_ex = torch.cat([torch.stack([li.example_scores for li in b]) for b in amp_out], dim=1).double()
+        full_lat = torch.cat([torch.stack([li.latent_scores for li in b]) for b in bat], dim=1).double()
+        amp_lat = torch.cat([torch.stack([li.latent_scores for li in b]) for b in amp_out], dim=1).double()
+        live = (full_lat != 0) | (amp_lat != 0)
+        from repinf_lens.analysis.lds import spearman
+
+        amp_res = {
+            "amp_dtype": args.amp,
+            "amp_batched_s": round(t_amp, 3),
+            "amp_time_ratio_vs_fp32": round(t_amp / t_bat, 2),
+            "amp_example_pearson": float(torch.corrcoef(torch.stack([full_ex.flatten(), amp_ex.flatten()]))[0, 1]),
+            "amp_example_spearman": float(spearman(full_ex.flatten(), amp_ex.flatten())),
+            "amp_example_sign_agreement": float((full_ex.sign() == amp_ex.sign()).double().mean()),
+            "amp_latent_pearson": float(torch.corrcoef(torch.stack([full_lat[live], amp_lat[live]]))[0, 1]),
+        }
+        del amp_out
     del seq, bat
     mem_seq = mem_bat = None
     if not args.no_memory:
@@ -197,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batched_vs_sequential_max_rel_diff": max_rel,
         "peak_mb_one_query_swap": mem_seq,
         "peak_mb_batched_swap": mem_bat,
+        **amp_res,
     }
 
     if not args.no_end_to_end:

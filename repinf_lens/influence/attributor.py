@@ -10,6 +10,7 @@ Many queries share each pass: s_test vectors missing from the cache are solved t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -71,6 +72,10 @@ class InfluenceAttributor:
             ``vmap``) and one batched HVP per CG iteration (default 8; ``None`` = all queries at once). Larger is
             faster, but the tangent part of the swap and of the HVPs, and the CG state (about 7 theta2-sized
             vectors per query), grow with it: lower it when memory is tight. Scores do not change.
+        amp_dtype: mixed precision: ``torch.autocast`` with this dtype (``torch.bfloat16`` on a GPU) around the
+            query gradients, the HVPs and the derivative swap; parameters, s_test and scores stay in the model
+            dtype. ``None`` (default) = full precision. Part of the s_test cache key and of the streaming
+            manifest. Its effect on the scores is measured by ``benchmarks/bench_scale.py --amp``.
         progress: show tqdm bars.
 
     Usage::
@@ -99,6 +104,7 @@ class InfluenceAttributor:
         progress: bool = True,
         swap_chunk_size: int | None = None,
         query_chunk_size: int | None = 8,
+        amp_dtype: torch.dtype | None = None,
     ) -> None:
         self.split = split if task is None or task is split.task else split.with_task(task)
         self.task = self.split.task
@@ -110,6 +116,7 @@ class InfluenceAttributor:
         if query_chunk_size is not None and query_chunk_size < 1:
             raise ValueError(f"query_chunk_size must be >= 1 or None, got {query_chunk_size}.")
         self.query_chunk_size = query_chunk_size
+        self.amp_dtype = amp_dtype
         self.cache = STestCache(Path(cache_dir) if cache_dir else default_cache_dir("s_test")) if use_cache else None
         self._hessian_inputs: list[SplitInputs] | None = None
         self._hessian_key: str | None = None
@@ -132,19 +139,32 @@ class InfluenceAttributor:
     def fingerprint(self) -> dict[str, Any]:
         if self._fingerprint is None:
             self._fingerprint = self.split.fingerprint()
+            if self.amp_dtype is not None:
+                self._fingerprint = {**self._fingerprint, "amp_dtype": str(self.amp_dtype)}
         return self._fingerprint
+
+    def _amp(self) -> Any:
+        """``torch.autocast`` with :attr:`amp_dtype` on the split's device (a no-op context when ``None``)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(self.split.device).type, dtype=self.amp_dtype)
 
     def hvp(self, v: Params) -> Params:
         """``H v`` for the mean loss over the Hessian data (needs :meth:`fit`)."""
         if self._hessian_inputs is None:
             raise RuntimeError("No Hessian data. Fix: call attributor.fit(hessian_dataset) first.")
         params = self.split.downstream_params()
-        return dataset_hvp(self.split, params, self._hessian_inputs, v, gauss_newton=self.solver.gauss_newton)
+        with self._amp():
+            out = dataset_hvp(self.split, params, self._hessian_inputs, v, gauss_newton=self.solver.gauss_newton)
+        return {k: t.to(v[k].dtype) for k, t in out.items()}
 
     def query_gradient(self, query: Mapping[str, Any]) -> Params:
         """g_test: gradient of the query's loss w.r.t. theta2."""
         inp = self.split.prepare(self.task.collate([query]))
-        return {k: v.detach() for k, v in loss_grad(self.split, self.split.downstream_params(), inp).items()}
+        params = self.split.downstream_params()
+        with self._amp():
+            g = loss_grad(self.split, params, inp)
+        return {k: v.detach().to(params[k].dtype) for k, v in g.items()}
 
     def _s_test_key(self, row: Mapping[str, Any]) -> str:
         return cache_key(
@@ -424,7 +444,9 @@ class InfluenceAttributor:
             sl = slice(lo - start, hi - start)
             q = 0
             for stacked in s_stacks:
-                for li in latent_influence_multi(self.split, stacked, inp, params, chunk_size=self.swap_chunk_size):
+                with self._amp():
+                    multi = latent_influence_multi(self.split, stacked, inp, params, chunk_size=self.swap_chunk_size)
+                for li in multi:
                     part.example[q, sl] = li.example_scores.float().cpu()
                     part.latent[q, sl] = li.latent_scores.float().cpu()
                     part.diag["latent_sum"][q, sl] = li.latent_sum.float().cpu()
@@ -454,6 +476,7 @@ class InfluenceAttributor:
             "seconds_influence": round(t_inf, 3),
             "batch_size": bs,
             "query_chunk_size": self.query_chunk_size,
+            "amp_dtype": None if self.amp_dtype is None else str(self.amp_dtype),
         }
 
     def _result(
