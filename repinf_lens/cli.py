@@ -184,6 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--query-ids", nargs="*", default=None, help="explicit test question ids (override the limit)")
     _attribution_args(at)
     at.add_argument("--out", type=Path, default=Path("runs/attribute"), help="output directory")
+    fa = sub.add_parser(
+        "faithfulness", help="per-question attribution + necessity/sufficiency over many questions, with verdicts"
+    )
+    _common(fa)
+    _sae_ref_args(fa)
+    fa.add_argument("--dataset", default="openbookqa")
+    fa.add_argument("--train-split", default="train")
+    fa.add_argument("--train-limit", type=int, default=None, help="the training examples prefiltered (first N)")
+    fa.add_argument("--query-split", default="test")
+    fa.add_argument("--query-limit", type=int, default=50, help="the first N test questions")
+    fa.add_argument("--rankings", nargs="+", default=["influence", "activation", "frequency", "random"])
+    fa.add_argument("--ks", nargs="+", type=int, default=None, help="default: the paper's 10 25 50 75 ... 200")
+    fa.add_argument("--n-boot", type=int, default=1000)
+    _attribution_args(fa)
+    fa.add_argument("--out", type=Path, default=Path("runs/faithfulness"), help="output directory")
     cs = sub.add_parser(
         "case-studies", help="test questions fixed by finetuning: top examples, latents, tokens, rationale variant"
     )
@@ -417,6 +432,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             top = result.top_examples(q, k=3)
             print(f"query {qid}: top proponents {top}")
         print(f"result: {args.out / 'result'}")
+        return 0
+    if args.command == "faithfulness":
+        from repinf_lens.analysis.faithfulness import run_faithfulness
+
+        split = _split_model(args)
+        summary = run_faithfulness(
+            split, list(_split(args, args.query_split, args.query_limit)),
+            _split(args, args.train_split, args.train_limit), out_dir=args.out, config=_attribution_config(args),
+            rankings=args.rankings, ks=args.ks, n_boot=args.n_boot, seed=args.seed, progress=not args.no_progress,
+        )  # fmt: skip
+        for v in summary["verdicts"]:
+            counts = ", ".join(f"{k} {v.get(k, 0)}" for k in ("better", "tie", "worse"))
+            err = "with" if v["error_term"] else "without"
+            print(f"influence vs {v['baseline']}, {v['mode']} {v['metric']} ({err} error term): {counts} (of ks)")
+        print(f"files: {args.out}")
         return 0
     if args.command == "case-studies":
         from repinf_lens.analysis.case_studies import cached_predictions, prediction_record, run_case_studies

@@ -71,3 +71,23 @@ def test_case_studies_cli(tmp_path, monkeypatch, capsys):
     assert [c["query"] for c in summary["cases"]][: len(first_fixed[:3])] == [f"test{i}" for i in first_fixed[:3]]
     printed = capsys.readouterr().out
     assert printed.count("case test") == 3 and "report:" in printed
+
+
+def test_faithfulness_cli(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "tiny"
+    tiny_hf_llama(folder, initializer_range=0.2)
+    monkeypatch.setattr("repinf_lens.cli._split", lambda args, split, limit: toy_mcqa_rows(limit or 24, prefix=split))
+    model_args = ["--model", str(folder), "--template", "plain", "--no-progress"]
+    sae = tmp_path / "sae"
+    sae_argv = ["train-sae", *model_args, "--hook", "blocks.1.hook_resid_post", "--d-sae", "16", "--k", "3",
+                "--train-limit", "24", "--epochs", "2", "--batch-size-tokens", "64", "--out", str(sae)]  # fmt: skip
+    assert main(sae_argv) == 0
+    out = tmp_path / "faith"
+    assert main(["faithfulness", *model_args, "--sae", str(sae), "--query-limit", "3", "--train-limit", "10",
+                 "--prefilter-top-k", "3", "--sketch-dim", "32", "--max-iter", "2", "--hessian-examples", "4",
+                 "--batch-size", "4", "--ks", "2", "4", "--n-boot", "50", "--out", str(out)]) == 0  # fmt: skip
+    summary = json.loads((out / "faithfulness.json").read_text())
+    assert summary["n_queries"] == 3 and summary["candidates_per_query"] == [3, 3, 3] and summary["ks"] == [2, 4]
+    printed = capsys.readouterr().out
+    # 3 baselines x 2 error variants x (3 necessity + 3 sufficiency metrics)
+    assert printed.count("influence vs ") == 3 * 2 * 6

@@ -1,0 +1,212 @@
+"""Faithfulness over many test questions (paper Sec. 5.4, Figs. 3-4): are influence-ranked latents causal?
+
+:func:`run_faithfulness` attributes each test question over ITS OWN prefiltered training examples (the paper
+ranks latents by the mean IFR over the examples kept for that question), with every s_test solved once in
+lockstep (``CG.solve_many``, cached), then runs the necessity / sufficiency ablations of every ranking for that
+question. Each question's attribution and ablation table are written as soon as they are done, so a crashed run
+resumes where it stopped. :func:`compare_rankings` then says, per k, whether influence beats each baseline
+(paired bootstrap over questions).
+
+Sign convention: POSITIVE influence = proponent (up-weighting the training example lowers the test loss).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["BETTER", "compare_rankings", "run_faithfulness"]
+
+BETTER: dict[str, dict[str, str]] = {
+    "necessity": {"delta_logit": "lower", "delta_nll": "higher", "flip": "higher"},
+    "sufficiency": {"delta_logit": "higher", "delta_nll": "lower", "same_answer": "higher"},
+}
+"""Which direction is better for a ranking, per mode and metric: removing the most important latents should
+hurt the answer most (necessity); keeping only them should preserve it best (sufficiency)."""
+
+
+def compare_rankings(
+    df: Any,
+    *,
+    reference: str = "influence",
+    better: Mapping[str, Mapping[str, str]] | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Any:
+    """``reference`` vs every other ranking at every (mode, error_term, k, metric), paired over questions.
+
+    Args:
+        df: the per-question table of :func:`~repinf_lens.analysis.ablation.necessity_sufficiency` (one row per
+            ranking, k, mode, error_term, query_id).
+        reference: the ranking compared with the others.
+        better: ``{mode: {metric: "lower" | "higher"}}`` (default :data:`BETTER`).
+
+    Returns:
+        A DataFrame with ``mode, error_term, k, metric, baseline, reference_mean, baseline_mean, difference``
+        (reference - baseline, per question, averaged), ``ci_low, ci_high`` (percentile bootstrap over
+        questions), ``n`` and ``verdict``: ``"better"`` / ``"worse"`` when the interval excludes 0 in the good /
+        bad direction, else ``"tie"``.
+    """
+    import pandas as pd
+
+    better = better or BETTER
+    rng = np.random.default_rng(seed)
+    rows = []
+    for (mode, err, k), g in df.groupby(["mode", "error_term", "k"], sort=True):
+        if mode not in better:
+            continue
+        for metric, direction in better[mode].items():
+            wide = g.pivot_table(index="query_id", columns="ranking", values=metric, aggfunc="first")
+            if reference not in wide.columns:
+                raise ValueError(f"No {reference!r} ranking in the table (rankings: {sorted(wide.columns)}).")
+            for base in [c for c in wide.columns if c != reference]:
+                pair = wide[[reference, base]].dropna()
+                diff = (pair[reference] - pair[base]).to_numpy(dtype=float)
+                if diff.size == 0:
+                    continue
+                boots = rng.integers(0, diff.size, size=(n_boot, diff.size))
+                means = diff[boots].mean(1)
+                lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+                good = (hi < 0) if direction == "lower" else (lo > 0)
+                bad = (lo > 0) if direction == "lower" else (hi < 0)
+                rows.append(
+                    {
+                        "mode": mode, "error_term": bool(err), "k": int(k), "metric": metric, "better_is": direction,
+                        "baseline": base, "reference_mean": float(pair[reference].mean()),
+                        "baseline_mean": float(pair[base].mean()), "difference": float(diff.mean()),
+                        "ci_low": float(lo), "ci_high": float(hi), "n": int(diff.size),
+                        "verdict": "better" if good else ("worse" if bad else "tie"),
+                    }
+                )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def run_faithfulness(
+    split: Any,
+    queries: Any,
+    train: Any,
+    *,
+    out_dir: str | os.PathLike,
+    config: Any = None,
+    rankings: Sequence[str] | None = None,
+    ks: Sequence[int] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Per-question attribution over its own prefiltered candidates, then ablations; tables, plot, verdicts.
+
+    Args:
+        split: the (finetuned) :class:`~repinf_lens.split.SplitModel` with its SAE and task.
+        queries: the test questions (at least a few dozen for meaningful intervals; the paper's claim is per k).
+        train: the training set the candidates are prefiltered from.
+        out_dir: output folder: ``sketches/`` (shared), ``results/<i>/`` (one :class:`InfluenceResult` per
+            question), ``per_query/<i>.csv`` (its ablation rows), ``ablation_*.csv/json``, ``ablation.png``,
+            ``comparison.csv``, ``faithfulness.json``, ``manifest.json``.
+        config: :class:`repinf_lens.pipeline.AttributionConfig`; ``prefilter_top_k`` / ``prefilter_fraction``
+            set each question's candidates (all of ``train`` when neither is set).
+        rankings, ks: as :func:`~repinf_lens.analysis.ablation.necessity_sufficiency` (default the paper's four
+            rankings and k grid).
+
+    Returns:
+        The summary written to ``faithfulness.json`` (counts, timings, and the verdict counts per baseline).
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from repinf_lens.analysis.ablation import (
+        DEFAULT_RANKINGS,
+        PAPER_KS,
+        aggregate,
+        necessity_sufficiency,
+        plot_ablation,
+        save_ablation,
+    )
+    from repinf_lens.influence.attributor import as_rows
+    from repinf_lens.pipeline import AttributionConfig, build_attributor, write_manifest
+
+    cfg = config or AttributionConfig()
+    out = Path(out_dir)
+    (out / "per_query").mkdir(parents=True, exist_ok=True)
+    q_rows, t_rows = as_rows(queries, "query set"), as_rows(train, "training set")
+    ranking_names = list(rankings or DEFAULT_RANKINGS)
+    ks = [int(k) for k in (ks or PAPER_KS) if int(k) <= split.d_sae] or [int(split.d_sae)]
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if cfg.prefilter_fraction is not None or cfg.prefilter_top_k is not None:
+        from repinf_lens.prefiltering import build_sketches, prefilter
+
+        store = build_sketches(split, split.task, t_rows, out_dir=out / "sketches", dim=cfg.sketch_dim,
+                               batch_size=cfg.batch_size, progress=progress)  # fmt: skip
+        pf = prefilter(q_rows, store, split=split, top_fraction=cfg.prefilter_fraction, top_k=cfg.prefilter_top_k,
+                       batch_size=cfg.batch_size)  # fmt: skip
+        cand_idx = [pf.indices[i].tolist() for i in range(len(q_rows))]
+    else:
+        cand_idx = [list(range(len(t_rows)))] * len(q_rows)
+    timings["prefilter_s"] = round(time.perf_counter() - t0, 1)
+    att = build_attributor(split, cfg, t_rows, progress=progress)
+    done = {int(p.stem) for p in (out / "per_query").glob("*.csv")}
+    todo = [i for i in range(len(q_rows)) if i not in done]
+    t = time.perf_counter()
+    if todo:
+        att.s_test([q_rows[i] for i in todo])  # every remaining s_test in lockstep, cached for the loop below
+    timings["s_test_s"] = round(time.perf_counter() - t, 1)
+    t_att = t_abl = 0.0
+    for i in tqdm(todo, desc="questions", disable=not progress):
+        cands = [t_rows[j] for j in cand_idx[i]]
+        t = time.perf_counter()
+        res = att.attribute_streaming(
+            [q_rows[i]], cands, out_dir=out / "results" / f"{i:05d}", shard_size=cfg.shard_size
+        )
+        t_att += time.perf_counter() - t
+        t = time.perf_counter()
+        df = necessity_sufficiency(split, split.task, [q_rows[i]], ranking_names, ks=ks, result=res, train=cands,
+                                   n_boot=n_boot, seed=seed + i, progress=False)  # fmt: skip
+        df["query"] = i
+        t_abl += time.perf_counter() - t
+        tmp = out / "per_query" / f"{i:05d}.csv.tmp"
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, out / "per_query" / f"{i:05d}.csv")
+    timings["attribution_s"] = round(t_att, 1)
+    timings["ablation_s"] = round(t_abl, 1)
+    frames = [pd.read_csv(out / "per_query" / f"{i:05d}.csv") for i in range(len(q_rows))]
+    df = pd.concat(frames, ignore_index=True)
+    df["query_id"] = df["query_id"].astype(str)
+    df.attrs.update({"n_boot": int(n_boot), "seed": int(seed), "ks": ks, "n_queries": len(q_rows),
+                     "d_sae": int(split.d_sae), "hook": split.hook_name, "rankings": ranking_names})  # fmt: skip
+    agg = aggregate(df)
+    files = save_ablation(df, out, agg)
+    plot_ablation(agg, out / "ablation.png", title=f"{len(q_rows)} questions, {split.hook_name}")
+    comp = compare_rankings(df, n_boot=n_boot, seed=seed)
+    comp.to_csv(out / "comparison.csv", index=False)
+    verdicts = (
+        comp.groupby(["mode", "error_term", "metric", "baseline"])["verdict"].value_counts().unstack(fill_value=0)
+    )
+    summary = {
+        "n_queries": len(q_rows),
+        "n_train": len(t_rows),
+        "candidates_per_query": [len(c) for c in cand_idx],
+        "hook_name": split.hook_name,
+        "ks": ks,
+        "rankings": ranking_names,
+        "timings": {**timings, "total_s": round(time.perf_counter() - t0, 1)},
+        "verdicts": [
+            {
+                **dict(zip(["mode", "error_term", "metric", "baseline"], key, strict=True)),
+                **{str(c): int(v) for c, v in row.items()},
+            }
+            for key, row in verdicts.iterrows()
+        ],  # fmt: skip
+        "files": {k: str(v) for k, v in files.items()},
+    }
+    (out / "faithfulness.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_manifest(out, "faithfulness", {**vars(cfg), "rankings": ranking_names, "ks": ks, "n_boot": n_boot},
+                   n_queries=len(q_rows), timings=summary["timings"])  # fmt: skip
+    return summary
