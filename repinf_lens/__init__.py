@@ -27,6 +27,7 @@ from repinf_lens.influence import (
     latent_influence_multi,
     latent_influence_reference,
 )
+from repinf_lens.lora import LoraSplit, lora_split_from_peft
 from repinf_lens.models import DEFAULT_MODEL, UnknownModelError, load_hf_model, load_model
 from repinf_lens.prefiltering import (
     GradientSketcher,
@@ -60,6 +61,8 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "CG",
+    "LoraSplit",
+    "lora_split_from_peft",
     "SAETrainingConfig",
     "analysis",
     "latent_influence_multi",

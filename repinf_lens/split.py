@@ -217,7 +217,7 @@ class SplitModel:
 
     def with_task(self, task: Any) -> SplitModel:
         """A shallow copy of this split that computes ``task``'s loss."""
-        new = object.__new__(SplitModel)
+        new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new._task = task
         return new
