@@ -285,20 +285,31 @@ class GradientSketcher:
         out = torch.zeros(n, self.dim, dtype=torch.float32, device=device)
         rows = _CHUNK_ELEMS if self.projection == "sjlt" else max(1, _CHUNK_ELEMS // self.dim)
         for name in self.shapes:
-            g = grads[name].reshape(n, -1)
-            for c, lo in enumerate(range(0, g.shape[1], rows)):
-                part = g[:, lo : lo + rows].float()
-                live = part.ne(0).any(0)  # coordinates some example's gradient touches
-                n_live = int(live.sum())
-                if n_live == 0:  # e.g. unembedding columns of tokens the loss never reads: nothing to add
-                    continue
+            g = grads[name]  # [n, *shape]; vmap's per-example gradients are often not contiguous
+            numel = g[0].numel()
+            live = g.ne(0).any(0)  # coordinates some example's gradient touches (no copy of g)
+            n_live = int(live.sum())
+            if n_live == 0:
+                continue
+            if n_live * 4 < numel:  # e.g. the unembedding: only the columns the loss reads are non-zero
+                coords = live.flatten().nonzero().squeeze(1)  # C order, the same order as g[:, live]
+                vals = g[:, live].float()
+                chunk_of = coords // rows
+                for c in chunk_of.unique().tolist():
+                    sel = (chunk_of == c).nonzero().squeeze(1)
+                    off = coords[sel] - c * rows
+                    block = self._block(name, c, min(rows, numel - c * rows), device)
+                    if self.projection == "rademacher":
+                        out.addmm_(vals[:, sel], block[0][off])
+                    else:
+                        out.index_add_(1, block[0][off], vals[:, sel] * block[1][off])
+                continue
+            flat = g.reshape(n, -1)
+            for c, lo in enumerate(range(0, numel, rows)):
+                part = flat[:, lo : lo + rows].float()
                 block = self._block(name, c, part.shape[1], device)
-                sparse = n_live * 4 < part.shape[1]
-                cols = live.nonzero().squeeze(1) if sparse else None
                 if self.projection == "rademacher":
-                    out.addmm_(part[:, cols], block[0][cols]) if sparse else out.addmm_(part, block[0])
-                elif sparse:
-                    out.index_add_(1, block[0][cols], part[:, cols] * block[1][cols])
+                    out.addmm_(part, block[0])
                 else:
                     out.index_add_(1, block[0], part * block[1])
         return out
@@ -309,7 +320,7 @@ class GradientSketcher:
         n = len(inp)
         norms = torch.zeros(n, dtype=torch.float64, device=next(iter(grads.values())).device)
         for g in grads.values():
-            norms += g.reshape(n, -1).double().square().sum(1)
+            norms += torch.linalg.vector_norm(g, dim=tuple(range(1, g.ndim)), dtype=torch.float64).square()
         return self.project(grads), norms.sqrt().float()
 
     def sketch(self, examples: Any, *, batch_size: int = 8, progress: bool = False) -> Float[Tensor, "n dim"]:
