@@ -101,6 +101,7 @@ def _task(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
 def _attribution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", default="cg", choices=["cg", "lissa", "explicit", "identity"])
     p.add_argument("--damping", type=float, default=1e-3)
+    p.add_argument("--gauss-newton", action="store_true", help="PSD Gauss-Newton curvature instead of the Hessian")
     p.add_argument("--max-iter", type=int, default=20, help="CG iterations / LiSSA depth")
     p.add_argument("--hessian-examples", type=int, default=64, help="training examples that define H")
     p.add_argument("--prefilter-fraction", type=float, default=None, help="keep this share per query (0.01-0.1)")
@@ -113,7 +114,8 @@ def _attribution_config(args: argparse.Namespace):  # noqa: ANN202
     from repinf_lens.pipeline import AttributionConfig
 
     return AttributionConfig(
-        solver=args.solver, damping=args.damping, max_iter=args.max_iter, hessian_examples=args.hessian_examples,
+        solver=args.solver, damping=args.damping, gauss_newton=args.gauss_newton, max_iter=args.max_iter,
+        hessian_examples=args.hessian_examples,
         prefilter_fraction=args.prefilter_fraction, prefilter_top_k=args.prefilter_top_k,
         sketch_dim=args.sketch_dim, batch_size=args.batch_size, shard_size=args.shard_size,
     )  # fmt: skip

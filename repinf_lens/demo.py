@@ -69,7 +69,7 @@ class DemoConfig:
     def quick(cls, **overrides: Any) -> DemoConfig:
         """The ``--quick`` preset (a few minutes on 2 CPU cores)."""
         base = dict(
-            n_eval=20, n_finetune=32, n_layers_swept=1, d_sae=512, k=32, n_sae_prompts=96, sae_epochs=4.0,
+            n_eval=20, n_finetune=32, n_layers_swept=1, d_sae=512, k=32, n_sae_prompts=256, sae_epochs=8.0,
             n_queries=2, prefilter_top_k=12, cg_iters=3, hessian_examples=4, ks=(10, 50),
             n_boot=200, ortho_tokens=1024,
         )  # fmt: skip

@@ -51,12 +51,15 @@ class AttributionConfig:
     """Knobs of :func:`run_attribution` (saved in the manifest).
 
     ``solver`` names a solver of :mod:`repinf_lens.curvature` (``cg``, ``lissa``, ``explicit``, ``identity``);
+    ``gauss_newton`` uses the PSD Gauss-Newton curvature (with few Hessian examples the exact Hessian of the real
+    model is indefinite and CG meets negative curvature within a few iterations; then use it with damping ~1);
     ``hessian_examples`` training examples define H. With ``prefilter_fraction`` / ``prefilter_top_k`` the
     candidates are the union over queries of each query's most gradient-similar training examples.
     """
 
     solver: str = "cg"
     damping: float = 1e-3
+    gauss_newton: bool = False
     max_iter: int = 20
     hessian_examples: int = 64
     prefilter_fraction: float | None = None
@@ -70,6 +73,7 @@ def _solver(cfg: AttributionConfig) -> Any:
     spec: dict[str, Any] = {"solver": cfg.solver}
     if cfg.solver != "identity":
         spec["damping"] = cfg.damping
+        spec["gauss_newton"] = cfg.gauss_newton
     if cfg.solver == "cg":
         spec.update(max_iter=cfg.max_iter, batch_size=cfg.batch_size)
     if cfg.solver == "lissa":

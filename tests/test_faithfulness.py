@@ -77,3 +77,14 @@ def test_run_faithfulness_per_question_candidates_and_resume(tmp_path, monkeypat
     after = pd.read_csv(tmp_path / "ablation_per_query.csv")
     pd.testing.assert_frame_equal(after, per_query)
     assert again["verdicts"] == summary["verdicts"]
+
+
+def test_attribution_config_builds_the_solver_it_names():
+    from repinf_lens.cli import build_parser
+    from repinf_lens.pipeline import _solver
+
+    cg = _solver(AttributionConfig(solver="cg", damping=1.0, gauss_newton=True, max_iter=7, batch_size=3))
+    assert (type(cg).__name__, cg.damping, cg.gauss_newton, cg.max_iter, cg.batch_size) == ("CG", 1.0, True, 7, 3)
+    assert _solver(AttributionConfig()).gauss_newton is False
+    args = build_parser().parse_args(["faithfulness", "--sae", "x", "--gauss-newton", "--damping", "1"])
+    assert args.gauss_newton and args.damping == 1.0
