@@ -99,6 +99,15 @@ def _seed_for(seed: int, *parts: object) -> int:
     return int(hashlib.sha256(blob).hexdigest()[:15], 16)
 
 
+def _touched(g: Tensor) -> Tensor:
+    """``g.ne(0).any(0)``, reduced in g's memory order (vmap's per-example gradients are often permuted views,
+    and a reduction over a transposed layout is many times slower), returned in logical order."""
+    order = sorted(range(1, g.ndim), key=lambda d: -g.stride(d))
+    touched = g.permute(0, *order).ne(0).any(0)
+    inverse = [order.index(d) for d in range(1, g.ndim)]
+    return touched.permute(*inverse)
+
+
 class GradientSketcher:
     """Per-example gradients of the task loss w.r.t. theta2, projected to ``dim`` dimensions.
 
@@ -287,7 +296,7 @@ class GradientSketcher:
         for name in self.shapes:
             g = grads[name]  # [n, *shape]; vmap's per-example gradients are often not contiguous
             numel = g[0].numel()
-            live = g.ne(0).any(0)  # coordinates some example's gradient touches (no copy of g)
+            live = _touched(g)  # coordinates some example's gradient touches (no copy of g)
             n_live = int(live.sum())
             if n_live == 0:
                 continue
