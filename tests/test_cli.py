@@ -67,7 +67,7 @@ def test_demo_cli_tiny_with_a_config_file(tmp_path, monkeypatch, capsys):
 def test_demo_on_the_real_default_model_and_data(tmp_path, capsys):
     """The main job on the embedded SmolLM2 and real OpenBookQA, at tiny sizes (the full demo is `make demo`)."""
     config = tmp_path / "demo.json"
-    config.write_text(json.dumps({**TINY_DEMO, "d_sae": 256, "k": 16, "ks": [10, 50]}))
+    config.write_text(json.dumps({**TINY_DEMO, "d_sae": 256, "k": 16, "ks": [10, 50], "n_sae_prompts": 64}))
     out = tmp_path / "demo"
     assert main(["demo", "--offline", "--config", str(config), "--no-progress", "--out", str(out)]) == 0
     summary = json.loads((out / "demo.json").read_text())
