@@ -77,6 +77,8 @@ def test_run_faithfulness_per_question_candidates_and_resume(tmp_path, monkeypat
     after = pd.read_csv(tmp_path / "ablation_per_query.csv")
     pd.testing.assert_frame_equal(after, per_query)
     assert again["verdicts"] == summary["verdicts"]
+    with pytest.raises(ValueError, match="other settings"):  # never mixes tables of two different runs
+        run_faithfulness(split, queries, train, **{**kw, "ks": (2,)})
 
 
 def test_attribution_config_builds_the_solver_it_names():

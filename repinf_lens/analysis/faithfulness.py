@@ -121,6 +121,7 @@ def run_faithfulness(
     import pandas as pd
     from tqdm.auto import tqdm
 
+    from repinf_lens._cache import fingerprint_rows
     from repinf_lens.analysis.ablation import (
         DEFAULT_RANKINGS,
         PAPER_KS,
@@ -138,6 +139,16 @@ def run_faithfulness(
     q_rows, t_rows = as_rows(queries, "query set"), as_rows(train, "training set")
     ranking_names = list(rankings or DEFAULT_RANKINGS)
     ks = [int(k) for k in (ks or PAPER_KS) if int(k) <= split.d_sae] or [int(split.d_sae)]
+    settings = json.loads(json.dumps({
+        "config": vars(cfg), "rankings": ranking_names, "ks": ks, "n_boot": n_boot, "seed": seed,
+        "hook": split.hook_name, "split": split.fingerprint(), "queries": [str(r.get("id")) for r in q_rows],
+        "train": fingerprint_rows(t_rows),
+    }, default=str))  # fmt: skip
+    settings_path = out / "settings.json"
+    if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
+        raise ValueError(f"{out} holds a faithfulness run with other settings (model, SAE, questions, training set "
+                         "or config). Fix: pass a fresh out_dir, or delete the folder to start over.")  # fmt: skip
+    settings_path.write_text(json.dumps(settings, indent=2))
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if cfg.prefilter_fraction is not None or cfg.prefilter_top_k is not None:
