@@ -26,6 +26,7 @@ from repinf_lens.split import SplitModel
 __all__ = [
     "AttributionConfig",
     "build_attributor",
+    "prefilter_candidates",
     "make_report",
     "run_ablation",
     "run_attribution",
@@ -96,6 +97,35 @@ def build_attributor(
     return att
 
 
+def prefilter_candidates(
+    split: SplitModel,
+    queries: Any,
+    train: Any,
+    config: AttributionConfig,
+    *,
+    sketch_dir: str | os.PathLike,
+    timings: dict[str, float] | None = None,
+    progress: bool = True,
+) -> Any:
+    """Each query's most gradient-similar training examples per ``config`` (``prefilter_top_k`` /
+    ``prefilter_fraction``), from sketches of ``train`` built once in ``sketch_dir``; ``None`` when the config
+    asks for no prefilter. Adds ``sketches_s`` / ``prefilter_s`` to ``timings`` when given."""
+    if config.prefilter_fraction is None and config.prefilter_top_k is None:
+        return None
+    from repinf_lens.prefiltering import build_sketches, prefilter
+
+    t = time.perf_counter()
+    store = build_sketches(split, split.task, as_rows(train, "training set"), out_dir=sketch_dir,
+                           dim=config.sketch_dim, batch_size=config.batch_size, progress=progress)  # fmt: skip
+    t1 = time.perf_counter()
+    pf = prefilter(queries, store, split=split, top_fraction=config.prefilter_fraction, top_k=config.prefilter_top_k,
+                   batch_size=config.batch_size)  # fmt: skip
+    if timings is not None:
+        timings["sketches_s"] = round(t1 - t, 2)
+        timings["prefilter_s"] = round(time.perf_counter() - t1, 2)
+    return pf
+
+
 def run_attribution(
     split: SplitModel,
     queries: Any,
@@ -116,26 +146,13 @@ def run_attribution(
     cfg = config or AttributionConfig()
     out = Path(out_dir)
     q_rows, t_rows = as_rows(queries, "query set"), as_rows(train, "training set")
-    task = split.task
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     candidates = t_rows
     prefilter_info: dict[str, Any] | None = None
-    if cfg.prefilter_fraction is not None or cfg.prefilter_top_k is not None:
-        from repinf_lens.prefiltering import build_sketches, prefilter
-
-        t = time.perf_counter()
-        store = build_sketches(
-            split, task, t_rows, out_dir=out / "sketches", dim=cfg.sketch_dim, batch_size=cfg.batch_size,
-            progress=progress,
-        )  # fmt: skip
-        timings["sketches_s"] = round(time.perf_counter() - t, 2)
-        t = time.perf_counter()
-        pf = prefilter(
-            q_rows, store, split=split, top_fraction=cfg.prefilter_fraction, top_k=cfg.prefilter_top_k,
-            batch_size=cfg.batch_size,
-        )  # fmt: skip
-        timings["prefilter_s"] = round(time.perf_counter() - t, 2)
+    pf = prefilter_candidates(split, q_rows, t_rows, cfg, sketch_dir=out / "sketches", timings=timings,
+                              progress=progress)  # fmt: skip
+    if pf is not None:
         keep = sorted({int(i) for i in pf.indices.flatten()})
         candidates = [t_rows[i] for i in keep]
         prefilter_info = {"per_query": pf.k, "union": len(keep), "n_train": len(t_rows)}

@@ -131,7 +131,7 @@ def run_faithfulness(
         save_ablation,
     )
     from repinf_lens.influence.attributor import as_rows
-    from repinf_lens.pipeline import AttributionConfig, build_attributor, write_manifest
+    from repinf_lens.pipeline import AttributionConfig, build_attributor, prefilter_candidates, write_manifest
 
     cfg = config or AttributionConfig()
     out = Path(out_dir)
@@ -151,17 +151,12 @@ def run_faithfulness(
     settings_path.write_text(json.dumps(settings, indent=2))
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    if cfg.prefilter_fraction is not None or cfg.prefilter_top_k is not None:
-        from repinf_lens.prefiltering import build_sketches, prefilter
-
-        store = build_sketches(split, split.task, t_rows, out_dir=out / "sketches", dim=cfg.sketch_dim,
-                               batch_size=cfg.batch_size, progress=progress)  # fmt: skip
-        pf = prefilter(q_rows, store, split=split, top_fraction=cfg.prefilter_fraction, top_k=cfg.prefilter_top_k,
-                       batch_size=cfg.batch_size)  # fmt: skip
+    pf = prefilter_candidates(split, q_rows, t_rows, cfg, sketch_dir=out / "sketches", timings=timings,
+                              progress=progress)  # fmt: skip
+    if pf is not None:
         cand_idx = [pf.indices[i].tolist() for i in range(len(q_rows))]
     else:
         cand_idx = [list(range(len(t_rows)))] * len(q_rows)
-    timings["prefilter_s"] = round(time.perf_counter() - t0, 1)
     att = build_attributor(split, cfg, t_rows, progress=progress)
     done = {int(p.stem) for p in (out / "per_query").glob("*.csv")}
     todo = [i for i in range(len(q_rows)) if i not in done]
