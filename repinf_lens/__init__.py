@@ -18,7 +18,7 @@ from repinf_lens.analysis import (
 )
 from repinf_lens.curvature import CG, Explicit, Identity, InverseHessianSolver, LiSSA
 from repinf_lens.data import load_mcqa
-from repinf_lens.finetuning import FinetuneConfig, FinetuneResult, finetune
+from repinf_lens.finetuning import FinetuneConfig, FinetuneResult, finetune, merge_adapter
 from repinf_lens.influence import (
     InfluenceAttributor,
     InfluenceResult,
@@ -112,6 +112,7 @@ __all__ = [
     "data",
     "evaluate",
     "finetune",
+    "merge_adapter",
     "load_hf_model",
     "load_mcqa",
     "load_model",

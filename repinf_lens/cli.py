@@ -149,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     fin.add_argument("--effective-batch-size", type=int, default=32, help="batch reached by accumulation")
     fin.add_argument("--lora-r", type=int, default=16)
     fin.add_argument("--out", type=Path, default=Path("runs/finetune"), help="output directory")
+    mg = sub.add_parser(
+        "merge-adapter", help="merge a LoRA adapter trained elsewhere (e.g. on a GPU) into its base model"
+    )
+    _common(mg)
+    mg.add_argument("--adapter", type=Path, required=True, help="peft adapter folder (finetune's OUT/adapter)")
+    mg.add_argument("--out", type=Path, required=True, help="output folder: OUT/merged is the merged HF model")
     ts = sub.add_parser("train-sae", help="train one SAE (SAELens trainer, any architecture) on task activations")
     _common(ts)
     _sae_args(ts)
@@ -332,6 +338,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         meta = {k: v for k, v in res.metadata.items() if k != "loss_curve"}
         print(json.dumps(meta, indent=2))
+        return 0
+    if args.command == "merge-adapter":
+        from repinf_lens.finetuning import merge_adapter
+
+        model = merge_adapter(args.model, args.adapter, args.out, device=args.device, n_ctx=args.n_ctx)
+        print(json.dumps({"merged": str(args.out / "merged"), "n_layers": model.cfg.n_layers}, indent=2))
         return 0
     if args.command == "train-sae":
         from repinf_lens.saes import collect_activations, train_sae

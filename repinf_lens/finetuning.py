@@ -35,7 +35,7 @@ from repinf_lens._cache import atomic_dir, fingerprint_rows
 from repinf_lens.models import DEFAULT_MODEL, _is_default, default_model_dir, load_model, resolve_device
 from repinf_lens.task import Task, evaluate, task_config
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "DEFAULT_LORA_TARGETS"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "merge_adapter", "DEFAULT_LORA_TARGETS"]
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -129,7 +129,7 @@ def finetune(
         resume: continue from the newest checkpoint in ``out_dir/checkpoints``.
     """
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     cfg = dataclasses.replace(config) if config is not None else FinetuneConfig()  # never mutate the caller's
     for k, v in overrides.items():
@@ -253,10 +253,7 @@ def finetune(
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)
     model.save_pretrained(adapter_dir)
-    merged = model.merge_and_unload()
-    with atomic_dir(merged_dir) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(tmp)
+    _save_merged(model.merge_and_unload(), base_dir, merged_dir)
     tl_model = load_model(merged_dir, device=dev, n_ctx=n_ctx)
     acc_after = None
     if eval_dataset is not None:
@@ -281,6 +278,61 @@ def finetune(
     }
     meta_path.write_text(json.dumps(meta, indent=2))
     return FinetuneResult(tl_model, out, merged_dir, adapter_dir, meta)
+
+
+def _save_merged(merged: Any, base_dir: Path, merged_dir: Path) -> None:
+    """Write a merged HF model and its base model's tokenizer to ``merged_dir`` atomically."""
+    from transformers import AutoTokenizer
+
+    with atomic_dir(merged_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(tmp)
+
+
+def merge_adapter(
+    model_or_name: str | os.PathLike | None,
+    adapter_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    n_ctx: int = 1024,
+) -> Any:
+    """Merge a peft LoRA adapter trained elsewhere (another machine, a GPU) into its base model; load it.
+
+    The adapter folder is what :func:`finetune` writes to ``out_dir/adapter`` (or any peft ``save_pretrained``
+    folder for the same base model). The merged fp32 HF model is saved to ``out_dir/merged`` (atomically; an
+    existing one is reused when ``out_dir/merge.json`` records the same adapter hash) and returned as a
+    HookedTransformer through :func:`repinf_lens.load_model`, exactly as :func:`finetune` does after training.
+
+    Args:
+        model_or_name: ``None`` for the embedded default, or the local HF folder the adapter was trained on.
+        adapter_dir: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+        out_dir: output folder; ``merged/`` and ``merge.json`` (base model, adapter hash) are written there.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = Path(adapter_dir)
+    if not (adapter / "adapter_config.json").exists():
+        raise FileNotFoundError(
+            f"{adapter} is not a peft adapter folder (no adapter_config.json). Fix: pass the `adapter/` folder "
+            "that `finetune` (or peft's save_pretrained) wrote."
+        )
+    out = Path(out_dir)
+    merged_dir, meta_path = out / "merged", out / "merge.json"
+    base_dir = default_model_dir() if _is_default(model_or_name) else Path(model_or_name)  # type: ignore[arg-type]
+    base_name = DEFAULT_MODEL if _is_default(model_or_name) else str(base_dir)
+    meta = {"base_model": base_name, "adapter_dir": str(adapter), "adapter_sha256": _hash_folder(adapter)}
+    dev = resolve_device(device)
+    if meta_path.exists() and (merged_dir / "config.json").exists():
+        old = json.loads(meta_path.read_text())
+        if old.get("adapter_sha256") == meta["adapter_sha256"] and old.get("base_model") == base_name:
+            return load_model(merged_dir, device=dev, n_ctx=n_ctx)
+    out.mkdir(parents=True, exist_ok=True)
+    hf = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    _save_merged(PeftModel.from_pretrained(hf, str(adapter)).merge_and_unload(), base_dir, merged_dir)
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return load_model(merged_dir, device=dev, n_ctx=n_ctx)
 
 
 def _save_checkpoint(model: Any, opt: Any, sched: Any, step: int, losses: list[float], folder: Path) -> None:

@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from repinf_lens.cli import build_parser, main
 from repinf_lens.testing import tiny_hf_llama, toy_mcqa_rows
@@ -42,6 +43,15 @@ def test_finetune_cli_tiny(tmp_path, monkeypatch, capsys):
     assert (out / "merged" / "config.json").exists() and (out / "adapter" / "adapter_config.json").exists()
     printed = capsys.readouterr().out
     assert json.loads(printed[printed.index("{\n") :])["adapter_sha256"] == meta["adapter_sha256"]
+    # the adapter merges again through `merge-adapter` (as after training on another machine)
+    assert main(["merge-adapter", "--model", str(folder), "--adapter", str(out / "adapter"), "--out",
+                 str(tmp_path / "m")]) == 0  # fmt: skip
+    merged = json.loads((tmp_path / "m" / "merge.json").read_text())
+    assert merged["adapter_sha256"] == meta["adapter_sha256"]
+    from safetensors.torch import load_file
+
+    a, b = load_file(out / "merged" / "model.safetensors"), load_file(tmp_path / "m" / "merged" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 TINY_DEMO = dict(n_eval=4, n_finetune=8, finetune_batch_size=4, finetune_micro_batch_size=4, d_sae=16, k=3,

@@ -111,3 +111,61 @@ def test_finetune_rejects_bad_options(base, tmp_path):
         ft.finetune(folder, task, _rows(4), out_dir=tmp_path / "x", epoch=1)
     with pytest.raises(ValueError, match="empty"):
         ft.finetune(folder, task, [], out_dir=tmp_path / "x")
+
+
+def test_merge_adapter_reproduces_finetunes_merged_model(base, tmp_path):
+    """An adapter copied elsewhere (as from a GPU machine) merges into the same weights `finetune` merged."""
+    import shutil
+
+    folder, task = base
+    rows = _rows(8)
+    res = ft.finetune(folder, task, rows, out_dir=tmp_path / "run", **{**LEARN_KW, "epochs": 2})
+    copied = tmp_path / "elsewhere" / "adapter"
+    shutil.copytree(res.adapter_dir, copied)
+    merged = ft.merge_adapter(folder, copied, tmp_path / "merge", device="cpu", n_ctx=256)
+    batch = task.collate(rows[:3])
+    with torch.no_grad():
+        a = task.model_logits(res.model, batch)
+        b = task.model_logits(merged, batch)
+        base_logits = task.model_logits(load_model(folder, device="cpu", n_ctx=256), batch)
+    assert torch.equal(a, b)
+    assert (a - base_logits).abs().max().item() > 1e-3  # the adapter changed the model, so equality means something
+    meta = json.loads((tmp_path / "merge" / "merge.json").read_text())
+    assert meta["adapter_sha256"] == res.metadata["adapter_sha256"] and meta["base_model"] == str(folder)
+    mtime = (tmp_path / "merge" / "merged" / "model.safetensors").stat().st_mtime_ns
+    ft.merge_adapter(folder, copied, tmp_path / "merge", device="cpu", n_ctx=256)  # reused, not rewritten
+    assert (tmp_path / "merge" / "merged" / "model.safetensors").stat().st_mtime_ns == mtime
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        ft.merge_adapter(folder, tmp_path, tmp_path / "bad", device="cpu")
+
+
+@pytest.mark.integration
+def test_merged_real_model_hooked_logits_equal_merged_hf_logits(tmp_path):
+    """On the real SmolLM2: a (random, non-zero) LoRA adapter on all 7 projections of all 30 blocks, merged by
+    `merge_adapter`, gives a HookedTransformer whose answer logits equal the merged HF model's within 1e-4."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from repinf_lens.models import default_model_dir
+
+    base_dir = default_model_dir()
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=list(ft.DEFAULT_LORA_TARGETS), init_lora_weights=False)
+    peft_model = get_peft_model(hf, cfg)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model = ft.merge_adapter(None, tmp_path / "adapter", tmp_path / "m", device="cpu", n_ctx=256)
+    task = MultipleChoiceTask(AutoTokenizer.from_pretrained(str(base_dir)), template="plain", max_length=256)
+    rows = [
+        {"id": "a", "question": "Which is a mammal?", "choices": ["shark", "whale", "trout", "eel"], "answer": 1},
+        {"id": "b", "question": "What melts ice?", "choices": ["heat", "cold", "dark", "salt water"], "answer": 0},
+    ]
+    batch = task.collate(rows)
+    merged_hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m" / "merged"), dtype=torch.float32).eval()
+    base_hf = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours = task.model_logits(model, batch)
+        ref = ft._answer_logits(merged_hf, batch)
+        base = ft._answer_logits(base_hf, batch)
+    assert (ours - ref).abs().max().item() <= 1e-4
+    assert (ref - base).abs().max().item() > 1e-2  # the adapter is not a no-op
