@@ -128,6 +128,18 @@ def _split(args: argparse.Namespace, split: str, limit: int | None):  # noqa: AN
     return ds.select(range(min(limit, len(ds)))) if limit is not None else ds
 
 
+def _shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"error: --shard must look like I/N (e.g. 0/2), got {text!r}") from None
+    if not 0 <= i < n:
+        raise SystemExit(f"error: --shard {text}: need 0 <= I < N")
+    return i, n
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="repinf-lens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -205,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     fa.add_argument("--rankings", nargs="+", default=["influence", "activation", "frequency", "random"])
     fa.add_argument("--ks", nargs="+", type=int, default=None, help="default: the paper's 10 25 50 75 ... 200")
     fa.add_argument("--n-boot", type=int, default=1000)
+    fa.add_argument(
+        "--shard", default=None, help="I/N: handle questions I, I+N, ... so N processes share --out (e.g. 0/2, 1/2)"
+    )
     _attribution_args(fa)
     fa.add_argument("--out", type=Path, default=Path("runs/faithfulness"), help="output directory")
     cs = sub.add_parser(
@@ -455,7 +470,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             split, list(_split(args, args.query_split, args.query_limit)),
             _split(args, args.train_split, args.train_limit), out_dir=args.out, config=_attribution_config(args),
             rankings=args.rankings, ks=args.ks, n_boot=args.n_boot, seed=args.seed, progress=not args.no_progress,
+            shard=_shard(args.shard),
         )  # fmt: skip
+        if summary.get("pending"):
+            print(f"shard done; {len(summary['pending'])} questions pending in other processes (the last aggregates)")
         for v in summary["verdicts"]:
             counts = ", ".join(f"{k} {v.get(k, 0)}" for k in ("better", "tie", "worse"))
             err = "with" if v["error_term"] else "without"

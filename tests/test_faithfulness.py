@@ -81,6 +81,27 @@ def test_run_faithfulness_per_question_candidates_and_resume(tmp_path, monkeypat
         run_faithfulness(split, queries, train, **{**kw, "ks": (2,)})
 
 
+def test_run_faithfulness_shards_share_one_folder_and_equal_a_single_run(tmp_path):
+    model = tiny_model(n_layers=2, d_model=32, n_heads=4, d_mlp=64, seed=3)
+    split = SplitModel(model, HOOK, random_sae(model, HOOK, d_sae=16, k=4, seed=2))
+    queries, train = toy_mcqa_rows(5, seed=5, prefix="t"), toy_mcqa_rows(12, seed=6, prefix="tr")
+    cfg = AttributionConfig(solver="cg", max_iter=2, hessian_examples=4, batch_size=4, prefilter_top_k=4,
+                            sketch_dim=64)  # fmt: skip
+    kw = dict(config=cfg, ks=(2, 4), n_boot=50, progress=False)
+    single = run_faithfulness(split, queries, train, out_dir=tmp_path / "single", **kw)
+    first = run_faithfulness(split, queries, train, out_dir=tmp_path / "shared", shard=(1, 2), **kw)
+    assert first["pending"] == [0, 2, 4] and not (tmp_path / "shared" / "faithfulness.json").exists()
+    assert sorted(p.name for p in (tmp_path / "shared" / "per_query").glob("*.csv")) == ["00001.csv", "00003.csv"]
+    last = run_faithfulness(split, queries, train, out_dir=tmp_path / "shared", shard=(0, 2), **kw)
+    assert "pending" not in last and last["verdicts"] == single["verdicts"]
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "shared" / "ablation_per_query.csv"),
+        pd.read_csv(tmp_path / "single" / "ablation_per_query.csv"),
+    )
+    with pytest.raises(ValueError, match="shard must be"):
+        run_faithfulness(split, queries, train, out_dir=tmp_path / "shared", shard=(2, 2), **kw)
+
+
 def test_attribution_config_builds_the_solver_it_names():
     from repinf_lens.cli import build_parser
     from repinf_lens.pipeline import _solver

@@ -100,6 +100,7 @@ def run_faithfulness(
     n_boot: int = 1000,
     seed: int = 0,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Per-question attribution over its own prefiltered candidates, then ablations; tables, plot, verdicts.
 
@@ -114,6 +115,11 @@ def run_faithfulness(
             set each question's candidates (all of ``train`` when neither is set).
         rankings, ks: as :func:`~repinf_lens.analysis.ablation.necessity_sufficiency` (default the paper's four
             rankings and k grid).
+        shard: ``(i, n)``: this process handles questions ``i, i + n, i + 2n, ...`` only, so ``n`` processes
+            (one per core or GPU) share one ``out_dir``: the sketches are built once (the first process builds,
+            the others resume them), each question is skipped when its table already exists, and whichever
+            process finds every table written aggregates. A process that finishes before the others returns
+            ``{"pending": [...]}`` and writes no aggregate; a later run without ``shard`` aggregates.
 
     Returns:
         The summary written to ``faithfulness.json`` (counts, timings, and the verdict counts per baseline).
@@ -137,6 +143,8 @@ def run_faithfulness(
     out = Path(out_dir)
     (out / "per_query").mkdir(parents=True, exist_ok=True)
     q_rows, t_rows = as_rows(queries, "query set"), as_rows(train, "training set")
+    if shard is not None and not (len(shard) == 2 and 0 <= int(shard[0]) < int(shard[1])):
+        raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}. Fix: e.g. (0, 2).")
     ranking_names = list(rankings or DEFAULT_RANKINGS)
     ks = [int(k) for k in (ks or PAPER_KS) if int(k) <= split.d_sae] or [int(split.d_sae)]
     settings = json.loads(json.dumps({
@@ -158,14 +166,20 @@ def run_faithfulness(
     else:
         cand_idx = [list(range(len(t_rows)))] * len(q_rows)
     att = build_attributor(split, cfg, t_rows, progress=progress)
-    done = {int(p.stem) for p in (out / "per_query").glob("*.csv")}
-    todo = [i for i in range(len(q_rows)) if i not in done]
+
+    def table_of(i: int) -> Path:
+        return out / "per_query" / f"{i:05d}.csv"
+
+    mine = range(len(q_rows)) if shard is None else range(int(shard[0]), len(q_rows), int(shard[1]))
+    todo = [i for i in mine if not table_of(i).exists()]
     t = time.perf_counter()
     if todo:
         att.s_test([q_rows[i] for i in todo])  # every remaining s_test in lockstep, cached for the loop below
     timings["s_test_s"] = round(time.perf_counter() - t, 1)
     t_att = t_abl = 0.0
     for i in tqdm(todo, desc="questions", disable=not progress):
+        if table_of(i).exists():  # written meanwhile by another process sharing out_dir
+            continue
         cands = [t_rows[j] for j in cand_idx[i]]
         t = time.perf_counter()
         res = att.attribute_streaming(
@@ -177,11 +191,14 @@ def run_faithfulness(
                                    n_boot=n_boot, seed=seed + i, progress=False)  # fmt: skip
         df["query"] = i
         t_abl += time.perf_counter() - t
-        tmp = out / "per_query" / f"{i:05d}.csv.tmp"
+        tmp = out / "per_query" / f"{i:05d}.csv.tmp{os.getpid()}"
         df.to_csv(tmp, index=False)
-        os.replace(tmp, out / "per_query" / f"{i:05d}.csv")
+        os.replace(tmp, table_of(i))
     timings["attribution_s"] = round(t_att, 1)
     timings["ablation_s"] = round(t_abl, 1)
+    pending = [i for i in range(len(q_rows)) if not table_of(i).exists()]
+    if pending:  # other shards are still working; the last one to finish aggregates
+        return {"n_queries": len(q_rows), "pending": pending, "timings": timings, "verdicts": []}
     frames = [pd.read_csv(out / "per_query" / f"{i:05d}.csv") for i in range(len(q_rows))]
     df = pd.concat(frames, ignore_index=True)
     df["query_id"] = df["query_id"].astype(str)
