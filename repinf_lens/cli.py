@@ -108,6 +108,7 @@ def _attribution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefilter-top-k", type=int, default=None, help="keep this many per query")
     p.add_argument("--sketch-dim", type=int, default=4096)
     p.add_argument("--shard-size", type=int, default=256)
+    p.add_argument("--query-chunk-size", type=int, default=8, help="queries solved / scored together (memory grows)")
 
 
 def _attribution_config(args: argparse.Namespace):  # noqa: ANN202
@@ -118,6 +119,7 @@ def _attribution_config(args: argparse.Namespace):  # noqa: ANN202
         hessian_examples=args.hessian_examples,
         prefilter_fraction=args.prefilter_fraction, prefilter_top_k=args.prefilter_top_k,
         sketch_dim=args.sketch_dim, batch_size=args.batch_size, shard_size=args.shard_size,
+        query_chunk_size=args.query_chunk_size,
     )  # fmt: skip
 
 

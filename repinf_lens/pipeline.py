@@ -68,6 +68,7 @@ class AttributionConfig:
     sketch_dim: int = 4096
     batch_size: int = 8
     shard_size: int = 256
+    query_chunk_size: int | None = 8
 
 
 def _solver(cfg: AttributionConfig) -> Any:
@@ -89,7 +90,14 @@ def build_attributor(
     when its solver needs Hessian data. Its s_test vectors are cached: scoring more training examples (e.g. a
     rationale-augmented copy) for the same queries later costs no new solve."""
     cfg = config or AttributionConfig()
-    att = InfluenceAttributor(split, split.task, hessian=_solver(cfg), batch_size=cfg.batch_size, progress=progress)
+    att = InfluenceAttributor(
+        split,
+        split.task,
+        hessian=_solver(cfg),
+        batch_size=cfg.batch_size,
+        query_chunk_size=cfg.query_chunk_size,
+        progress=progress,
+    )
     if att.solver.needs_hessian:
         if train is None:
             raise ValueError(f"The {cfg.solver} solver needs Hessian data. Fix: pass the training examples.")

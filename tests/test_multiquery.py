@@ -204,8 +204,11 @@ def test_cg_solve_many_equals_per_query_cg_with_convergence_masks(small):
     assert iters[3] == 0 and len(set(iters[:3])) > 1  # the queries stop at different iterations
     assert all(i.converged for _, i in single) and max(iters) < solver.max_iter
     for (s, info), m, minfo in zip(single, many, infos):
-        assert minfo.iterations == info.iterations and minfo.converged == info.converged
-        assert minfo.n_hvp == info.n_hvp
+        # batched and single HVPs round differently, and the late residuals drift apart ("rounding chaos"
+        # below): a query may cross the tolerance one iteration apart, never more
+        assert abs(minfo.iterations - info.iterations) <= 1 and minfo.converged == info.converged
+        assert minfo.n_hvp == minfo.iterations and info.n_hvp == info.iterations
+        assert (minfo.iterations == 0) == (info.iterations == 0)
         assert minfo.residuals[:6] == pytest.approx(info.residuals[:6], rel=1e-5)  # later ones: rounding chaos
         _close(tflatten(m), tflatten(s))
     chunked, _ = solver.solve_many(att.hvp, gs, chunk_size=2)
@@ -278,3 +281,12 @@ def test_s_test_solves_missing_queries_together_and_caches(small, tmp_path, monk
     dup = chunked.s_test([exs[0], exs[1], exs[0]])  # a repeated query is solved once
     assert calls[4:] == [2] and [i.iterations == 0 for i in chunked.solve_infos] == [False, False, True]
     assert torch.equal(tflatten(dup[0]), tflatten(dup[2]))
+    # keep=False fills the cache chunk by chunk and returns nothing; later reads equal a kept solve
+    filler = _att(split, solver, cache_dir=tmp_path / "fill", query_chunk_size=2).fit(exs, batch_size=4)
+    assert filler.s_test(exs[:4], keep=False) == [] and calls[5:] == [2, 2]
+    assert len(list((tmp_path / "fill").glob("*.safetensors"))) == 4
+    assert filler.s_test(exs[:4], keep=False) == [] and calls[5:] == [2, 2]  # all cached: nothing solved
+    for g, w in zip(filler.s_test(exs[:4]), want):
+        _close(tflatten(g), tflatten(w))
+    with pytest.raises(ValueError, match="keep=False"):
+        chunked.s_test(exs[:1], keep=False)

@@ -31,6 +31,10 @@ class STestCache:
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.safetensors"
 
+    def has(self, key: str) -> bool:
+        """Whether ``key`` is cached (without reading it)."""
+        return self.path(key).exists()
+
     def get(self, key: str) -> dict[str, Tensor] | None:
         p = self.path(key)
         return load_file(str(p)) if p.exists() else None

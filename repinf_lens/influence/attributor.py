@@ -174,15 +174,24 @@ class InfluenceAttributor:
             query=_data_hash([row]),
         )
 
-    def s_test(self, queries: Any) -> list[Params]:
+    def s_test(self, queries: Any, *, keep: bool = True) -> list[Params]:
         """s_test = (H + lambda I)^-1 g_test for every query, cached on disk (safetensors).
 
         Queries found in the cache are read; the others are solved together, ``query_chunk_size`` at a time,
         with the solver's ``solve_many`` (for CG: one batched HVP per iteration for all still-running queries,
         each query stopping at its own tolerance), then cached. ``self.solve_infos`` holds one
         :class:`SolveInfo` per query (``iterations=0`` for cache hits).
+
+        ``keep=False`` only fills the cache and returns ``[]``: memory then holds one chunk of queries at a time,
+        not every s_test (one s_test is the size of theta2: ~0.4 GB in fp32 below an early layer of the default
+        model, so 50 kept vectors alone are 20 GB).
         """
         rows = as_rows(queries, "query set")
+        if not keep and self.cache is None:
+            raise ValueError(
+                "s_test(keep=False) only fills the s_test cache, and this attributor has none. "
+                "Fix: build it with use_cache=True, or call s_test(queries) and keep the vectors."
+            )
         if self.solver.needs_hessian and self._hessian_inputs is None:
             raise RuntimeError(
                 f"{type(self.solver).__name__} needs Hessian data. Fix: call "
@@ -200,6 +209,9 @@ class InfluenceAttributor:
                 repeats[key].append(i)
                 continue
             repeats[key] = []
+            if not keep and self.cache is not None and self.cache.has(key):
+                infos[i] = SolveInfo(iterations=0, converged=True)
+                continue
             cached = self.cache.get(key) if self.cache is not None else None
             if cached is None:
                 missing.append(i)
@@ -219,7 +231,7 @@ class InfluenceAttributor:
                     sols, sol_infos = [p[0] for p in pairs], [p[1] for p in pairs]
                 del gs
                 for i, sol, info in zip(idx, sols, sol_infos):
-                    out[i], infos[i] = sol, info
+                    out[i], infos[i] = (sol if keep else None), info
                     if self.cache is not None:
                         self.cache.put(
                             keys[i],
@@ -231,7 +243,11 @@ class InfluenceAttributor:
                                 "hook": self.split.hook_name,
                             },
                         )
+                del sols
                 bar.update(len(idx))
+        if not keep:
+            self.solve_infos = [i for i in infos if i is not None]
+            return []
         for key, later in repeats.items():  # a query given twice is solved once
             first = keys.index(key)
             for i in later:
