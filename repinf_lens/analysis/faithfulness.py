@@ -88,6 +88,10 @@ def compare_rankings(
     return pd.DataFrame(rows)
 
 
+_MEMORY_KNOBS = ("query_chunk_size",)
+"""Config fields that bound memory only: processes sharing one folder (``shard``) may set them differently."""
+
+
 def run_faithfulness(
     split: Any,
     queries: Any,
@@ -148,7 +152,8 @@ def run_faithfulness(
     ranking_names = list(rankings or DEFAULT_RANKINGS)
     ks = [int(k) for k in (ks or PAPER_KS) if int(k) <= split.d_sae] or [int(split.d_sae)]
     settings = json.loads(json.dumps({
-        "config": vars(cfg), "rankings": ranking_names, "ks": ks, "n_boot": n_boot, "seed": seed,
+        "config": {k: v for k, v in vars(cfg).items() if k not in _MEMORY_KNOBS},
+        "rankings": ranking_names, "ks": ks, "n_boot": n_boot, "seed": seed,
         "hook": split.hook_name, "split": split.fingerprint(), "queries": [str(r.get("id")) for r in q_rows],
         "train": fingerprint_rows(t_rows),
     }, default=str))  # fmt: skip
