@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(demo)
     demo.add_argument("--quick", action="store_true", help="the quick preset (a few minutes on 2 CPU cores)")
     demo.add_argument("--config", type=Path, default=None, help="JSON/YAML file of DemoConfig fields")
+    demo.add_argument("--adapter", type=Path, default=None, help="a LoRA adapter trained elsewhere: skips the finetune")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
     return parser
 
@@ -555,6 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, seed=args.seed, batch_size=args.batch_size)
         if args.template is not None:
             cfg = dataclasses.replace(cfg, template=args.template)
+        if args.adapter is not None:
+            cfg = dataclasses.replace(cfg, adapter=str(args.adapter))
         res = run_demo(
             args.out, cfg, model=args.model, offline=True if args.offline else None, device=args.device,
             n_ctx=args.n_ctx, progress=not args.no_progress,

@@ -36,6 +36,10 @@ class DemoConfig:
 
     Layers default to the upper two of three evenly spaced middle-half layers (15 and 22 on the 30-layer
     default; the upper one in quick mode): fewer parameters downstream of the hook make CG cheaper.
+
+    ``adapter``: a peft LoRA adapter folder trained elsewhere (e.g. by ``benchmarks/finetune_grid.py`` on a GPU;
+    the short CPU finetune stays on the letter-prior plateau). It replaces the finetune stage: it is merged into
+    the model and the first ``n_finetune`` training examples are still the ones attributed.
     """
 
     dataset: str = "openbookqa"
@@ -47,6 +51,7 @@ class DemoConfig:
     finetune_batch_size: int = 16
     finetune_micro_batch_size: int = 8
     lora_r: int = 16
+    adapter: str | None = None
     layers: tuple[int, ...] | None = None
     n_layers_swept: int = 2
     d_sae: int = 1024
@@ -138,7 +143,7 @@ def run_demo(
     from repinf_lens.analysis.case_studies import cached_predictions, prediction_record, select_queries
     from repinf_lens.analysis.orthogonality import orthogonality_table
     from repinf_lens.data import load_mcqa
-    from repinf_lens.finetuning import finetune
+    from repinf_lens.finetuning import finetune, merge_adapter
     from repinf_lens.influence.attributor import as_rows
     from repinf_lens.models import _is_default, default_model_dir, load_model, resolve_device
     from repinf_lens.pipeline import AttributionConfig, make_report, run_ablation, run_attribution, write_manifest
@@ -179,19 +184,24 @@ def run_demo(
     )  # fmt: skip
     stage("zero_shot_eval_s", t)
 
-    # 2. a short LoRA finetune (reused when finished with the same data and settings)
+    # 2. a short LoRA finetune (reused when finished with the same data and settings), or an adapter trained
+    #    elsewhere (config.adapter, e.g. benchmarks/finetune_grid.py on a GPU), merged
     t = time.perf_counter()
-    ft = finetune(
-        model, task, ft_rows, out_dir=out / "finetune", device=dev, n_ctx=n_ctx, progress=progress,
-        epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, batch_size=cfg.finetune_batch_size,
-        micro_batch_size=cfg.finetune_micro_batch_size, lora_r=cfg.lora_r, seed=cfg.seed,
-    )  # fmt: skip
-    tl_model = ft.model
+    if cfg.adapter is not None:
+        tl_model = merge_adapter(model, cfg.adapter, out / "adapter_merge", device=dev, n_ctx=n_ctx)
+        adapter_sha = json.loads((out / "adapter_merge" / "merge.json").read_text())["adapter_sha256"]
+    else:
+        ft = finetune(
+            model, task, ft_rows, out_dir=out / "finetune", device=dev, n_ctx=n_ctx, progress=progress,
+            epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, batch_size=cfg.finetune_batch_size,
+            micro_batch_size=cfg.finetune_micro_batch_size, lora_r=cfg.lora_r, seed=cfg.seed,
+        )  # fmt: skip
+        tl_model, adapter_sha = ft.model, ft.metadata["adapter_sha256"]
     stage("finetune_s", t)
     t = time.perf_counter()
     after = cached_predictions(
         out / "eval_finetuned.json",
-        {**key, "adapter_sha256": ft.metadata["adapter_sha256"]},
+        {**key, "adapter_sha256": adapter_sha},
         lambda: prediction_record(tl_model, task, eval_rows, batch_size=cfg.batch_size, progress=progress),
     )
     stage("finetuned_eval_s", t)
@@ -210,7 +220,7 @@ def run_demo(
         tl_model, task, train_rows[: cfg.n_sae_prompts], eval_rows, out_dir=out / "sweep", layers=layers,
         sizes=[(cfg.d_sae, cfg.k)], sae_config=SAETrainingConfig(epochs=cfg.sae_epochs, seed=cfg.seed, device=str(dev)),
         max_train_examples=None, max_eval_examples=None, batch_size=cfg.batch_size,
-        metadata={"dataset": cfg.dataset, "adapter_sha256": ft.metadata["adapter_sha256"]}, progress=progress,
+        metadata={"dataset": cfg.dataset, "adapter_sha256": adapter_sha}, progress=progress,
     )  # fmt: skip
     stage("sae_sweep_s", t)
     sel = sweep.selected
@@ -256,7 +266,11 @@ def run_demo(
     preds_before = {str(q["id"]): before["predictions"][pos[str(q["id"])]] for q in queries}
     accuracy = [
         {"model": "zero-shot", "accuracy": before["accuracy"], "n_questions": len(eval_rows)},
-        {"model": f"LoRA ({len(ft_rows)} examples)", "accuracy": after["accuracy"], "n_questions": len(eval_rows)},
+        {
+            "model": f"LoRA adapter {cfg.adapter}" if cfg.adapter else f"LoRA ({len(ft_rows)} examples)",
+            "accuracy": after["accuracy"],
+            "n_questions": len(eval_rows),
+        },
     ]
     sweep_cols = ("point", "hook_name", "sae_explained_variance", "sae_l0", "accuracy_change_no_error",
                   "accuracy_change_with_error")  # fmt: skip

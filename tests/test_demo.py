@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -78,6 +79,19 @@ def test_run_demo_rerun_reuses_every_stage(tiny_demo):
     again = json.loads((out / "demo.json").read_text())
     assert again["queries"] == summary["queries"] and again["accuracy_finetuned"] == summary["accuracy_finetuned"]
     assert again["timings"]["finetune_s"] < summary["timings"]["finetune_s"]
+
+
+def test_run_demo_with_an_adapter_trained_elsewhere_merges_it_instead_of_finetuning(tiny_demo, tmp_path):
+    out, cfg, kwargs, _, _ = tiny_demo
+    adapter = out / "finetune" / "adapter"  # stands for an adapter trained on another machine
+    res = run_demo(tmp_path / "d", dataclasses.replace(cfg, adapter=str(adapter)), log=lambda _: None, **kwargs)
+    assert not (tmp_path / "d" / "finetune").exists()  # no CPU finetune ran
+    merged = json.loads((tmp_path / "d" / "adapter_merge" / "merge.json").read_text())
+    assert merged["adapter_sha256"] == json.loads((out / "finetune" / "finetune.json").read_text())["adapter_sha256"]
+    first = json.loads((out / "demo.json").read_text())
+    # the same adapter gives the same finetuned model, so the same predictions and accuracy
+    assert res.summary["accuracy_finetuned"] == first["accuracy_finetuned"]
+    assert res.summary["config"]["adapter"] == str(adapter) and res.report.exists()
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
