@@ -120,8 +120,9 @@ def run_faithfulness(
         rankings, ks: as :func:`~repinf_lens.analysis.ablation.necessity_sufficiency` (default the paper's four
             rankings and k grid).
         shard: ``(i, n)``: this process handles questions ``i, i + n, i + 2n, ...`` only, so ``n`` processes
-            (one per core or GPU) share one ``out_dir``: the sketches are built once (the first process builds,
-            the others resume them), each question is skipped when its table already exists, and whichever
+            (one per core or GPU) share one ``out_dir``: the sketches are stored once (start one process first
+            and the others reuse its finished shards; processes started together may both build a shard), each
+            question is skipped when its table already exists, and whichever
             process finds every table written aggregates. A process that finishes before the others returns
             ``{"pending": [...]}`` and writes no aggregate; a later run without ``shard`` aggregates.
 
