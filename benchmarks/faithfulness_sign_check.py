@@ -1,8 +1,9 @@
 """Which end of the influence ranking is necessary? A diagnostic on a finished `repinf-lens faithfulness` folder.
 
 For every question of the folder, re-runs the necessity ablation (error term held) with the stored
-per-question InfluenceResult, for: the paper's ranking (signed mean IFR, descending), its negation (most
-negative first), |mean IFR|, and gradient x activation on the test input. Prints the mean change of the correct
+per-question InfluenceResult, for: the paper's ranking (signed mean IFR, descending), ``influence_eq16`` (its
+negation: the sign of the paper's Eq. 16, most negative first), |mean IFR|, and gradient x activation on the test
+input. Prints the mean change of the correct
 option's logit and NLL, and the flip rate, per ranking and k; writes ``OUT/sign_check.csv``.
 
 Usage::
@@ -32,7 +33,7 @@ def main() -> int:
 
     from repinf_lens import InfluenceResult, SplitModel, load_mcqa, load_model, load_sae
     from repinf_lens.analysis.ablation import necessity_sufficiency
-    from repinf_lens.analysis.rankings import FunctionRanking, InfluenceRanking
+    from repinf_lens.analysis.rankings import InfluenceRanking
     from repinf_lens.saes.loading import sae_hook_name
     from repinf_lens.task import MultipleChoiceTask
 
@@ -46,7 +47,7 @@ def main() -> int:
     signed = InfluenceRanking()
     rankings = {
         "influence (paper)": signed,
-        "influence negated": FunctionRanking(lambda ctx: -signed.scores(ctx), name="influence negated"),
+        "influence_eq16 (negated)": "influence_eq16",
         "influence |abs|": InfluenceRanking(absolute=True),
         "grad_x_act": "grad_x_act",
     }

@@ -317,6 +317,25 @@ class InfluenceRanking(LatentRanking):
         return s.abs() if self.absolute else s
 
 
+class InfluenceEq16Ranking(InfluenceRanking):
+    """The paper's ranking with the sign of its Eq. (16): ``I_j = - g_test^T H^-1 dG_j``, i.e. ``-s_k`` here.
+
+    The paper's text says its "sign convention ensures that positive influence corresponds to improved
+    train-test gradient alignment", but Eq. (16) (and Eq. (3), Koh & Liang) carries a minus sign, under which
+    positive means the training example RAISES the test loss. Taking the "top-k under s" with that formula
+    ranks this package's MOST NEGATIVE mean IFR first. On the finetuned default model this end is the
+    necessary one (``benchmarks/faithfulness_sign_check.py``; README, faithfulness), so both readings are
+    offered: ``influence`` (the text's sign) and ``influence_eq16`` (the formula's sign).
+    """
+
+    name = "influence_eq16"
+    description = "minus the mean IFR (the sign of the paper's Eq. 16), descending"
+
+    def scores(self, ctx: RankingContext) -> Float[Tensor, " d_sae"]:
+        s = super().scores(ctx)
+        return s if self.absolute else -s
+
+
 class ActivationRanking(LatentRanking):
     """Activation magnitude of the latent on the test input: ``|r_{t,k}|`` reduced over the input's tokens.
 
@@ -465,6 +484,7 @@ class FunctionRanking(LatentRanking):
 # registry
 RANKINGS: dict[str, Callable[..., LatentRanking]] = {
     "influence": InfluenceRanking,
+    "influence_eq16": InfluenceEq16Ranking,
     "activation": ActivationRanking,
     "frequency": FrequencyRanking,
     "random": RandomRanking,
