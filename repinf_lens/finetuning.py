@@ -97,6 +97,14 @@ def _answer_logits(hf_model: Any, batch: Any) -> torch.Tensor:
     return base.lm_head(hidden)
 
 
+def _base_model(model_or_name: str | os.PathLike | None) -> tuple[Path, str]:
+    """The base model's local HF folder and the name recorded in the metadata."""
+    if _is_default(model_or_name):
+        return default_model_dir(), DEFAULT_MODEL
+    folder = Path(model_or_name)  # type: ignore[arg-type]
+    return folder, str(folder)
+
+
 def _latest_checkpoint(folder: Path) -> Path | None:
     steps = sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if folder.exists() else []
     steps = [s for s in steps if (s / "state.pt").exists()]
@@ -154,8 +162,7 @@ def finetune(
         )
         rows = [r for r in rows if r.get("id") not in set(too_long)]
     data_hash = fingerprint_rows(rows)
-    base_dir = default_model_dir() if _is_default(model_or_name) else Path(model_or_name)  # type: ignore[arg-type]
-    base_name = DEFAULT_MODEL if _is_default(model_or_name) else str(base_dir)
+    base_dir, base_name = _base_model(model_or_name)
 
     if meta_path.exists() and (merged_dir / "config.json").exists():
         meta = json.loads(meta_path.read_text())
@@ -320,8 +327,7 @@ def merge_adapter(
         )
     out = Path(out_dir)
     merged_dir, meta_path = out / "merged", out / "merge.json"
-    base_dir = default_model_dir() if _is_default(model_or_name) else Path(model_or_name)  # type: ignore[arg-type]
-    base_name = DEFAULT_MODEL if _is_default(model_or_name) else str(base_dir)
+    base_dir, base_name = _base_model(model_or_name)
     meta = {"base_model": base_name, "adapter_dir": str(adapter), "adapter_sha256": _hash_folder(adapter)}
     dev = resolve_device(device)
     if meta_path.exists() and (merged_dir / "config.json").exists():

@@ -206,7 +206,7 @@ def run_faithfulness(
     pending = [i for i in range(len(q_rows)) if not table_of(i).exists()]
     if pending:  # other shards are still working; the last one to finish aggregates
         return {"n_queries": len(q_rows), "pending": pending, "timings": timings, "verdicts": []}
-    frames = [pd.read_csv(out / "per_query" / f"{i:05d}.csv") for i in range(len(q_rows))]
+    frames = [pd.read_csv(table_of(i)) for i in range(len(q_rows))]
     df = pd.concat(frames, ignore_index=True)
     df["query_id"] = df["query_id"].astype(str)
     df.attrs.update({"n_boot": int(n_boot), "seed": int(seed), "ks": ks, "n_queries": len(q_rows),
