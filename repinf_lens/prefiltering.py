@@ -79,6 +79,9 @@ __all__ = [
     "SketchStore",
     "PrefilterResult",
     "build_sketches",
+    "compact_grads",
+    "grad_dots",
+    "grad_norms",
     "prefilter",
     "sketch_overlap",
     "top_count",
@@ -106,6 +109,59 @@ def _touched(g: Tensor) -> Tensor:
     touched = g.permute(0, *order).ne(0).any(0)
     inverse = [order.index(d) for d in range(1, g.ndim)]
     return touched.permute(*inverse)
+
+
+Compact = dict[str, tuple[Tensor, Tensor | None]]
+
+
+def compact_grads(grads: Mapping[str, Tensor]) -> Compact:
+    """Per-example gradients ``{name: [B, *shape]}`` as ``{name: (values [B, m] float32, coords [m] | None)}``.
+
+    Tensors whose non-zero coordinates (over the batch) are under a quarter of the tensor, e.g. the unembedding,
+    whose gradient only touches the columns the loss reads, keep just those ``m`` coordinates (``coords``:
+    their flat C-order indices); the others are flattened whole (``coords`` None). Reading a strided vmap
+    gradient once here is many times cheaper than reducing over it in every consumer.
+    """
+    out: Compact = {}
+    for name, g in grads.items():
+        n = g.shape[0]
+        live = _touched(g)
+        n_live = int(live.sum())
+        if n_live * 4 < live.numel():
+            out[name] = (g[:, live].float(), live.flatten().nonzero().squeeze(1))
+        else:
+            out[name] = (g.reshape(n, -1).float(), None)
+    return out
+
+
+def _as_compact(grads: Mapping[str, Any]) -> Compact:
+    first = next(iter(grads.values()))
+    return grads if isinstance(first, tuple) else compact_grads(grads)  # type: ignore[return-value]
+
+
+def grad_norms(grads: Mapping[str, Any]) -> Float[Tensor, " batch"]:
+    """Exact Euclidean norms ``[B]`` (float32) of per-example gradients ``{name: [B, *shape]}`` (or their
+    :func:`compact_grads` form)."""
+    comp = _as_compact(grads)
+    first = next(iter(comp.values()))[0]
+    norms = torch.zeros(first.shape[0], dtype=torch.float64, device=first.device)
+    for vals, _ in comp.values():
+        norms += vals.square().sum(1, dtype=torch.float64)
+    return norms.sqrt().float()
+
+
+def grad_dots(grads: Mapping[str, Any], against: Mapping[str, Tensor]) -> Float[Tensor, "batch q"]:
+    """Exact inner products ``[B, Q]`` between per-example gradients ``{name: [B, *shape]}`` (or their
+    :func:`compact_grads` form) and ``Q`` reference gradients ``{name: [Q, *shape]}`` (same keys; float32
+    products, float64 sum over tensors). Coordinates no example touches are skipped."""
+    comp = _as_compact(grads)
+    first = next(iter(comp.values()))[0]
+    q = next(iter(against.values())).shape[0]
+    out = torch.zeros(first.shape[0], q, dtype=torch.float64, device=first.device)
+    for name, (vals, coords) in comp.items():
+        a = against[name].reshape(q, -1).to(device=vals.device, dtype=torch.float32)
+        out += (vals @ (a if coords is None else a[:, coords]).T).double()
+    return out.float()
 
 
 class GradientSketcher:
@@ -285,24 +341,25 @@ class GradientSketcher:
             self._cached_bytes += nbytes
         return block
 
-    def project(self, grads: Mapping[str, Tensor]) -> Float[Tensor, "batch dim"]:
-        """Project per-example gradients ``{name: [B, *shape]}`` (theta2 keys) to sketches ``[B, dim]`` (float32)."""
-        first = next(iter(grads.values()))
-        n, device = first.shape[0], first.device
+    def project(self, grads: Mapping[str, Any]) -> Float[Tensor, "batch dim"]:
+        """Project per-example gradients ``{name: [B, *shape]}`` (theta2 keys; or their :func:`compact_grads`
+        form) to sketches ``[B, dim]`` (float32)."""
         if self.exact:
+            if isinstance(next(iter(grads.values())), tuple):
+                raise TypeError("exact=True sketches need the raw per-example gradients, not compact_grads().")
+            n = next(iter(grads.values())).shape[0]
             return torch.cat([grads[k].reshape(n, -1).float() for k in self.shapes], dim=1)
+        comp = _as_compact(grads)
+        first = next(iter(comp.values()))[0]
+        n, device = first.shape[0], first.device
         out = torch.zeros(n, self.dim, dtype=torch.float32, device=device)
         rows = _CHUNK_ELEMS if self.projection == "sjlt" else max(1, _CHUNK_ELEMS // self.dim)
         for name in self.shapes:
-            g = grads[name]  # [n, *shape]; vmap's per-example gradients are often not contiguous
-            numel = g[0].numel()
-            live = _touched(g)  # coordinates some example's gradient touches (no copy of g)
-            n_live = int(live.sum())
-            if n_live == 0:
-                continue
-            if n_live * 4 < numel:  # e.g. the unembedding: only the columns the loss reads are non-zero
-                coords = live.flatten().nonzero().squeeze(1)  # C order, the same order as g[:, live]
-                vals = g[:, live].float()
+            vals, coords = comp[name]
+            numel = math.prod(self.shapes[name])
+            if coords is not None:  # e.g. the unembedding: only the columns the loss reads are non-zero
+                if coords.numel() == 0:
+                    continue
                 chunk_of = coords // rows
                 for c in chunk_of.unique().tolist():
                     sel = (chunk_of == c).nonzero().squeeze(1)
@@ -313,9 +370,8 @@ class GradientSketcher:
                     else:
                         out.index_add_(1, block[0][off], vals[:, sel] * block[1][off])
                 continue
-            flat = g.reshape(n, -1)
             for c, lo in enumerate(range(0, numel, rows)):
-                part = flat[:, lo : lo + rows].float()
+                part = vals[:, lo : lo + rows]
                 block = self._block(name, c, part.shape[1], device)
                 if self.projection == "rademacher":
                     out.addmm_(part, block[0])
@@ -326,11 +382,11 @@ class GradientSketcher:
     def sketch_inputs(self, inp: SplitInputs) -> tuple[Float[Tensor, "batch dim"], Float[Tensor, " batch"]]:
         """Sketches ``[B, dim]`` and exact gradient norms ``[B]`` of a prepared batch."""
         grads = self.per_example_grads(inp)
-        n = len(inp)
-        norms = torch.zeros(n, dtype=torch.float64, device=next(iter(grads.values())).device)
-        for g in grads.values():
-            norms += torch.linalg.vector_norm(g, dim=tuple(range(1, g.ndim)), dtype=torch.float64).square()
-        return self.project(grads), norms.sqrt().float()
+        if self.exact:
+            return self.project(grads), grad_norms(grads)
+        comp = compact_grads(grads)
+        del grads
+        return self.project(comp), grad_norms(comp)
 
     def sketch(self, examples: Any, *, batch_size: int = 8, progress: bool = False) -> Float[Tensor, "n dim"]:
         """Sketches ``[N, dim]`` (CPU, float32) of examples (a dict, a list of dicts or a ``datasets.Dataset``)."""
@@ -439,19 +495,103 @@ class SketchStore:
         """Exact (unprojected) per-example gradient norms ``[N]``."""
         return torch.cat([nrm for _, _, nrm in self._shards])
 
+    @property
+    def has_check(self) -> bool:
+        """Whether the store was built with ``check_queries`` (exact cosines stored for validation)."""
+        return "check_ids" in self.manifest
+
+    def check_cosines(self) -> tuple[Float[Tensor, "q n"], Float[Tensor, "q n"]]:
+        """``(exact, sketched)`` cosines ``[Q, N]`` of the check queries with every training example.
+
+        ``exact`` uses the full theta2 gradients (the ``check_dots`` computed during :func:`build_sketches`
+        and the exact norms); ``sketched`` is what :func:`prefilter` computes from the stored sketches.
+        POSITIVE = first-order proponent in both.
+
+        Raises:
+            ValueError: the store was built without ``check_queries``.
+        """
+        if not self.has_check:
+            raise ValueError(
+                f"The sketch store at {self.directory} has no check queries. Fix: build it with "
+                "build_sketches(..., check_queries=some_test_rows) (same pass, exact cosines stored)."
+            )
+        f = self.directory / "check.safetensors"
+        q = len(self.manifest["check_ids"])
+        if not shard_is_done(f, fingerprint=self.manifest["fingerprint_hash"], start=0, stop=q):
+            raise RuntimeError(f"{f} is missing or from another build. Fix: rerun build_sketches(...).")
+        q_sk, q_nrm = mmap_tensor(f, "query_sketches"), mmap_tensor(f, "query_norms")
+        dots = torch.cat([mmap_tensor(self.directory / s["file"], "check_dots") for s in self.manifest["shards"]])
+        tiny = torch.finfo(torch.float32).tiny
+        exact = dots.T.float() / (q_nrm[:, None].float() * self.grad_norms[None, :].float()).clamp_min(tiny)
+        sketched = prefilter(q_sk, self, top_k=1).all_scores
+        return exact, sketched
+
+    def check_report(self, fracs: Sequence[float] = (0.01, 0.05, 0.10)) -> dict[str, Any]:
+        """How well the sketches preserve the exact cosine ranking of the check queries.
+
+        Returns a dict: ``top_overlap`` (``{frac: share of the exact top-frac the sketch's top-frac also
+        keeps}``, mean over queries, see :func:`sketch_overlap`), ``spearman`` / ``pearson`` (mean over queries
+        of the rank / linear correlation of sketched and exact cosines over all N examples), ``max_abs_error``
+        (largest |sketched - exact| cosine), and the sizes.
+        """
+        from repinf_lens.analysis.lds import spearman
+
+        exact, sketched = self.check_cosines()
+        q = exact.shape[0]
+        pear = [float(torch.corrcoef(torch.stack([exact[i], sketched[i]]))[0, 1]) for i in range(q)]
+        return {
+            "n": self.n,
+            "queries": q,
+            "dim": self.dim,
+            "projection": self.config.get("projection"),
+            "top_overlap": {str(f): sketch_overlap(exact, sketched, f) for f in fracs},
+            "spearman": sum(float(spearman(exact[i], sketched[i])) for i in range(q)) / q,
+            "pearson": sum(pear) / q,
+            "max_abs_error": float((exact - sketched).abs().max()),
+        }
+
 
 def _sketch_shard(
-    sketcher: GradientSketcher, rows: Sequence[Mapping[str, Any]], batch_size: int, bar: Any
-) -> tuple[Tensor, Tensor]:
-    """Sketches and gradient norms of one shard's rows, batch by batch (memory: one batch of gradients)."""
-    sks, norms = [], []
+    sketcher: GradientSketcher,
+    rows: Sequence[Mapping[str, Any]],
+    batch_size: int,
+    bar: Any,
+    check: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Sketches and gradient norms of one shard's rows, batch by batch (memory: one batch of gradients), plus
+    the exact inner products with the check queries' gradients when ``check`` is given."""
+    sks, norms, dots = [], [], []
     for lo in range(0, len(rows), batch_size):
         batch = rows[lo : lo + batch_size]
-        sk, nrm = sketcher.sketch_inputs(sketcher.split.prepare(sketcher.task.collate(batch)))
-        sks.append(sk.cpu())
-        norms.append(nrm.cpu())
+        grads: Any = sketcher.per_example_grads(sketcher.split.prepare(sketcher.task.collate(batch)))
+        if not sketcher.exact:
+            grads = compact_grads(grads)
+        sks.append(sketcher.project(grads).cpu())
+        norms.append(grad_norms(grads).cpu())
+        if check is not None:
+            dots.append(grad_dots(grads, check).cpu())
+        del grads
         bar.update(len(batch))
-    return torch.cat(sks), torch.cat(norms)
+    out = {"sketches": torch.cat(sks), "grad_norms": torch.cat(norms)}
+    if check is not None:
+        out["check_dots"] = torch.cat(dots)
+    return out
+
+
+def _check_gradients(
+    sketcher: GradientSketcher, rows: Sequence[Mapping[str, Any]], batch_size: int
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Full theta2 gradients ``{name: [Q, *shape]}``, sketches ``[Q, dim]`` and norms ``[Q]`` of the check queries."""
+    parts: list[dict[str, Tensor]] = []
+    for lo in range(0, len(rows), batch_size):
+        parts.append(
+            sketcher.per_example_grads(sketcher.split.prepare(sketcher.task.collate(rows[lo : lo + batch_size])))
+        )
+    grads = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    del parts
+    sketches, norms = sketcher.project(grads).cpu(), grad_norms(grads).cpu()
+    flat = {k: v.reshape(v.shape[0], -1).float().contiguous() for k, v in grads.items()}
+    return flat, sketches, norms
 
 
 def build_sketches(
@@ -469,6 +609,7 @@ def build_sketches(
     method: Literal["auto", "vmap", "loop"] = "auto",
     overwrite: bool = False,
     progress: bool = True,
+    check_queries: Any | None = None,
 ) -> SketchStore:
     """Sketch the per-example theta2 gradients of a whole training set ONCE and store them on disk.
 
@@ -488,6 +629,12 @@ def build_sketches(
         shard_size: examples per shard (the unit of resumption).
         overwrite: discard an existing store built from other inputs instead of raising.
         progress: show a tqdm bar.
+        check_queries: optional query examples whose EXACT cosines with every training gradient are computed in
+            the same pass (each batch's per-example gradients are dotted with the queries' full theta2
+            gradients before projection; memory: ``len(check_queries) x |theta2|`` floats). They are stored as
+            ``check_dots`` in the shards and the queries' sketches in ``check.safetensors``, and
+            :meth:`SketchStore.check_report` then says how well the sketch preserves the exact ranking (top-k
+            overlap, rank correlation) on your own data at no extra gradient pass.
 
     Returns:
         The :class:`SketchStore`. Cosines between its sketches are POSITIVE for first-order proponents.
@@ -510,6 +657,7 @@ def build_sketches(
     )
     out = Path(out_dir)
     n = len(rows)
+    check_rows = None if check_queries is None else _rows(check_queries, "check query set")
     fingerprint = json.loads(
         json.dumps(
             {
@@ -518,6 +666,7 @@ def build_sketches(
                 "n": n,
                 "sketch": sketcher.config,
                 "shard_size": shard_size,
+                **({} if check_rows is None else {"check": fingerprint_rows(check_rows)}),
             },
             default=str,
         )
@@ -538,6 +687,7 @@ def build_sketches(
             "shards": shards,
             "finished": [],
             "complete": False,
+            **({} if check_rows is None else {"check_ids": [str(r.get("id", i)) for i, r in enumerate(check_rows)]}),
         },
     )
     fp = manifest["fingerprint_hash"]
@@ -547,12 +697,18 @@ def build_sketches(
     todo = [s for s in shards if s["index"] not in done]
     manifest["finished"] = sorted(done)
     t0 = time.perf_counter()
+    check = None
+    if check_rows is not None:
+        check_file = out / "check.safetensors"
+        need = bool(todo) or not shard_is_done(check_file, fingerprint=fp, start=0, stop=len(check_rows))
+        if need:  # the queries' full gradients (recomputed on resume: cheap next to the training pass)
+            check, q_sk, q_nrm = _check_gradients(sketcher, check_rows, batch_size)
+            write_shard(check_file, {"query_sketches": q_sk, "query_norms": q_nrm}, fingerprint=fp, start=0,
+                        stop=len(check_rows))  # fmt: skip
     with tqdm(total=sum(s["stop"] - s["start"] for s in todo), desc="sketches", disable=not progress) as bar:
         for s in todo:
-            sk, nrm = _sketch_shard(sketcher, rows[s["start"] : s["stop"]], batch_size, bar)
-            write_shard(
-                out / s["file"], {"sketches": sk, "grad_norms": nrm}, fingerprint=fp, start=s["start"], stop=s["stop"]
-            )
+            tensors = _sketch_shard(sketcher, rows[s["start"] : s["stop"]], batch_size, bar, check)
+            write_shard(out / s["file"], tensors, fingerprint=fp, start=s["start"], stop=s["stop"])
             done.add(s["index"])
             manifest["finished"] = sorted(done)
             write_json_atomic(out / "manifest.json", manifest)

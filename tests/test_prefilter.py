@@ -130,11 +130,11 @@ def test_store_resume_after_crash_computes_only_missing_shards(split, tmp_path, 
     calls: list[str] = []
     real = pf._sketch_shard
 
-    def crashing(sketcher, rows, batch_size, bar):
+    def crashing(sketcher, rows, batch_size, bar, check=None):
         calls.append(rows[0]["id"])
         if len(calls) == 2:
             raise RuntimeError("simulated crash")
-        return real(sketcher, rows, batch_size, bar)
+        return real(sketcher, rows, batch_size, bar, check)
 
     monkeypatch.setattr(pf, "_sketch_shard", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -159,6 +159,54 @@ def test_store_resume_after_crash_computes_only_missing_shards(split, tmp_path, 
     eager = SketchStore.load(tmp_path / "run", mmap=False)
     assert torch.equal(eager.sketches, store.sketches)
     assert [s for s, _ in store.iter_shards()] == [0, 3, 6]
+
+
+def test_check_queries_store_exact_cosines_and_report(split, exact_grads, tmp_path):
+    """build_sketches(check_queries=...) stores the EXACT cosines of the queries with every training gradient
+    (equal to cosines of independently computed per-example gradients), and check_report compares them with
+    the sketched cosines prefilter uses; with exact "sketches" the two rankings coincide."""
+    train, queries, grads_q, grads_t = exact_grads
+    flat = GradientSketcher(split, exact=True)
+    want = _cos(flat.project(grads_q).double(), flat.project(grads_t).double()).float()
+    kw = dict(batch_size=16, shard_size=50, progress=False, check_queries=queries)
+    store = build_sketches(split, None, train, out_dir=tmp_path / "sk", dim=512, seed=3, **kw)
+    assert store.has_check and store.manifest["check_ids"] == [q["id"] for q in queries]
+    exact, sketched = store.check_cosines()
+    assert exact.shape == sketched.shape == (4, 120)
+    torch.testing.assert_close(exact, want, atol=2e-5, rtol=0)
+    q_sk = GradientSketcher.from_store(split, store).sketch(queries)
+    torch.testing.assert_close(sketched, prefilter(q_sk, store, top_k=1).all_scores)
+    rep = store.check_report(fracs=(0.05, 0.25))
+    assert rep["top_overlap"]["0.05"] == sketch_overlap(exact, sketched, 0.05)
+    assert rep["top_overlap"]["0.25"] == sketch_overlap(exact, sketched, 0.25)
+    assert rep["n"] == 120 and rep["queries"] == 4 and rep["dim"] == 512
+    assert rep["max_abs_error"] == pytest.approx(float((exact - sketched).abs().max()))
+    assert 0.5 < rep["spearman"] <= 1 and 0 < rep["max_abs_error"] < 0.5  # a real, imperfect projection
+    full = build_sketches(split, None, train, out_dir=tmp_path / "ex", exact=True, **kw).check_report()
+    assert full["top_overlap"] == {"0.01": 1.0, "0.05": 1.0, "0.1": 1.0}
+    assert full["spearman"] > 0.9999 and full["max_abs_error"] < 1e-4
+    # a crash after the first shard: the rerun recomputes the queries' gradients and only the missing shards
+    real, calls, crash = pf._sketch_shard, [], [True]
+
+    def crashing(sketcher, rows, batch_size, bar, check=None):
+        calls.append(rows[0]["id"])
+        if len(calls) == 2 and crash.pop():
+            raise RuntimeError("simulated crash")
+        return real(sketcher, rows, batch_size, bar, check)
+
+    import unittest.mock as um
+
+    with um.patch.object(pf, "_sketch_shard", crashing), pytest.raises(RuntimeError, match="simulated crash"):
+        build_sketches(split, None, train, out_dir=tmp_path / "crash", dim=512, seed=3, **kw)
+    calls.clear()
+    crash.append(False)
+    with um.patch.object(pf, "_sketch_shard", crashing):
+        again = build_sketches(split, None, train, out_dir=tmp_path / "crash", dim=512, seed=3, **kw)
+    assert calls == [train[50]["id"], train[100]["id"]]
+    for a, b in zip(again.check_cosines(), (exact, sketched)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="no check queries.*check_queries="):
+        build_sketches(split, None, train[:8], out_dir=tmp_path / "none", dim=64, progress=False).check_report()
 
 
 def test_prefilter_counts_order_and_selection(split, tmp_path):

@@ -1,0 +1,33 @@
+"""Incremental benchmark results: every measurement is written to the JSON file as soon as it exists."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+class Recorder:
+    """A dict that rewrites ``path`` (atomically) on every update, so a killed benchmark keeps what it measured.
+
+    ``resume=True`` starts from the file's current content (a rerun adds to and overwrites its keys).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, resume: bool = False, echo: bool = True) -> None:
+        self.path = Path(path)
+        self.echo = echo
+        self.data: dict[str, Any] = {}
+        if resume and self.path.exists():
+            self.data = json.loads(self.path.read_text())
+
+    def update(self, **values: Any) -> None:
+        self.data.update(values)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}-", suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(self.data, fh, indent=2, default=str)
+        os.replace(tmp, self.path)
+        if self.echo:
+            print(json.dumps(values, default=str), flush=True)
