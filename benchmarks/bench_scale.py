@@ -23,9 +23,9 @@ benchmarks/results/scale.json) as soon as it exists, so a killed run keeps what 
 
 Default: the embedded default model (``repinf_lens.load_model()``), the "plain" multiple-choice template,
 OpenBookQA train (training examples) and test (queries), offline, a random TopK SAE (d_sae 2048, k 64) at
-blocks.22.hook_resid_post (theta2: 53M parameters), Q = 8, 8 training examples in batches of 8, swaps of 2
-examples (``--swap-chunk``). ``--tiny`` runs everything on a tiny random model in seconds (a smoke test; its
-numbers say nothing about the real model).
+blocks.22.hook_resid_post (theta2: 53M parameters), Q = 8, 8 training examples in batches of 8, swaps of 8
+examples (``--swap-chunk``; default the whole batch), 4 queries per vmap (``--query-chunk``). ``--tiny`` runs
+everything on a tiny random model in seconds (a smoke test; its numbers say nothing about the real model).
 """
 
 from __future__ import annotations
@@ -107,12 +107,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=int, default=8, help="Q, the number of test queries")
     p.add_argument("--n-train", type=int, default=8, help="training examples scored (multi, torchrun)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--query-chunk", type=int, default=None, help="queries per batched swap (default: all Q)")
+    p.add_argument("--query-chunk", type=int, default=4, help="queries per batched swap (0: all Q)")
     p.add_argument(
-        "--swap-chunk", type=int, default=2, help="training examples per swap (bounds memory; 0: whole batch)"
+        "--swap-chunk", type=int, default=0, help="training examples per swap (bounds memory; 0: whole batch)"
     )
     p.add_argument("--cg-iters", type=int, default=2, help="CG iterations timed per-query vs solve_many")
     p.add_argument("--hessian-examples", type=int, default=4, help="Hessian data for the CG timing")
+    p.add_argument("--e2e-query-chunks", default="1,4", help="multi: attribute() query chunk sizes to time")
+    p.add_argument("--cg-chunk", type=int, default=2, help="queries per batched HVP in solve_many (memory)")
     p.add_argument("--memory-n", type=int, default=8, help="memory section: N (and 4N) training examples")
     p.add_argument("--memory-queries", type=int, default=1, help="memory section: queries")
     p.add_argument("--torchrun-procs", default="1,2", help="torchrun section: process counts")
@@ -373,11 +375,27 @@ def _section_multi(args: argparse.Namespace, rec: Recorder, split: Any, queries:
             )
         ))  # fmt: skip
     if not args.no_end_to_end:
+        # what a user runs: Q attribute() calls of one query each (every call repeats the upstream pass, SAE
+        # encoding and the primal swap) vs one attribute() call for all Q queries
         t = time.perf_counter()
-        result = att.attribute(queries, train)
-        rec.update(attribute_s=round(time.perf_counter() - t, 3),
-                   attribute_influence_s=result.meta["seconds_influence"],
-                   attribute_examples_per_s=round(n / max(result.meta["seconds_influence"], 1e-9), 3))  # fmt: skip
+        for row in queries:
+            att.attribute([row], train)
+        t_one = time.perf_counter() - t
+        rec.update(attribute_one_query_at_a_time_s=round(t_one, 3))
+        rows = []
+        for qc in [int(x) for x in args.e2e_query_chunks.split(",")]:
+            # one attribute() call for all Q queries; qc queries per vmapped swap (1: one swap per query, the
+            # upstream pass and SAE encoding still shared by all queries)
+            att.query_chunk_size = qc
+            t = time.perf_counter()
+            result = att.attribute(queries, train)
+            t_all = time.perf_counter() - t
+            rows.append({"query_chunk": qc, "attribute_s": round(t_all, 3),
+                         "speedup_vs_one_at_a_time": round(t_one / t_all, 2),
+                         "influence_s": result.meta["seconds_influence"],
+                         "examples_per_s": round(n / max(result.meta["seconds_influence"], 1e-9), 3),
+                         "pairs_per_s": round(n * q / t_all, 3)})  # fmt: skip
+            rec.update(attribute_all_queries=rows)
 
 
 def _section_cg(args: argparse.Namespace, rec: Recorder, split: Any, queries: list, train: list) -> None:
@@ -393,9 +411,10 @@ def _section_cg(args: argparse.Namespace, rec: Recorder, split: Any, queries: li
     t = time.perf_counter()
     single = [solver.solve(cg_att.hvp, g)[0] for g in gs]
     t_cg_seq = time.perf_counter() - t
-    rec.update(cg_iters=args.cg_iters, cg_hessian_examples=args.hessian_examples, cg_sequential_s=round(t_cg_seq, 3))
+    rec.update(cg_iters=args.cg_iters, cg_hessian_examples=args.hessian_examples, cg_chunk=args.cg_chunk,
+               cg_sequential_s=round(t_cg_seq, 3))  # fmt: skip
     t = time.perf_counter()
-    many, _ = solver.solve_many(cg_att.hvp, gs, chunk_size=args.query_chunk)
+    many, _ = solver.solve_many(cg_att.hvp, gs, chunk_size=args.cg_chunk)
     t_cg_bat = time.perf_counter() - t
     cg_rel = max(
         float((tflatten(a) - tflatten(b)).abs().max() / (tflatten(a).abs().max() or 1.0)) for a, b in zip(single, many)
@@ -407,6 +426,7 @@ def _section_cg(args: argparse.Namespace, rec: Recorder, split: Any, queries: li
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     args.swap_chunk = args.swap_chunk or None
+    args.query_chunk = args.query_chunk or None
     torch.set_num_threads(args.threads)
     if args.worker:
         _worker(args)

@@ -83,6 +83,12 @@ class SplitModel:
             (matched with ``re.search``); or a callable ``(name, param) -> bool``.
         use_error_term: hold the SAE error constant in the downstream input (exact reconstruction of the logits).
         task: the task whose loss :meth:`loss` computes (default: ``MultipleChoiceTask.from_model(model)``).
+        trim_unembed: when the task's loss reads only some vocabulary columns (``task.loss_vocab()``, e.g. the
+            option letters), theta2's ``unembed.W_U`` / ``unembed.b_U`` are those columns only
+            (``[d_model, n]`` / ``[n]``, in ``loss_vocab`` order). Exact: the other columns have zero gradient,
+            Hessian rows and s_test entries. It halves theta2 below late hooks of a 49k-token vocabulary (53M ->
+            25M parameters at ``blocks.22`` of SmolLM2-135M), and with it the memory of s_test, CG and
+            sketches. ``False`` keeps the full matrices.
 
     Sign convention of scores computed on a split: POSITIVE = proponent (up-weighting the training example
     lowers the test loss).
@@ -97,8 +103,10 @@ class SplitModel:
         downstream: None | Iterable[str] | str | Callable[[str, Tensor], bool] = None,
         use_error_term: bool = True,
         task: Any | None = None,
+        trim_unembed: bool = True,
     ) -> None:
         self.model = model
+        self.trim_unembed = trim_unembed
         self.hook_name = hook_name
         self.sae = sae
         self.use_error_term = use_error_term
@@ -231,10 +239,44 @@ class SplitModel:
     def device(self) -> torch.device:
         return torch.device(self.model.cfg.device)
 
+    def unembed_columns(self) -> Tensor | None:
+        """The vocabulary columns theta2's unembedding keeps (``None``: all; see ``trim_unembed``)."""
+        if not self.trim_unembed or not any(n in _VOCAB_DIM for n in self.param_names):
+            return None
+        fn = getattr(self.task, "loss_vocab", None)
+        ids = fn() if callable(fn) else None
+        if ids is None:
+            return None
+        key = tuple(int(i) for i in ids)
+        cached = self.__dict__.get("_cols")
+        if cached is None or cached[0] != key:
+            self._cols = (key, torch.tensor(key, dtype=torch.long, device=self.device))
+        return self._cols[1]
+
     def downstream_params(self) -> Params:
-        """theta2 as a dict ``name -> detached tensor`` (the keys of every theta2-shaped vector)."""
+        """theta2 as a dict ``name -> detached tensor`` (the keys of every theta2-shaped vector).
+
+        Views of the model's parameters, except a trimmed unembedding (``trim_unembed``), which is a copy of
+        the kept columns; write values back with :meth:`load_downstream_params`.
+        """
         named = dict(self.model.named_parameters())
-        return {n: named[n].detach() for n in self.param_names}
+        cols = self.unembed_columns()
+        out: Params = {}
+        for n in self.param_names:
+            v = named[n].detach()
+            out[n] = v.index_select(_VOCAB_DIM[n], cols) if cols is not None and n in _VOCAB_DIM else v
+        return out
+
+    @torch.no_grad()
+    def load_downstream_params(self, params: Params) -> None:
+        """Write theta2 values (:meth:`downstream_params` layout) into the model's parameters, in place."""
+        named = dict(self.model.named_parameters())
+        cols = self.unembed_columns()
+        for n, v in params.items():
+            if cols is not None and n in _VOCAB_DIM:
+                named[n].index_copy_(_VOCAB_DIM[n], cols, v.to(named[n].dtype))
+            else:
+                named[n].copy_(v)
 
     def num_downstream_params(self) -> int:
         return sum(p.numel() for p in self.downstream_params().values())
@@ -256,6 +298,7 @@ class SplitModel:
             "checksum": f"{checksum:.10e}",
             "sae": sae_info,
             "use_error_term": self.use_error_term,
+            "unembed_columns": None if (c := self.unembed_columns()) is None else c.tolist(),
             "task": type(self.task).__name__,
             "task_config": task_config(self.task),
         }
@@ -331,12 +374,24 @@ class SplitModel:
             with model.hooks(fwd_hooks=[(self.hook_name, replace)]):
                 return model(base, start_at_layer=self.start_layer, stop_at_layer=n_layers)
 
+        cols = self.unembed_columns() if params else None
+        trimmed = {n: params[n] for n in _VOCAB_DIM if n in params} if params and cols is not None else {}
+        rest = {k: v for k, v in params.items() if k not in trimmed} if params else {}
+
         def run() -> Tensor:
             resid = body()
             resid = resid[torch.arange(resid.shape[0], device=resid.device), answer_pos.to(resid.device)]
-            return model.unembed(model.ln_final(resid[:, None, :]))[:, 0, :]
+            h = model.ln_final(resid[:, None, :])
+            logits = model.unembed(h)[:, 0, :]
+            if not trimmed:
+                return logits
+            # theta2 holds the loss's vocabulary columns only: recompute those from it (the other columns are
+            # the model's own values, constant in theta2)
+            w = trimmed.get("unembed.W_U", model.unembed.W_U.index_select(1, cols))
+            b = trimmed.get("unembed.b_U", model.unembed.b_U.index_select(0, cols))
+            return logits.index_copy(1, cols, h[:, 0, :] @ w + b)
 
-        return _call_with_params(model, params, run) if params else run()
+        return _call_with_params(model, rest, run) if rest else run()
 
     def logits(
         self,
@@ -430,6 +485,10 @@ class _Closure(torch.nn.Module):
 
     def forward(self) -> Tensor:
         return self._fn()
+
+
+_VOCAB_DIM = {"unembed.W_U": 1, "unembed.b_U": 0}
+"""theta2 entries with a vocabulary dimension (trimmed to the task's loss vocabulary, see ``trim_unembed``)."""
 
 
 def _call_with_params(model: torch.nn.Module, params: Mapping[str, Tensor], fn: Callable[[], Tensor]) -> Tensor:

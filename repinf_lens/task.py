@@ -91,6 +91,15 @@ class Task:
     def loss(self, logits: Tensor, batch: Any, reduction: str = "mean") -> Tensor:
         raise NotImplementedError
 
+    def loss_vocab(self) -> list[int] | None:
+        """The token ids whose answer-position logits :meth:`loss` reads, or ``None`` for (possibly) all of them.
+
+        When a task returns ids here, :class:`~repinf_lens.split.SplitModel` restricts theta2's unembedding to
+        those columns: every other column has exactly zero gradient, Hessian block and s_test entries, so
+        influence is unchanged and theta2 shrinks by ``(d_vocab - len(ids)) * d_model`` parameters.
+        """
+        return None
+
     def answer_logits(self, logits: Tensor, batch: Any) -> Float[Tensor, "batch d_vocab"]:
         """Full-vocabulary logits at the answer position; ``logits`` may be ``[B, T, V]`` or already ``[B, V]``."""
         if logits.ndim == 2:
@@ -286,6 +295,10 @@ class MultipleChoiceTask(Task):
             option_ids=option_ids,
             ids=[str(ex.get("id", i)) for i, ex in enumerate(rows)],
         )
+
+    def loss_vocab(self) -> list[int] | None:
+        """The option letters' token ids (the only logits the loss reads), ``None`` with ``full_vocab=True``."""
+        return None if self.full_vocab else sorted(set(self.letter_ids))
 
     # ----------------------------------------------------------------- scoring
     def option_logits(self, logits: Tensor, batch: MCQABatch) -> Float[Tensor, "batch n_options"]:

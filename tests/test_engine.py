@@ -314,9 +314,8 @@ def test_leave_one_out_retraining_agrees_with_influence():
         return {k: v.detach() for k, v in p.items()}
 
     full = fit(list(range(n)))
+    split.load_downstream_params(full)  # the model now sits at the full-data optimum
     with torch.no_grad():
-        for k, v in full.items():
-            dict(model.named_parameters())[k].copy_(v)
         loss_full = float(split.inputs_loss(full, test_inp))
     att = InfluenceAttributor(split, hessian=Explicit(damping=lam), use_cache=False, progress=False).fit(train)
     res = att.attribute([test], train[:20])
@@ -399,3 +398,49 @@ def test_cache_fingerprint_tracks_task_and_weights(model3):
     assert SplitModel(model3, "blocks.2.hook_resid_post", task=plain).fingerprint() != a
     assert SplitModel(model3, "blocks.1.hook_resid_post").fingerprint() != a
     assert SplitModel(model3, "blocks.2.hook_resid_post").fingerprint() == a
+
+
+def test_trimmed_unembedding_gives_the_same_influence_as_the_full_matrix():
+    """theta2's unembedding restricted to the option letters (the default) vs the full W_U / b_U: the same
+    logits, the same example and latent scores, and s_test of the full version is zero outside the letters
+    and equal to the trimmed one on them (exactly what trimming claims)."""
+    model = tiny_model(n_layers=2, d_model=16, n_heads=2, d_mlp=32, seed=5, dtype=torch.float64)
+    task = MultipleChoiceTask(model.tokenizer, template="plain")
+    hook = "blocks.0.hook_resid_post"
+    sae = random_sae(model, hook, d_sae=24, k=4, seed=1)
+    trimmed = SplitModel(model, hook, sae, task=task)
+    full = SplitModel(model, hook, sae, task=task, trim_unembed=False)
+    cols = trimmed.unembed_columns()
+    assert cols is not None and cols.tolist() == sorted(set(task.letter_ids)) and full.unembed_columns() is None
+    pt, pf = trimmed.downstream_params(), full.downstream_params()
+    assert pt["unembed.W_U"].shape == (16, len(cols)) and pf["unembed.W_U"].shape == (16, model.cfg.d_vocab)
+    saved = pf["unembed.W_U"].clone()
+    assert full.num_downstream_params() - trimmed.num_downstream_params() == 17 * (model.cfg.d_vocab - len(cols))
+    train, queries = _examples(6, seed=8), _examples(2, seed=9)
+    inp = trimmed.prepare(task.collate(train[:3]))
+    torch.testing.assert_close(trimmed.logits(inp.latents, inp.batch, pt, inp.error, inp.base),
+                               full.logits(inp.latents, inp.batch, pf, inp.error, inp.base))  # fmt: skip
+    res, s = {}, {}
+    for name, split in (("trimmed", trimmed), ("full", full)):
+        att = InfluenceAttributor(split, hessian=CG(damping=0.05, max_iter=30, tol=1e-10, gauss_newton=True),
+                                  use_cache=False, progress=False).fit(train)  # fmt: skip
+        s[name] = att.s_test(queries)
+        res[name] = att.attribute(queries, train)
+    torch.testing.assert_close(res["trimmed"].example_scores, res["full"].example_scores, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(res["trimmed"].latent_scores, res["full"].latent_scores, rtol=1e-6, atol=1e-9)
+    assert res["full"].example_scores.abs().max() > 1e-3  # not trivially zero
+    for st, sf in zip(s["trimmed"], s["full"]):
+        w = sf["unembed.W_U"]
+        torch.testing.assert_close(w.index_select(1, cols), st["unembed.W_U"], rtol=1e-6, atol=1e-10)
+        rest = torch.ones(w.shape[1], dtype=torch.bool)
+        rest[cols] = False
+        assert w[:, rest].abs().max() == 0 and sf["unembed.b_U"][rest].abs().max() == 0
+    # writing theta2 back goes to the kept columns of the model's matrix only
+    trimmed.load_downstream_params({"unembed.W_U": pt["unembed.W_U"] + 1.0})
+    w_now = dict(model.named_parameters())["unembed.W_U"].detach()
+    torch.testing.assert_close(w_now.index_select(1, cols), saved.index_select(1, cols) + 1.0)
+    rest = torch.ones(w_now.shape[1], dtype=torch.bool)
+    rest[cols] = False
+    assert torch.equal(w_now[:, rest], saved[:, rest])
+    trimmed.load_downstream_params({"unembed.W_U": pt["unembed.W_U"]})
+    assert torch.equal(dict(model.named_parameters())["unembed.W_U"].detach(), saved)

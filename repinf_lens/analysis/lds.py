@@ -106,14 +106,11 @@ class RetrainingCheck:
 @contextlib.contextmanager
 def _restored(split: SplitModel) -> Iterator[Params]:
     """Yield a copy of theta2 and put the model's original values back on exit."""
-    live = split.downstream_params()
-    original = {k: v.detach().clone() for k, v in live.items()}
+    original = {k: v.detach().clone() for k, v in split.downstream_params().items()}
     try:
         yield original
     finally:
-        with torch.no_grad():
-            for k, v in live.items():
-                v.copy_(original[k])
+        split.load_downstream_params(original)
 
 
 def refit_downstream(
@@ -195,9 +192,7 @@ def _run(
         full = refit_downstream(
             split, inputs, torch.ones(len(t_rows)), theta0, theta0, damping=damping, max_iter=max_iter
         )
-        with torch.no_grad():
-            for k, v in split.downstream_params().items():
-                v.copy_(full[k])
+        split.load_downstream_params(full)
         base_loss = _test_losses(split, full, q_inputs)
         actual = []
         for w in tqdm(weights, desc=f"{kind} retraining", disable=not progress):
