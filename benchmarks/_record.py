@@ -12,18 +12,22 @@ from typing import Any
 class Recorder:
     """A dict that rewrites ``path`` (atomically) on every update, so a killed benchmark keeps what it measured.
 
-    ``resume=True`` starts from the file's current content (a rerun adds to and overwrites its keys).
+    ``resume=True`` keeps the file's other keys: every update re-reads the file and overwrites only the keys this
+    recorder has set, so a rerun of one section (or two benchmark processes writing different sections) leaves
+    the rest in place.
     """
 
     def __init__(self, path: str | os.PathLike, *, resume: bool = False, echo: bool = True) -> None:
         self.path = Path(path)
         self.echo = echo
+        self.resume = resume
+        self.mine: dict[str, Any] = {}
         self.data: dict[str, Any] = {}
-        if resume and self.path.exists():
-            self.data = json.loads(self.path.read_text())
 
     def update(self, **values: Any) -> None:
-        self.data.update(values)
+        self.mine.update(values)
+        old = json.loads(self.path.read_text()) if self.resume and self.path.exists() else {}
+        self.data = {**old, **self.mine}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}-", suffix=".tmp")
         with os.fdopen(fd, "w") as fh:

@@ -9,7 +9,8 @@ TopK SAE: with the error term the downstream forward is the model's, so theta2 g
 Measured, each written to the JSON as soon as it exists (``--out``, default
 benchmarks/results/prefilter.json):
   * ``sketch_pass_s`` / ``sketch_examples_per_s``: the one-off pass (``build_sketches``; resumable: a rerun
-    after a crash computes only the missing shards and reports the seconds of this run only);
+    after a crash computes only the missing shards; a store built with other settings or another code version
+    is replaced);
   * ``check``: top-1/5/10 % overlap of the sketched vs the exact cosine ranking over all N examples, Spearman
     and Pearson of the cosines, max |error| (``SketchStore.check_report``; the exact cosines come from the
     same pass, dotting each batch's per-example gradients with the check queries' full gradients);
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     t = time.perf_counter()
     store = build_sketches(split, None, train, out_dir=args.store, dim=args.dim, projection=args.projection,
-                           batch_size=args.batch_size, shard_size=args.shard_size, check_queries=queries)  # fmt: skip
+                           batch_size=args.batch_size, shard_size=args.shard_size, check_queries=queries,
+                           overwrite=True)  # fmt: skip
     wall = time.perf_counter() - t
     runs = store.manifest.get("runs", [])
     total = sum(r["seconds"] for r in runs if r["computed"])

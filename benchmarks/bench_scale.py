@@ -12,8 +12,10 @@ benchmarks/results/scale.json) as soon as it exists, so a killed run keeps what 
   The s_test vectors are the queries' gradients (Identity solver: scoring cost does not depend on them).
 * ``cg``: ``--cg-iters`` CG iterations for the Q queries, per-query ``CG.solve`` vs ``CG.solve_many`` (one
   batched HVP per iteration), exact Hessian of ``--hessian-examples`` examples.
-* ``memory``: ``attribute_streaming`` over N and 4N training examples (``--memory-n``), each in a fresh
-  process; its peak RSS (``ru_maxrss``) should not grow with N.
+* ``memory``: ``attribute_streaming`` (Identity solver) over N training examples (``--memory-n``), the same N
+  repeated 4 times (identical batch shapes: growth would be accumulation) and 4N distinct examples, each in a
+  fresh process, with glibc's default allocator and with every allocation above 64 KiB mmapped (no heap
+  fragmentation: the program's real high-water mark); peak RSS (``ru_maxrss``).
 * ``torchrun``: ``torchrun --standalone --nproc_per_node=K`` for K = 1 and 2 (``--torchrun-procs``), the same
   attribution (``attribute_distributed``, gloo on CPU): throughput of each and the largest difference of the
   2-process result from the 1-process one.
@@ -115,8 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hessian-examples", type=int, default=4, help="Hessian data for the CG timing")
     p.add_argument("--e2e-query-chunks", default="1,4", help="multi: attribute() query chunk sizes to time")
     p.add_argument("--cg-chunk", type=int, default=2, help="queries per batched HVP in solve_many (memory)")
-    p.add_argument("--memory-n", type=int, default=8, help="memory section: N (and 4N) training examples")
+    p.add_argument("--memory-n", type=int, default=16, help="memory section: N (and 4N) training examples")
     p.add_argument("--memory-queries", type=int, default=1, help="memory section: queries")
+    p.add_argument("--memory-allocators", default="glibc_default,mmap_above_64k", help="memory section: malloc set-ups")
     p.add_argument("--torchrun-procs", default="1,2", help="torchrun section: process counts")
     p.add_argument("--torchrun-n-train", type=int, default=32, help="torchrun section: training examples")
     p.add_argument("--torchrun-queries", type=int, default=2, help="torchrun section: queries")
@@ -134,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="default results/scale.json (--tiny: scale_tiny.json)")
     p.add_argument("--worker", default=None, choices=["stream", "dist"], help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--repeat-train", type=int, default=1, help=argparse.SUPPRESS)
     return p
 
 
@@ -147,6 +151,11 @@ def _worker(args: argparse.Namespace) -> None:
 
     info = init_from_env() if args.worker == "dist" else None
     split, queries, train = _setup(args)
+    if args.repeat_train > 1:
+        train = [
+            {**row, "id": f"{row.get('id', i)}#{r}"} for r in range(args.repeat_train) for i, row in enumerate(train)
+        ]
+    max_tokens = max(int(split.task.collate([row]).attention_mask.sum()) for row in train)
     att = InfluenceAttributor(split, hessian=Identity(), use_cache=False, progress=False,
                               batch_size=args.batch_size, swap_chunk_size=args.swap_chunk)  # fmt: skip
     out = args.worker_out
@@ -166,7 +175,7 @@ def _worker(args: argparse.Namespace) -> None:
         meta = {}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB -> MB (Linux)
     (out / f"worker_{rank}.json").write_text(json.dumps({
-        "rank": rank, "wall_s": round(wall, 3), "peak_rss_mb": round(rss, 1),
+        "rank": rank, "wall_s": round(wall, 3), "peak_rss_mb": round(rss, 1), "max_tokens": max_tokens,
         "seconds_influence": meta.get("seconds_influence"), "distributed": meta.get("distributed"),
     }))  # fmt: skip
     if info is not None:
@@ -191,25 +200,41 @@ def _run(cmd: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - t
 
 
+_ALLOCATORS = {
+    "glibc_default": {},
+    # every allocation above 64 KiB is its own mmap, returned to the OS on free: no heap fragmentation, so the
+    # peak RSS is the program's real high-water mark (slower: fresh pages are faulted in again every batch)
+    "mmap_above_64k": {"MALLOC_MMAP_THRESHOLD_": "65536"},
+}
+
+
 def _section_memory(args: argparse.Namespace, rec: Recorder) -> None:
     import os
     import shutil
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     rows = []
-    for n in (args.memory_n, 4 * args.memory_n):
-        out = args.work / f"memory_n{n}"
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        cmd = [sys.executable, __file__, "--worker", "stream", "--worker-out", str(out), "--n-train", str(n),
-               "--queries", str(args.memory_queries), *_base_cmd(args)]  # fmt: skip
-        wall = _run(cmd, env)
-        w = json.loads((out / "worker_0.json").read_text())
-        rows.append({"n_train": n, "peak_rss_mb": w["peak_rss_mb"], "process_s": round(wall, 1),
-                     "attribute_s": w["wall_s"],
-                     "examples_per_s": round(n / w["seconds_influence"], 3)})  # fmt: skip
-        rec.update(memory=rows)
-    rec.update(memory_rss_ratio_4n_over_n=round(rows[1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 3))
+    for alloc in args.memory_allocators.split(","):
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), **_ALLOCATORS[alloc]}
+        peaks = {}
+        # N examples; the same N repeated 4 times (4N examples, identical batch shapes: any growth is
+        # accumulation); 4N distinct examples (longer prompts appear: the peak follows the longest batch)
+        for label, n, rep in (("N", args.memory_n, 1), ("4N_repeated", args.memory_n, 4),
+                              ("4N_distinct", 4 * args.memory_n, 1)):  # fmt: skip
+            out = args.work / f"memory_{alloc}_{label}"
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            cmd = [sys.executable, __file__, "--worker", "stream", "--worker-out", str(out), "--n-train", str(n),
+                   "--repeat-train", str(rep), "--queries", str(args.memory_queries), "--threads", str(args.threads),
+                   *_base_cmd(args)]  # fmt: skip
+            wall = _run(cmd, env)
+            w = json.loads((out / "worker_0.json").read_text())
+            peaks[label] = w["peak_rss_mb"]
+            rows.append({"allocator": alloc, "train": label, "n_train": n * rep, "queries": args.memory_queries,
+                         "max_tokens": w["max_tokens"], "peak_rss_mb": w["peak_rss_mb"], "process_s": round(wall, 1),
+                         "attribute_s": w["wall_s"],
+                         "examples_per_s": round(n * rep / w["seconds_influence"], 3)})  # fmt: skip
+            rec.update(memory=rows)
+        rec.update(**{f"memory_rss_ratio_{alloc}": {k: round(v / peaks["N"], 3) for k, v in peaks.items()}})
 
 
 def _section_torchrun(args: argparse.Namespace, rec: Recorder) -> None:
@@ -346,6 +371,14 @@ def _section_multi(args: argparse.Namespace, rec: Recorder, split: Any, queries:
                     for inp in batches
                 ]  # fmt: skip
 
+        amp_s_list = [{k: v[i] for k, v in amp_stacked.items()} for i in range(q)]
+
+        def amp_sequential() -> list:
+            with amp_att._amp():
+                return [[latent_influence(split, s, inp, params, chunk_size=args.swap_chunk) for s in amp_s_list]
+                        for inp in batches]  # fmt: skip
+
+        t_amp_seq, _ = _best(amp_sequential, args.repeats)
         t_amp, amp_out = _best(amp_batched, args.repeats)
         full_ex = torch.cat([torch.stack([li.example_scores for li in b]) for b in bat], dim=1).double()
         amp_ex = torch.cat([torch.stack([li.example_scores for li in b]) for b in amp_out], dim=1).double()
@@ -356,7 +389,9 @@ def _section_multi(args: argparse.Namespace, rec: Recorder, split: Any, queries:
 
         rec.update(
             amp_dtype=args.amp,
+            amp_sequential_s=round(t_amp_seq, 3),
             amp_batched_s=round(t_amp, 3),
+            amp_batched_speedup=round(t_amp_seq / t_amp, 2),
             amp_time_ratio_vs_fp32=round(t_amp / t_bat, 2),
             amp_example_pearson=float(torch.corrcoef(torch.stack([full_ex.flatten(), amp_ex.flatten()]))[0, 1]),
             amp_example_spearman=float(spearman(full_ex.flatten(), amp_ex.flatten())),
