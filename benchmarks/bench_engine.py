@@ -14,7 +14,6 @@ The SAE is a TopK SAE (d_sae 2048, k 64) at blocks.14.hook_resid_post; its weigh
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import sys
 import time
@@ -126,14 +125,20 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    from _record import Recorder
+
     from repinf_lens import CG, InfluenceAttributor
     from repinf_lens.curvature import loss_grad
     from repinf_lens.influence import latent_influence, latent_influence_reference
 
+    rec = Recorder(args.out)  # every measurement is written as soon as it exists
     split, rows, batch = _setup(args)
     params = split.downstream_params()
     inp = split.prepare(batch)
     n_theta2 = sum(v.numel() for v in params.values())
+    rec.update(device=args.device, threads=args.threads, hook=args.hook, d_sae=args.d_sae, k=args.k,
+               batch_size=args.batch_size, tokens_per_example=int(batch.attention_mask.sum(1).float().mean()),
+               n_theta2=n_theta2)  # fmt: skip
     s = {k: v for k, v in loss_grad(split, params, split.prepare(split.task.collate(rows[:1]))).items()}
     # warm-up (first calls load kernels and decompositions)
     loss_grad(split, params, inp)
@@ -149,7 +154,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     t_fb = timeit(lambda: loss_grad(split, params, inp))
     t_swap = timeit(lambda: latent_influence(split, s, inp, params))
+    rec.update(fwd_bwd_s=round(t_fb, 3), swap_s=round(t_swap, 3), swap_over_fwd_bwd=round(t_swap / t_fb, 2))
     t_swap_chunked = timeit(lambda: latent_influence(split, s, inp, params, chunk_size=args.swap_chunk))
+    rec.update(swap_chunk=args.swap_chunk, swap_chunked_s=round(t_swap_chunked, 3),
+               swap_chunked_over_fwd_bwd=round(t_swap_chunked / t_fb, 2))  # fmt: skip
     li = latent_influence(split, s, inp, params)
     active_per_example = [int((li.latents[i] != 0).any(0).sum()) for i in range(len(batch))]
     n_active = sum(active_per_example)
@@ -162,6 +170,10 @@ def main(argv: list[str] | None = None) -> dict:
     want = torch.tensor([ref[j] for j in latents0])
     max_rel = float((got - want).abs().max() / want.abs().max())
     t_ref_total = t_ref_each * n_active
+    rec.update(active_latents_in_batch=n_active, reference_s_per_latent=round(t_ref_each, 3),
+               reference_s_extrapolated=round(t_ref_total, 1),
+               swap_speedup_vs_reference=round(t_ref_total / t_swap, 1),
+               swap_vs_reference_max_rel_diff=max_rel)  # fmt: skip
 
     # CG per query on a Hessian batch of the same size
     att = InfluenceAttributor(
@@ -173,6 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
     t = time.perf_counter()
     att.s_test([rows[0]])
     t_cg = time.perf_counter() - t
+    rec.update(cg_iters=args.cg_iters, cg_s_per_query=round(t_cg, 2))
+    del att, li  # free the parent's memory before the measuring processes start
 
     mem = {}
     if not args.no_memory:
@@ -184,39 +198,15 @@ def main(argv: list[str] | None = None) -> dict:
             mem[kind] = q.get()
             proc.join()
 
-    res = {
-        "device": args.device,
-        "threads": args.threads,
-        "hook": args.hook,
-        "d_sae": args.d_sae,
-        "k": args.k,
-        "batch_size": args.batch_size,
-        "tokens_per_example": int(batch.attention_mask.sum(1).float().mean()),
-        "n_theta2": n_theta2,
-        "fwd_bwd_s": round(t_fb, 3),
-        "swap_s": round(t_swap, 3),
-        "swap_over_fwd_bwd": round(t_swap / t_fb, 2),
-        "active_latents_in_batch": n_active,
-        "reference_s_per_latent": round(t_ref_each, 3),
-        "reference_s_extrapolated": round(t_ref_total, 1),
-        "swap_speedup_vs_reference": round(t_ref_total / t_swap, 1),
-        "swap_vs_reference_max_rel_diff": max_rel,
-        "cg_iters": args.cg_iters,
-        "cg_s_per_query": round(t_cg, 2),
-        "peak_mb_fwd_bwd": None if not mem else round(mem["fwd_bwd"], 1),
-        "peak_mb_swap": None if not mem else round(mem["swap"], 1),
-        "swap_over_fwd_bwd_memory": None if not mem else round(mem["swap"] / max(mem["fwd_bwd"], 1e-9), 2),
-        "swap_chunk": args.swap_chunk,
-        "swap_chunked_s": round(t_swap_chunked, 3),
-        "swap_chunked_over_fwd_bwd": round(t_swap_chunked / t_fb, 2),
-        "peak_mb_swap_chunked": None if not mem else round(mem["swap_chunked"], 1),
-        "swap_chunked_over_fwd_bwd_memory": None
-        if not mem
-        else round(mem["swap_chunked"] / max(mem["fwd_bwd"], 1e-9), 2),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2))
-    print(json.dumps(res, indent=2))
+    if mem:
+        rec.update(
+            peak_mb_fwd_bwd=round(mem["fwd_bwd"], 1),
+            peak_mb_swap=round(mem["swap"], 1),
+            swap_over_fwd_bwd_memory=round(mem["swap"] / max(mem["fwd_bwd"], 1e-9), 2),
+            peak_mb_swap_chunked=round(mem["swap_chunked"], 1),
+            swap_chunked_over_fwd_bwd_memory=round(mem["swap_chunked"] / max(mem["fwd_bwd"], 1e-9), 2),
+        )
+    res = rec.data
     return res
 
 
