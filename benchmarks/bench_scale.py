@@ -480,6 +480,12 @@ def main(argv: list[str] | None = None) -> dict:
                hook=args.hook if not args.tiny else "blocks.0.hook_resid_post", queries=args.queries,
                n_train=args.n_train, batch_size=args.batch_size, query_chunk=args.query_chunk,
                swap_chunk=args.swap_chunk, sections_run=sections)  # fmt: skip
+    # the sections that run their own processes go first, while this process is still small (after multi it
+    # holds several GB that glibc does not hand back, and a worker next to it can run the machine out of memory)
+    if "memory" in sections:
+        _section_memory(args, rec)
+    if "torchrun" in sections:
+        _section_torchrun(args, rec)
     if {"multi", "cg"} & set(sections):
         t_load = time.perf_counter()
         split, queries, train = _setup(args)
@@ -490,10 +496,6 @@ def main(argv: list[str] | None = None) -> dict:
         if "cg" in sections:
             _section_cg(args, rec, split, queries, train)
         del split
-    if "memory" in sections:
-        _section_memory(args, rec)
-    if "torchrun" in sections:
-        _section_torchrun(args, rec)
     if "lora" in sections:
         _section_lora(args, rec)
     return rec.data
