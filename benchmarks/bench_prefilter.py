@@ -37,38 +37,19 @@ from _record import Recorder  # noqa: E402
 
 
 def _setup(args: argparse.Namespace) -> tuple[Any, list[dict], list[dict]]:
-    from repinf_lens import MultipleChoiceTask, SplitModel
-    from repinf_lens.testing import random_sae
+    """(split, training rows, check queries): bench_scale's set-up with all training rows (``--tiny``: 200)."""
+    import bench_scale
 
-    if args.tiny:
-        from repinf_lens.testing import tiny_model, toy_mcqa_rows
-
-        model = tiny_model(n_layers=2, d_model=32, n_heads=4, d_mlp=64, seed=0, device=args.device)
-        hook = "blocks.0.hook_resid_post"
-        train = toy_mcqa_rows(args.n_train or 200, seed=0)
-        queries = toy_mcqa_rows(args.check_queries, seed=1, prefix="q-")
-        sae = random_sae(model, hook, d_sae=64, k=8, seed=0)
-    else:
-        from repinf_lens import load_mcqa, load_model
-
-        model = load_model(device=args.device, n_ctx=512)
-        hook = args.hook
-        sae = random_sae(model, hook, d_sae=2048, k=64, seed=0)
-        data = load_mcqa("openbookqa", "train", offline=True)
-        train = [data[i] for i in range(len(data) if not args.n_train else min(args.n_train, len(data)))]
-        test = load_mcqa("openbookqa", "test", offline=True)
-        queries = [test[i] for i in range(args.check_queries)]
-    split = SplitModel(model, hook, sae, task=MultipleChoiceTask.from_model(model, template="plain"))
+    ns = argparse.Namespace(tiny=args.tiny, device=args.device, model=None, hook=args.hook, d_sae=2048, k=64,
+                            queries=args.check_queries, n_train=args.n_train or (200 if args.tiny else 0))  # fmt: skip
+    split, queries, train = bench_scale._setup(ns)
     return split, train, queries
 
 
 def _best(fn: Any, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+    import bench_scale
+
+    return bench_scale._best(fn, repeats)[0]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -46,13 +46,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _record import Recorder  # noqa: E402
 
 
-def _setup(args: argparse.Namespace, n_train: int | None = None) -> tuple[Any, list[dict], list[dict]]:
-    """(split, queries, training rows): queries are test questions, training rows the first N training examples."""
+def _setup(args: argparse.Namespace) -> tuple[Any, list[dict], list[dict]]:
+    """(split, queries, training rows): queries are test questions, training rows the first ``args.n_train``
+    training examples (0: all of them)."""
     from repinf_lens import MultipleChoiceTask, SplitModel
     from repinf_lens.testing import random_sae
 
     torch.manual_seed(0)
-    n = args.n_train if n_train is None else n_train
+    n = args.n_train
     if args.tiny:
         from repinf_lens.testing import tiny_model, toy_mcqa_rows
 
@@ -68,7 +69,7 @@ def _setup(args: argparse.Namespace, n_train: int | None = None) -> tuple[Any, l
         hook = args.hook
         sae = random_sae(model, hook, d_sae=args.d_sae, k=args.k, seed=0)
         data = load_mcqa("openbookqa", "train", offline=True)
-        rows = [data[i] for i in range(n)]
+        rows = [data[i] for i in range(min(n, len(data)) if n else len(data))]
         test = load_mcqa("openbookqa", "test", offline=True)
         queries = [test[i] for i in range(args.queries)]
     task = MultipleChoiceTask.from_model(model, template="plain")
@@ -190,14 +191,21 @@ def _base_cmd(args: argparse.Namespace) -> list[str]:
     return cmd + (["--tiny"] if args.tiny else [])
 
 
-def _run(cmd: list[str], env: dict[str, str]) -> float:
+def _launch(args: argparse.Namespace, out: Path, launcher: list[str], worker: str, extra: list[str],
+            env: dict[str, str]) -> tuple[float, dict[str, Any]]:  # fmt: skip
+    """Run this script as a ``worker`` process (under ``launcher``: the interpreter or torchrun) writing into a
+    fresh ``out``; returns (wall seconds, the rank-0 worker's JSON)."""
+    import shutil
     import subprocess
 
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    cmd = [*launcher, __file__, "--worker", worker, "--worker-out", str(out), *extra, *_base_cmd(args)]
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - t
+    return time.perf_counter() - t, json.loads((out / "worker_0.json").read_text())
 
 
 _ALLOCATORS = {
@@ -210,7 +218,6 @@ _ALLOCATORS = {
 
 def _section_memory(args: argparse.Namespace, rec: Recorder) -> None:
     import os
-    import shutil
 
     rows = []
     for alloc in args.memory_allocators.split(","):
@@ -220,14 +227,9 @@ def _section_memory(args: argparse.Namespace, rec: Recorder) -> None:
         # accumulation); 4N distinct examples (longer prompts appear: the peak follows the longest batch)
         for label, n, rep in (("N", args.memory_n, 1), ("4N_repeated", args.memory_n, 4),
                               ("4N_distinct", 4 * args.memory_n, 1)):  # fmt: skip
-            out = args.work / f"memory_{alloc}_{label}"
-            shutil.rmtree(out, ignore_errors=True)
-            out.mkdir(parents=True)
-            cmd = [sys.executable, __file__, "--worker", "stream", "--worker-out", str(out), "--n-train", str(n),
-                   "--repeat-train", str(rep), "--queries", str(args.memory_queries), "--threads", str(args.threads),
-                   *_base_cmd(args)]  # fmt: skip
-            wall = _run(cmd, env)
-            w = json.loads((out / "worker_0.json").read_text())
+            extra = ["--n-train", str(n), "--repeat-train", str(rep), "--queries", str(args.memory_queries),
+                     "--threads", str(args.threads)]  # fmt: skip
+            wall, w = _launch(args, args.work / f"memory_{alloc}_{label}", [sys.executable], "stream", extra, env)
             peaks[label] = w["peak_rss_mb"]
             rows.append({"allocator": alloc, "train": label, "n_train": n * rep, "queries": args.memory_queries,
                          "max_tokens": w["max_tokens"], "peak_rss_mb": w["peak_rss_mb"], "process_s": round(wall, 1),
@@ -239,7 +241,6 @@ def _section_memory(args: argparse.Namespace, rec: Recorder) -> None:
 
 def _section_torchrun(args: argparse.Namespace, rec: Recorder) -> None:
     import os
-    import shutil
 
     from repinf_lens import InfluenceResult
 
@@ -249,13 +250,8 @@ def _section_torchrun(args: argparse.Namespace, rec: Recorder) -> None:
     results = {}
     for k in [int(x) for x in args.torchrun_procs.split(",")]:
         out = args.work / f"torchrun_{k}"
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        cmd = [torchrun, "--standalone", f"--nproc_per_node={k}", __file__, "--worker", "dist", "--worker-out",
-               str(out), "--n-train", str(args.torchrun_n_train), "--queries", str(args.torchrun_queries),
-               *_base_cmd(args)]  # fmt: skip
-        wall = _run(cmd, env)
-        w = json.loads((out / "worker_0.json").read_text())
+        extra = ["--n-train", str(args.torchrun_n_train), "--queries", str(args.torchrun_queries)]
+        wall, w = _launch(args, out, [torchrun, "--standalone", f"--nproc_per_node={k}"], "dist", extra, env)
         results[k] = InfluenceResult.load(out / "result")
         row = {"procs": k, "process_s": round(wall, 1), "attribute_s": w["wall_s"],
                "seconds_influence": w["seconds_influence"],

@@ -272,6 +272,14 @@ class SplitModel:
         """Write theta2 values (:meth:`downstream_params` layout) into the model's parameters, in place."""
         named = dict(self.model.named_parameters())
         cols = self.unembed_columns()
+        want = {k: v.shape for k, v in self.downstream_params().items()}
+        bad = {n: (tuple(v.shape), tuple(want[n]) if n in want else None) for n, v in params.items()
+               if n not in want or v.shape != want[n]}  # fmt: skip
+        if bad:
+            raise ValueError(
+                f"load_downstream_params got values that are not theta2 entries of the right shape: {bad} "
+                "(given shape, theta2 shape). Fix: pass a dict laid out like split.downstream_params()."
+            )
         for n, v in params.items():
             if cols is not None and n in _VOCAB_DIM:
                 named[n].index_copy_(_VOCAB_DIM[n], cols, v.to(named[n].dtype))
@@ -387,8 +395,8 @@ class SplitModel:
                 return logits
             # theta2 holds the loss's vocabulary columns only: recompute those from it (the other columns are
             # the model's own values, constant in theta2)
-            w = trimmed.get("unembed.W_U", model.unembed.W_U.index_select(1, cols))
-            b = trimmed.get("unembed.b_U", model.unembed.b_U.index_select(0, cols))
+            w = trimmed["unembed.W_U"] if "unembed.W_U" in trimmed else model.unembed.W_U.index_select(1, cols)
+            b = trimmed["unembed.b_U"] if "unembed.b_U" in trimmed else model.unembed.b_U.index_select(0, cols)
             return logits.index_copy(1, cols, h[:, 0, :] @ w + b)
 
         return _call_with_params(model, rest, run) if rest else run()
