@@ -27,21 +27,59 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from repinf_lens.errors import RepinfLensError, check_finite
+from repinf_lens.hooked import (
+    attached_saes,
+    final_norm,
+    hook_firing_order,
+    is_transcoder,
+    logit_softcap,
+    sae_hooks,
+)
 from repinf_lens.task import task_config
 
-__all__ = ["SplitModel", "SplitInputs", "HookNameError", "SAECompatibilityError", "Params"]
+__all__ = [
+    "SplitModel",
+    "SplitInputs",
+    "HookNameError",
+    "SAECompatibilityError",
+    "SplitConfigError",
+    "Params",
+    "activation_shape",
+]
 
 Params = dict[str, Tensor]
 
 _SUPPORTED_NORMS = ("none", "expected_average_only_in", "covariance_whitening")
 
 
-class HookNameError(ValueError):
-    """The hook name is not a hook point of the model."""
+class HookNameError(RepinfLensError, ValueError):
+    """The hook name is not a hook point of the model, never fires, or is not position-indexed."""
 
 
-class SAECompatibilityError(ValueError):
-    """The SAE cannot be spliced at this hook (d_in, hook name or normalisation)."""
+class SAECompatibilityError(RepinfLensError, ValueError):
+    """The SAE cannot be spliced at this hook (d_in, hook name, normalisation, an SAE attached there)."""
+
+
+class SplitConfigError(RepinfLensError, ValueError):
+    """The model and task cannot be split as asked (no tokenizer, token ids outside the vocabulary, ...)."""
+
+
+@torch.no_grad()
+def activation_shape(model: HookedTransformer, hook: str, n_tokens: int = 2) -> tuple[int, ...]:
+    """Shape of ``hook``'s activation for one prompt of ``n_tokens`` zeros (``[1, n_tokens, ...]`` when it is
+    position-indexed). Raises :class:`HookNameError` when the hook does not fire."""
+    m = re.match(r"blocks\.(\d+)\.", hook)
+    stop = int(m.group(1)) + 1 if m else None
+    tokens = torch.zeros((1, n_tokens), dtype=torch.long, device=model.cfg.device)
+    _, cache = model.run_with_cache(tokens, names_filter=hook, stop_at_layer=stop)
+    if hook not in cache.cache_dict:
+        raise HookNameError(
+            f"{hook!r} is a hook point of this model but did not fire in a forward pass. Fix: choose a hook that "
+            "fires (e.g. 'blocks.L.hook_resid_post'), or turn on the setting that computes it (set_use_hook_mlp_in, "
+            "set_use_split_qkv_input, set_use_attn_result)."
+        )
+    return tuple(cache[hook].shape)
 
 
 @dataclass
@@ -107,23 +145,30 @@ class SplitModel:
     ) -> None:
         self.model = model
         self.trim_unembed = trim_unembed
-        self.hook_name = hook_name
         self.sae = sae
         self.use_error_term = use_error_term
         self._task = task
-        names = sorted(model.hook_dict)
-        if hook_name not in model.hook_dict:
-            close = difflib.get_close_matches(hook_name, names, n=5, cutoff=0.6)
+        hook_in = hook_out = hook_name
+        if sae is not None and is_transcoder(sae):
+            t_in, t_out = sae_hooks(sae)
+            if hook_name not in (t_in, t_out):
+                raise SAECompatibilityError(
+                    f"The transcoder reads {t_in!r} and writes {t_out!r}, but the split is at {hook_name!r}. "
+                    f"Fix: SplitModel(model, {t_in!r}, transcoder)."
+                )
+            hook_in, hook_out = str(t_in), str(t_out)
+        #: the hook the latents are read at (the SAE's ``hook_name``; a transcoder's input hook)
+        self.hook_name = hook_in
+        #: the hook whose activation the splice replaces (= ``hook_name``, except a transcoder's output hook)
+        self.out_hook = hook_out
+        attached = attached_saes(model)
+        self._check_attached_at_split(attached)
+        for h in dict.fromkeys((hook_in, hook_out)):
+            self._check_hook_exists(h)
+        m = re.match(r"blocks\.(\d+)\.(.+)$", hook_out)
+        if m is None or not re.match(r"blocks\.(\d+)\.", hook_in):
             raise HookNameError(
-                f"{hook_name!r} is not a hook point of this model. "
-                + (f"Closest: {close}. " if close else "")
-                + f"Valid hook points ({len(names)}): {', '.join(names)}. "
-                "Fix: pass one of these names (e.g. 'blocks.14.hook_resid_post')."
-            )
-        m = re.match(r"blocks\.(\d+)\.(.+)$", hook_name)
-        if m is None:
-            raise HookNameError(
-                f"{hook_name!r} is outside the transformer blocks; the split needs a hook inside blocks.L. "
+                f"{hook_out!r} is outside the transformer blocks; the split needs a hook inside blocks.L. "
                 f"Fix: use 'blocks.0.hook_resid_pre' instead of the embedding hooks."
             )
         self.layer = int(m.group(1))
@@ -136,18 +181,123 @@ class SplitModel:
             self.start_layer, self.mode = self.layer, "inner"
         if getattr(model.cfg, "positional_embedding_type", "standard") == "shortformer":
             raise NotImplementedError("Shortformer positional embeddings are not supported by SplitModel.")
+        if task is None and getattr(model, "tokenizer", None) is None:
+            raise SplitConfigError(
+                "The model has no tokenizer, so SplitModel cannot build its default MultipleChoiceTask. "
+                "Fix: model.set_tokenizer(tokenizer) (a Hugging Face tokenizer), or pass task= a Task whose "
+                "collate() tokenises the examples itself."
+            )
+        order = hook_firing_order(model)
+        for h in dict.fromkeys((hook_in, hook_out)):
+            self._check_hook_fires(h, order)
+        if order.index(hook_in) > order.index(hook_out):
+            raise SAECompatibilityError(
+                f"The transcoder reads {hook_in!r}, which runs AFTER the hook it writes, {hook_out!r}. "
+                "Fix: check sae.cfg.metadata.hook_name / hook_name_out."
+            )
+        self.downstream_saes = self._check_attached_order(attached, order)
         self._act_width = self._activation_width()
         if sae is not None:
             self._check_sae(sae)
+        check_finite(
+            "A model weight",
+            {n: p for n, p in model.named_parameters()},
+            where="(found when building the split)",
+            fix="load an undamaged checkpoint; a NaN upstream weight would give finite but wrong scores "
+            "(TransformerLens zeroes NaN attention patterns), so repinf_lens refuses it.",
+        )
         all_params = dict(model.named_parameters())
         structural = self._structural_downstream(all_params)
         self.param_names = self._select(downstream, all_params, structural)
+        self._check_task_vocab()
 
     # ------------------------------------------------------------------ construction helpers
+    def _check_hook_exists(self, hook: str) -> None:
+        if hook in self.model.hook_dict:
+            return
+        names = sorted(self.model.hook_dict)
+        close = difflib.get_close_matches(hook, names, n=5, cutoff=0.6)
+        raise HookNameError(
+            f"{hook!r} is not a hook point of this model. "
+            + (f"Closest: {close}. " if close else "")
+            + f"Valid hook points ({len(names)}): {', '.join(names)}. "
+            "Fix: pass one of these names (e.g. 'blocks.14.hook_resid_post')."
+        )
+
+    def _check_hook_fires(self, hook: str, order: list[str]) -> None:
+        if hook in order:
+            return
+        hints = {
+            "hook_mlp_in": "model.set_use_hook_mlp_in(True)",
+            "hook_attn_in": "model.set_use_attn_in(True)",
+            "hook_q_input": "model.set_use_split_qkv_input(True)",
+            "hook_k_input": "model.set_use_split_qkv_input(True)",
+            "hook_v_input": "model.set_use_split_qkv_input(True)",
+            "hook_result": "model.set_use_attn_result(True)",
+            "hook_resid_mid": "a hook that exists with parallel attention, e.g. hook_attn_out or hook_mlp_out",
+        }
+        hint = next((v for k, v in hints.items() if hook.endswith(k)), None)
+        raise HookNameError(
+            f"{hook!r} is a hook point of this model but never fires in its forward pass (its activation is not "
+            "computed with this model's settings), so nothing could be spliced there. "
+            + (f"Fix: {hint}." if hint else "Fix: choose a hook that fires, e.g. 'blocks.L.hook_resid_post'.")
+        )
+
+    def _check_attached_at_split(self, attached: list[Any]) -> None:
+        for a in attached:
+            if {a.hook_in, a.hook_out} & {self.hook_name, self.out_hook}:
+                raise SAECompatibilityError(
+                    f"An {a.describe()} is attached to this HookedSAETransformer (model.add_sae) at the split's hook "
+                    f"{self.hook_name!r}; SplitModel splices its own SAE there. Fix: sae = "
+                    f"model.acts_to_saes[{a.hook_in!r}]; model.reset_saes(); SplitModel(model, {a.hook_in!r}, sae)."
+                )
+
+    def _check_attached_order(self, attached: list[Any], order: list[str]) -> list[Any]:
+        """Attached SAEs downstream of the split (upstream ones are part of theta1's frozen computation)."""
+        split_pos = order.index(self.out_hook)
+
+        def pos(hook: str) -> int:
+            hits = [i for i, n in enumerate(order) if n == hook or n.startswith(hook + ".")]
+            return hits[0] if hits else -1
+
+        downstream = []
+        for a in attached:
+            p_in, p_out = pos(a.hook_in), pos(a.hook_out)
+            if p_out < split_pos:
+                continue
+            if p_in <= split_pos:
+                raise SAECompatibilityError(
+                    f"An attached {a.describe()} reads upstream of the split at {self.out_hook!r} and writes "
+                    "downstream of it, so the downstream function cannot recompute it. Fix: model.reset_saes() (or "
+                    "detach that transcoder with model.reset_saes([...])) before building the split."
+                )
+            if a.exclude_special_tokens is not False:
+                raise SAECompatibilityError(
+                    f"An attached {a.describe()} downstream of the split uses exclude_special_tokens, which needs "
+                    "the token ids inside the forward pass; the split runs the downstream part from activations. "
+                    "Fix: model.add_sae(sae, use_error_term=..., exclude_special_tokens=False), or model.reset_saes()."
+                )
+            downstream.append(a)
+        return downstream
+
+    def _check_task_vocab(self) -> None:
+        fn = getattr(self.task, "loss_vocab", None)
+        ids = fn() if callable(fn) else None
+        d_vocab = int(self.model.cfg.d_vocab_out if getattr(self.model.cfg, "d_vocab_out", -1) > 0 else -1)
+        if d_vocab <= 0:
+            d_vocab = int(self.model.cfg.d_vocab)
+        bad = [int(i) for i in (ids or []) if not 0 <= int(i) < d_vocab]
+        if bad:
+            raise SplitConfigError(
+                f"The task's loss reads token ids {bad[:10]} but the model's unembedding has only d_vocab={d_vocab} "
+                "columns: the tokenizer does not belong to this model. Fix: build the task from model.tokenizer "
+                "(MultipleChoiceTask.from_model(model)) or load the tokenizer that matches the model."
+            )
+
     def _check_sae(self, sae: Any) -> None:
         from repinf_lens.saes.loading import check_sae_compatibility
 
-        sae_hook = getattr(getattr(sae.cfg, "metadata", None), "hook_name", None)
+        sae_hook = sae_hooks(sae)[0]
         if sae_hook is not None and sae_hook != self.hook_name:
             raise SAECompatibilityError(
                 f"The SAE was trained at {sae_hook!r} but the split is at {self.hook_name!r}. "
@@ -157,12 +307,20 @@ class SplitModel:
         check_sae_compatibility(sae, self.model, self.hook_name)
 
     def _activation_width(self) -> int:
-        with torch.no_grad():
-            tokens = torch.zeros((1, 2), dtype=torch.long, device=self.model.cfg.device)
-            _, cache = self.model.run_with_cache(tokens, names_filter=self.hook_name, stop_at_layer=self.layer + 1)
-        act = cache[self.hook_name]
-        self._act_shape_tail = tuple(act.shape[2:])
-        return int(torch.tensor(act.shape[2:]).prod().item())
+        """Width of the spliced activation; refuses activations that are not ``[batch, pos, ...]``-shaped."""
+        shapes = {}
+        for n_tok in (3, 5):
+            shapes[n_tok] = tuple(activation_shape(self.model, self.out_hook, n_tok))
+        a, b = shapes[3], shapes[5]
+        if a[1] != 3 or b[1] != 5 or a[2:] != b[2:]:
+            raise HookNameError(
+                f"The activation at {self.out_hook!r} has shape {list(a)} for 1 prompt of 3 tokens and {list(b)} for "
+                "5 tokens: it is not indexed [batch, pos, ...] (attention patterns and scores are [batch, head, "
+                "query_pos, key_pos]), so it has no per-token latents to splice. Fix: split at a position-indexed "
+                "hook such as 'blocks.L.attn.hook_z', 'blocks.L.hook_attn_out' or 'blocks.L.hook_resid_post'."
+            )
+        self._act_shape_tail = a[2:]
+        return int(torch.tensor(a[2:]).prod().item()) if a[2:] else 1
 
     def _structural_downstream(self, all_params: Params) -> set[str]:
         """Parameters the hooked activation feeds, found by taint-tracking one small forward pass.
@@ -176,9 +334,9 @@ class SplitModel:
         base_name = f"blocks.{self.start_layer}.hook_resid_pre"
         with torch.no_grad():
             _, cache = self.model.run_with_cache(
-                tokens, names_filter=lambda n: n in (self.hook_name, base_name), stop_at_layer=self.layer + 1
+                tokens, names_filter=lambda n: n in (self.out_hook, base_name), stop_at_layer=self.layer + 1
             )
-            act = cache[self.hook_name].clone()
+            act = cache[self.out_hook].clone()
             base = cache[base_name] if self.mode == "inner" else act
             tracker = _TaintTracker(act, all_params)
             with tracker:
@@ -229,6 +387,22 @@ class SplitModel:
         new.__dict__.update(self.__dict__)
         new._task = task
         return new
+
+    @property
+    def act_shape(self) -> tuple[int, ...]:
+        """Shape of the spliced activation after ``[batch, pos]`` (``(d_model,)``, ``(n_heads, d_head)``, ...)."""
+        return tuple(self._act_shape_tail)
+
+    def check(self, batch: Any, s_test: Params | None = None, **kwargs: Any) -> Any:
+        """Self-check against TransformerLens' own forward (:func:`repinf_lens.influence.check.check_split`).
+
+        Compares the spliced logits with ``model(tokens)``, example scores with a reverse-mode gradient and the
+        swap's latent scores with per-latent JVPs through ``functional_call`` on the whole model; raises
+        :class:`~repinf_lens.influence.check.SplitCheckError` on a mismatch, else returns the report.
+        """
+        from repinf_lens.influence.check import check_split
+
+        return check_split(self, batch, s_test, **kwargs)
 
     @property
     def d_sae(self) -> int:
@@ -290,57 +464,75 @@ class SplitModel:
         return sum(p.numel() for p in self.downstream_params().values())
 
     def fingerprint(self) -> dict[str, Any]:
-        """What identifies this split for caching: model config, hook, theta2 names and a weight checksum."""
-        params = self.downstream_params()
-        checksum = float(sum(float(p.double().sum()) + float(p.double().square().sum()) for p in params.values()))
-        sae_info = None
-        if self.sae is not None:
-            sae_info = {
-                "cfg": {k: str(v) for k, v in self.sae.cfg.to_dict().items()},
-                "w": float(self.sae.W_dec.detach().double().sum()),
-            }
-        return {
-            "model": {k: str(v) for k, v in sorted(self.model.cfg.to_dict().items()) if k not in ("device",)},
-            "hook": self.hook_name,
-            "theta2": self.param_names,
-            "checksum": f"{checksum:.10e}",
-            "sae": sae_info,
-            "use_error_term": self.use_error_term,
-            "unembed_columns": None if (c := self.unembed_columns()) is None else c.tolist(),
-            "task": type(self.task).__name__,
-            "task_config": task_config(self.task),
-        }
+        """What identifies this split for caching (see :func:`repinf_lens._fingerprint.split_fingerprint`)."""
+        from repinf_lens._fingerprint import split_fingerprint
+
+        return split_fingerprint(self, task_config=task_config)
 
     # ------------------------------------------------------------------ upstream
     @torch.no_grad()
     def prepare(self, batch: Any) -> SplitInputs:
-        """Run theta1 under ``no_grad``: activation, latents and (held) SAE error for a task batch."""
-        from repinf_lens.task import check_fits
+        """Run theta1 under ``no_grad``: activation, latents and (held) SAE error for a task batch.
 
+        For a transcoder the latents are read at its input hook and the error is the true activation at its output
+        hook minus the decoded latents (a skip transcoder's ``W_skip x`` term is part of that held error).
+        """
         batch = batch.to(self.device)
-        check_fits(self.model, batch.tokens)
-        names = {self.hook_name}
-        base_name = f"blocks.{self.start_layer}.hook_resid_pre"
-        if self.mode == "inner":
-            names.add(base_name)
-        _, cache = self.model.run_with_cache(
-            batch.tokens, names_filter=lambda n: n in names, stop_at_layer=self.layer + 1
-        )
-        x = cache[self.hook_name]
+        self.check_tokens(batch.tokens)
+        x_in, y, base = self._upstream(batch.tokens)
         if self.sae is None:
-            r = x.reshape(*x.shape[:2], -1)
-            error = None
+            r = y.reshape(*y.shape[:2], -1)
+            error = recon = None
         else:
-            r = self.sae.encode(x.to(self.sae.dtype))
-            recon = self.sae.decode(r)
-            error = (x - recon.to(x.dtype)) if self.use_error_term else None
-        base = cache[base_name] if self.mode == "inner" else x
+            r = self.sae.encode(x_in.to(self.sae.dtype))
+            recon = self.sae.decode(r).to(y.dtype)
+            error = (y - recon) if self.use_error_term else None
+        check_finite(
+            "The SAE latents" if self.sae is not None else "The activation",
+            {self.hook_name: r, "error": error},
+            where=f"at {self.hook_name!r} for examples {list(getattr(batch, 'ids', []))[:8]}",
+            fix="check the SAE's weights and the model's dtype (an overflow in float16/bfloat16; try float32).",
+        )
         anchor = None
         if error is not None:
-            anchor = (x.detach(), recon.to(x.dtype).detach(), error.detach())
+            anchor = (y.detach(), recon.detach(), error.detach())
         return SplitInputs(
             latents=r.detach(), error=None if error is None else error.detach(), base=base, batch=batch, anchor=anchor
         )
+
+    def _upstream(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(activation at hook_name, activation at out_hook, input of the first downstream block)``."""
+        names = {self.hook_name, self.out_hook}
+        base_name = f"blocks.{self.start_layer}.hook_resid_pre"
+        if self.mode == "inner":
+            names.add(base_name)
+        _, cache = self.model.run_with_cache(tokens, names_filter=lambda n: n in names, stop_at_layer=self.layer + 1)
+        y = cache[self.out_hook]
+        base = cache[base_name] if self.mode == "inner" else y
+        return cache[self.hook_name], y, base
+
+    @torch.no_grad()
+    def encode_tokens(self, tokens: Tensor) -> Float[Tensor, "batch pos d_sae"]:
+        """SAE latents of right-padded token ids (the activation itself without an SAE), as :meth:`prepare`."""
+        tokens = tokens.to(self.device)
+        self.check_tokens(tokens)
+        x_in, y, _ = self._upstream(tokens)
+        if self.sae is None:
+            return y.reshape(*y.shape[:2], -1)
+        return self.sae.encode(x_in.to(self.sae.dtype))
+
+    def check_tokens(self, tokens: Tensor) -> None:
+        """Refuse token ids outside the embedding (``>= d_vocab`` or negative) and prompts longer than n_ctx."""
+        from repinf_lens.task import check_fits
+
+        check_fits(self.model, tokens)
+        d_vocab = int(self.model.cfg.d_vocab)
+        if tokens.numel() and (int(tokens.max()) >= d_vocab or int(tokens.min()) < 0):
+            bad = sorted({int(t) for t in tokens.flatten() if not 0 <= int(t) < d_vocab})
+            raise SplitConfigError(
+                f"The batch has token ids {bad[:10]} outside the model's vocabulary (d_vocab={d_vocab}): the task's "
+                "tokenizer does not belong to this model. Fix: build the task from model.tokenizer."
+            )
 
     def latents(self, batch: Any) -> tuple[Float[Tensor, "batch pos d_sae"], Tensor | None]:
         """``(r, error)`` for a task batch (computed under ``no_grad``)."""
@@ -360,6 +552,8 @@ class SplitModel:
             x = r.reshape(*r.shape[:2], *self._act_shape_tail)
         else:
             x = self.sae.decode(r)
+            if x.shape[2:] != self._act_shape_tail:  # a transcoder's flat d_out at a [.., n_heads, d_head] hook
+                x = x.reshape(*x.shape[:2], *self._act_shape_tail)
         if error is not None:
             if anchor is not None:
                 x0, recon0, e0 = anchor
@@ -371,15 +565,20 @@ class SplitModel:
     def _run_downstream(self, x: Tensor, base: Tensor, answer_pos: Tensor, params: Params | None) -> Tensor:
         model = self.model
         n_layers = model.cfg.n_layers
+        # SAELens computes an attached SAE's error term under no_grad, which forward-mode AD ignores: detach it, so
+        # that it is the constant SAELens means it to be for every differentiation (jvp, grad, their compositions)
+        hooks: list[tuple[str, Any]] = [(f"{a.hook_out}.hook_sae_error", _detach) for a in self.downstream_saes
+                                        if a.use_error_term]  # fmt: skip
 
         def body() -> Tensor:
             if self.mode == "resid":
-                return model(x, start_at_layer=self.start_layer, stop_at_layer=n_layers)
+                with model.hooks(fwd_hooks=hooks):
+                    return model(x, start_at_layer=self.start_layer, stop_at_layer=n_layers)
 
             def replace(_act: Tensor, hook: Any) -> Tensor:
                 return x
 
-            with model.hooks(fwd_hooks=[(self.hook_name, replace)]):
+            with model.hooks(fwd_hooks=[(self.out_hook, replace), *hooks]):
                 return model(base, start_at_layer=self.start_layer, stop_at_layer=n_layers)
 
         cols = self.unembed_columns() if params else None
@@ -389,15 +588,16 @@ class SplitModel:
         def run() -> Tensor:
             resid = body()
             resid = resid[torch.arange(resid.shape[0], device=resid.device), answer_pos.to(resid.device)]
-            h = model.ln_final(resid[:, None, :])
-            logits = model.unembed(h)[:, 0, :]
+            # every step HookedTransformer.forward applies after the last block (repinf_lens.hooked.final_logits)
+            h = final_norm(model, resid[:, None, :])
+            logits = logit_softcap(model, model.unembed(h))[:, 0, :]
             if not trimmed:
                 return logits
             # theta2 holds the loss's vocabulary columns only: recompute those from it (the other columns are
             # the model's own values, constant in theta2)
             w = trimmed["unembed.W_U"] if "unembed.W_U" in trimmed else model.unembed.W_U.index_select(1, cols)
             b = trimmed["unembed.b_U"] if "unembed.b_U" in trimmed else model.unembed.b_U.index_select(0, cols)
-            return logits.index_copy(1, cols, h[:, 0, :] @ w + b)
+            return logits.index_copy(1, cols, logit_softcap(model, h[:, 0, :] @ w + b))
 
         return _call_with_params(model, rest, run) if rest else run()
 
@@ -442,6 +642,10 @@ class SplitModel:
     def original_logits(self, batch: Any) -> Float[Tensor, "batch d_vocab"]:
         """Answer-position logits of the unmodified model (for checking the splice)."""
         return self.task.model_logits(self.model, batch.to(self.device))
+
+
+def _detach(act: Tensor, hook: Any) -> Tensor:
+    return act.detach()
 
 
 class _TaintTracker(torch.overrides.TorchFunctionMode):

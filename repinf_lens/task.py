@@ -117,7 +117,9 @@ class Task:
         check_fits(model, tokens)
         resid = model(tokens, stop_at_layer=model.cfg.n_layers)
         resid = resid[torch.arange(resid.shape[0], device=resid.device), batch.answer_pos.to(resid.device)]
-        return model.unembed(model.ln_final(resid[:, None, :]))[:, 0, :]
+        from repinf_lens.hooked import final_logits
+
+        return final_logits(model, resid[:, None, :])[:, 0, :]
 
 
 def check_fits(model: Any, tokens: Tensor) -> None:

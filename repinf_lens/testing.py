@@ -95,6 +95,9 @@ def tiny_model(
     return model.eval()
 
 
+_RANDOM_SAE_ARCHS = ("topk", "standard", "jumprelu", "gated", "transcoder", "skip_transcoder")
+
+
 def random_sae(
     model: HookedTransformer,
     hook_name: str,
@@ -104,22 +107,42 @@ def random_sae(
     architecture: str = "topk",
     seed: int = 0,
     normalize_activations: str = "none",
+    hook_name_out: str | None = None,
 ) -> Any:
-    """A randomly initialised SAELens SAE (``topk`` or ``standard``) for ``hook_name`` of ``model``.
+    """A randomly initialised SAELens SAE or transcoder for ``hook_name`` of ``model``.
 
-    The encoder bias is set so that a realistic share of latents fire on the model's activations.
+    ``architecture``: ``"topk"``, ``"standard"``, ``"jumprelu"``, ``"gated"`` (SAEs) or ``"transcoder"``,
+    ``"skip_transcoder"`` (read ``hook_name``, write ``hook_name_out``). Biases and thresholds are set so that a
+    realistic share of latents fire on the model's activations.
     """
-    from sae_lens import SAE
+    from sae_lens import (
+        SAE,
+        GatedSAEConfig,
+        JumpReLUSAEConfig,
+        SkipTranscoderConfig,
+        StandardSAEConfig,
+        TopKSAEConfig,
+        TranscoderConfig,
+    )
     from sae_lens.saes.sae import SAEMetadata
-    from sae_lens.saes.standard_sae import StandardSAEConfig
-    from sae_lens.saes.topk_sae import TopKSAEConfig
 
-    with torch.no_grad():
-        tokens = torch.zeros((1, 2), dtype=torch.long, device=model.cfg.device)
-        _, cache = model.run_with_cache(tokens, names_filter=hook_name)
-    d_in = int(torch.tensor(cache[hook_name].shape[2:]).prod())
+    if architecture not in _RANDOM_SAE_ARCHS:
+        raise ValueError(f"architecture must be one of {_RANDOM_SAE_ARCHS}, got {architecture!r}.")
+    transcoder = architecture in ("transcoder", "skip_transcoder")
+    if transcoder and not hook_name_out:
+        raise ValueError("A transcoder needs hook_name_out (the hook it writes, e.g. 'blocks.0.hook_mlp_out').")
+
+    def width(hook: str) -> int:
+        with torch.no_grad():
+            tokens = torch.zeros((1, 2), dtype=torch.long, device=model.cfg.device)
+            _, cache = model.run_with_cache(tokens, names_filter=hook)
+        return int(torch.tensor(cache[hook].shape[2:]).prod())
+
+    d_in = width(hook_name)
     meta = SAEMetadata(hook_name=hook_name, model_name=str(getattr(model.cfg, "model_name", "unknown")))
-    common = dict(
+    if transcoder:
+        meta.hook_name_out = hook_name_out
+    common: dict[str, Any] = dict(
         d_in=d_in,
         d_sae=d_sae,
         dtype="float32",
@@ -127,15 +150,41 @@ def random_sae(
         normalize_activations=normalize_activations,
         metadata=meta,
     )
-    if hook_name.endswith("hook_z"):
+    if hook_name.endswith("hook_z") and not transcoder:
         common["reshape_activations"] = "hook_z"
-    cfg = TopKSAEConfig(k=k, **common) if architecture == "topk" else StandardSAEConfig(**common)
+    if transcoder:
+        common["apply_b_dec_to_input"] = False
+    if architecture == "topk":
+        cfg = TopKSAEConfig(k=k, **common)
+    elif architecture == "standard":
+        cfg = StandardSAEConfig(**common)
+    elif architecture == "jumprelu":
+        cfg = JumpReLUSAEConfig(**common)
+    elif architecture == "gated":
+        cfg = GatedSAEConfig(**common)
+    elif architecture == "transcoder":
+        cfg = TranscoderConfig(d_out=width(str(hook_name_out)), **common)
+    else:
+        cfg = SkipTranscoderConfig(d_out=width(str(hook_name_out)), **common)
     torch.manual_seed(seed)
     sae = SAE.from_dict(cfg.to_dict())
     with torch.no_grad():
         sae.W_enc.normal_(0, d_in**-0.5)
-        sae.W_dec.copy_(sae.W_enc.T / sae.W_enc.T.norm(dim=1, keepdim=True))
-        sae.b_enc.fill_(0.0 if architecture == "topk" else -0.5)
+        if transcoder:
+            sae.W_dec.normal_(0, d_sae**-0.5)
+            sae.b_dec.normal_(0, 0.1)
+        else:
+            sae.W_dec.copy_(sae.W_enc.T / sae.W_enc.T.norm(dim=1, keepdim=True))
+        if architecture == "gated":
+            sae.b_gate.fill_(-0.3)
+            sae.b_mag.normal_(0, 0.1)
+            sae.r_mag.normal_(0, 0.1)
+        else:
+            sae.b_enc.fill_(0.0 if architecture == "topk" else -0.5)
+        if architecture == "jumprelu":
+            sae.threshold.fill_(0.05)
+        if architecture == "skip_transcoder":
+            sae.W_skip.normal_(0, d_in**-0.5)
     return sae.eval()
 
 

@@ -197,16 +197,7 @@ def _split_rows(latents: Tensor, lengths: Sequence[int]) -> list[Tensor]:
 @torch.no_grad()
 def latents_of_tokens(split: Any, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_sae"]:
     """SAE latents (the activation itself without an SAE) of right-padded token ids at the split's hook."""
-    from repinf_lens.task import check_fits
-
-    model = split.model
-    tokens = tokens.to(model.cfg.device)
-    check_fits(model, tokens)
-    _, cache = model.run_with_cache(tokens, names_filter=split.hook_name, stop_at_layer=split.layer + 1)
-    x = cache[split.hook_name]
-    if split.sae is None:
-        return x.reshape(*x.shape[:2], -1)
-    return split.sae.encode(x.to(split.sae.dtype))
+    return split.encode_tokens(tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------------

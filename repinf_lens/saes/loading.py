@@ -18,17 +18,22 @@ and normalisation, with the same rules as :class:`repinf_lens.split.SplitModel`,
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from transformer_lens import HookedTransformer
 
-from repinf_lens.split import _SUPPORTED_NORMS, HookNameError, SAECompatibilityError
+from repinf_lens.errors import CorruptFileError
+from repinf_lens.hooked import is_transcoder, sae_hooks
+from repinf_lens.split import _SUPPORTED_NORMS, HookNameError, SAECompatibilityError, activation_shape
 
-__all__ = ["load_sae", "sae_hook_name", "check_sae_compatibility", "find_sae_folders"]
+__all__ = ["load_sae", "load_folder", "sae_hook_name", "check_sae_compatibility", "find_sae_folders"]
 
 _CFG = "cfg.json"
 _WEIGHTS = "sae_weights.safetensors"
@@ -175,6 +180,137 @@ def _load_from_hub(release: str, sae_id: str, device: str, dtype: str | None) ->
         ) from e
 
 
+_REGISTRY_YAML = "pretrained_saes.yaml"
+
+
+def load_folder(
+    folder: str | os.PathLike,
+    *,
+    device: str = "cpu",
+    dtype: str | None = None,
+    cfg_overrides: dict[str, Any] | None = None,
+    norm_scaling_factor: float | None = None,
+    what: str | None = None,
+) -> Any:
+    """``SAE.load_from_disk`` on one SAELens folder, with the registry's ``config_overrides`` and
+    ``norm_scaling_factor`` applied as ``SAE.from_pretrained`` applies them, and errors that name a corrupt file.
+
+    An ``expected_average_only_in`` SAE is folded with ``norm_scaling_factor`` (it then reads raw activations);
+    without a factor it is loaded as saved, with a warning: it expects activations scaled to norm sqrt(d_in).
+    """
+    from sae_lens import SAE
+    from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
+
+    folder = Path(folder)
+    extra = dict(cfg_overrides or {})
+
+    def converter(path: Any, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None) -> Any:
+        return sae_lens_disk_loader(path, device, cfg_overrides={**extra, **(cfg_overrides or {})})
+
+    cfg_path, weights_path = folder / _CFG, folder / _WEIGHTS
+    try:
+        json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(
+            f"The SAE config {str(cfg_path)!r} is not valid JSON ({e}). Fix: restore the file (re-download or "
+            "re-save the SAE with SAE.save_model).",
+            cfg_path,
+        ) from e
+    try:
+        sae = SAE.load_from_disk(str(folder), device=device, dtype=dtype, converter=converter)
+    except Exception as e:
+        if _is_safetensors_error(e):
+            raise CorruptFileError(
+                f"The SAE weights file {str(weights_path)!r} cannot be read ({type(e).__name__}: {e}); it is "
+                "truncated or corrupt. Fix: restore the file (re-download or re-save the SAE).",
+                weights_path,
+            ) from e
+        raise
+    name = what or str(folder)
+    if sae.cfg.normalize_activations == "expected_average_only_in":
+        if norm_scaling_factor is not None:
+            sae.fold_activation_norm_scaling_factor(float(norm_scaling_factor))
+        else:
+            warnings.warn(
+                f"SAE {name!r} uses normalize_activations='expected_average_only_in' and no norm_scaling_factor is "
+                "known, so it is loaded unfolded: it expects activations rescaled to norm sqrt(d_in), but the split "
+                "feeds it raw activations (its latents are then mis-scaled). Fix: add norm_scaling_factor to its "
+                f"entry in {_REGISTRY_YAML}, or call sae.fold_activation_norm_scaling_factor(factor).",
+                stacklevel=3,
+            )
+    return sae
+
+
+def _is_safetensors_error(e: BaseException) -> bool:
+    text = f"{type(e).__module__}.{type(e).__name__}: {e}".lower()
+    return "safetensor" in text or "deserializ" in text or "header" in text or "incomplete metadata" in text
+
+
+def _read_registry(path: Path) -> dict[str, Any]:
+    file = path / _REGISTRY_YAML
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise CorruptFileError(f"{str(file)!r} is not valid YAML ({e}). Fix: repair or delete it.", file) from e
+    if not isinstance(data, dict) or not all(isinstance(v, dict) and "saes" in v for v in data.values()):
+        raise CorruptFileError(
+            f"{str(file)!r} is not a SAELens registry (expected 'release: {{repo_id, model, saes: [{{id, path}}]}}'). "
+            "Fix: write it with repinf_lens.publish_saes, or delete it to load the folder by subfolder.",
+            file,
+        )
+    return data
+
+
+def _local_release(path: Path, sae_id: str | None) -> dict[str, Any] | None:
+    """The release entry of a local HF-repo-like folder with a ``pretrained_saes.yaml``, else ``None``."""
+    if not path.is_dir() or not (path / _REGISTRY_YAML).is_file():
+        return None
+    data = _read_registry(path)
+    if len(data) > 1 and sae_id is not None:  # several releases: the one that lists this id
+        hits = [v for v in data.values() if any(str(e.get("id")) == sae_id for e in v["saes"])]
+        if len(hits) == 1:
+            return hits[0]
+    return next(iter(data.values())) if len(data) == 1 else {"saes": [e for v in data.values() for e in v["saes"]]}
+
+
+def _load_local_release(path: Path, release: dict[str, Any], sae_id: str | None, dev: str, dt: str | None) -> Any:
+    entries = [dict(e) for e in release["saes"]]
+    ids = [str(e.get("id")) for e in entries]
+    by_id = {str(e.get("id")): e for e in entries}
+    by_path = {str(e.get("path")).strip("/"): e for e in entries}
+    if sae_id is None and len(entries) == 1:
+        sae_id = ids[0]
+    entry = by_id.get(sae_id) if sae_id is not None else None
+    if entry is None and sae_id is not None:
+        entry = by_path.get(sae_id.strip("/"))
+    if entry is None:
+        close = difflib.get_close_matches(sae_id, ids, n=5, cutoff=0.5) if sae_id else []
+        head = "needs sae_id" if sae_id is None else f"has no SAE {sae_id!r}"
+        raise ValueError(
+            f"The release folder {str(path)!r} ({_REGISTRY_YAML}) {head}. "
+            + (f"Closest: {close}. " if close else "")
+            + f"Valid sae_ids: {ids[:_MAX_IDS_SHOWN]}{' ...' if len(ids) > _MAX_IDS_SHOWN else ''}. "
+            f"Fix: load_sae({str(path)!r}, {ids[0]!r})."
+        )
+    folder = path / str(entry.get("path", entry.get("id")))
+    if not ((folder / _CFG).is_file() and (folder / _WEIGHTS).is_file()):
+        raise ValueError(
+            f"{_REGISTRY_YAML} in {str(path)!r} lists SAE {entry.get('id')!r} at path {entry.get('path')!r}, but "
+            f"{str(folder)!r} holds no {_CFG} + {_WEIGHTS}. Fix: correct the path in {_REGISTRY_YAML}."
+        )
+    overrides = dict(release.get("config_overrides") or {})
+    if entry.get("neuronpedia") is not None:
+        overrides["neuronpedia_id"] = entry["neuronpedia"]
+    return load_folder(
+        folder,
+        device=dev,
+        dtype=dt,
+        cfg_overrides=overrides,
+        norm_scaling_factor=entry.get("norm_scaling_factor"),
+        what=f"{path.name}/{entry.get('id')}",
+    )
+
+
 def load_sae(
     release_or_path: str | os.PathLike,
     sae_id: str | None = None,
@@ -208,7 +344,6 @@ def load_sae(
         ConnectionError: the SAE must be downloaded but the Hugging Face Hub is unreachable.
         HookNameError, SAECompatibilityError: the SAE does not fit ``model`` (see :func:`check_sae_compatibility`).
     """
-    from sae_lens import SAE
 
     dev = str(device) if device is not None else (str(model.cfg.device) if model is not None else "cpu")
     dt = _dtype_str(dtype)
@@ -217,8 +352,12 @@ def load_sae(
     if isinstance(release_or_path, os.PathLike) or path.exists() or _looks_like_path(raw):
         if not path.exists():
             raise ValueError(f"No such SAE folder: {raw!r}. {_ACCEPTED_FORMS}")
-        folder = _resolve_local_folder(path, sae_id)
-        sae = SAE.load_from_disk(str(folder), device=dev, dtype=dt)
+        release = _local_release(path, sae_id)
+        if release is not None:
+            sae = _load_local_release(path, release, sae_id, dev, dt)
+        else:
+            folder = _resolve_local_folder(path, sae_id)
+            sae = load_folder(folder, device=dev, dtype=dt)
     else:
         from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
@@ -257,13 +396,30 @@ def load_sae(
     return sae.eval()
 
 
-def _activation_shape(model: HookedTransformer, hook: str) -> tuple[int, ...]:
-    m = re.match(r"blocks\.(\d+)\.", hook)
-    stop = int(m.group(1)) + 1 if m else None
-    with torch.no_grad():
-        tokens = torch.zeros((1, 2), dtype=torch.long, device=model.cfg.device)
-        _, cache = model.run_with_cache(tokens, names_filter=hook, stop_at_layer=stop)
-    return tuple(cache[hook].shape[2:])
+def _check_hook_point(model: HookedTransformer, hook_name: str) -> None:
+    names = sorted(model.hook_dict)
+    if hook_name in model.hook_dict:
+        return
+    close = difflib.get_close_matches(hook_name, names, n=5, cutoff=0.6)
+    m = re.match(r"blocks\.(\d+)\.", hook_name)
+    n_layers = int(model.cfg.n_layers)
+    depth = (
+        f"The model has {n_layers} layers (blocks.0 .. blocks.{n_layers - 1}): the SAE was probably trained on "
+        "another model. "
+        if m and int(m.group(1)) >= n_layers
+        else ""
+    )
+    attached = (
+        "An SAE is attached there with model.add_sae (HookedSAETransformer): Fix: model.reset_saes() first. "
+        if any(n.startswith(hook_name + ".hook_sae") for n in names)
+        else ""
+    )
+    raise HookNameError(
+        f"The SAE reads {hook_name!r}, which is not a hook point of this model. {depth}{attached}"
+        + (f"Closest: {close}. " if close else "")
+        + f"Valid hook points ({len(names)}): {', '.join(names)}. "
+        "Fix: use an SAE trained on this model, or pass hook_name= one of these if the activations are the same."
+    )
 
 
 def check_sae_compatibility(sae: Any, model: HookedTransformer, hook_name: str | None = None) -> str:
@@ -288,23 +444,12 @@ def check_sae_compatibility(sae: Any, model: HookedTransformer, hook_name: str |
             hook_name = sae_hook_name(sae)
         except ValueError as e:
             raise SAECompatibilityError(str(e)) from e
-    names = sorted(model.hook_dict)
-    if hook_name not in model.hook_dict:
-        close = difflib.get_close_matches(hook_name, names, n=5, cutoff=0.6)
-        m = re.match(r"blocks\.(\d+)\.", hook_name)
-        n_layers = int(model.cfg.n_layers)
-        depth = (
-            f"The model has {n_layers} layers (blocks.0 .. blocks.{n_layers - 1}): the SAE was probably trained on "
-            "another model. "
-            if m and int(m.group(1)) >= n_layers
-            else ""
-        )
-        raise HookNameError(
-            f"The SAE reads {hook_name!r}, which is not a hook point of this model. {depth}"
-            + (f"Closest: {close}. " if close else "")
-            + f"Valid hook points ({len(names)}): {', '.join(names)}. "
-            "Fix: use an SAE trained on this model, or pass hook_name= one of these if the activations are the same."
-        )
+    hooks = [hook_name]
+    out_hook = sae_hooks(sae)[1] if is_transcoder(sae) else hook_name
+    if out_hook != hook_name:
+        hooks.append(str(out_hook))
+    for hook in hooks:
+        _check_hook_point(model, hook)
     cfg = sae.cfg
     norm = getattr(cfg, "normalize_activations", "none")
     if norm not in _SUPPORTED_NORMS:
@@ -319,7 +464,7 @@ def check_sae_compatibility(sae: Any, model: HookedTransformer, hook_name: str |
             f"{hook_name!r}; SplitModel splices SAEs over the whole activation. "
             "Fix: use an SAE trained on all heads (reshape_activations='hook_z')."
         )
-    shape = _activation_shape(model, hook_name)
+    shape = activation_shape(model, hook_name)[2:]
     width = int(torch.tensor(shape).prod().item()) if shape else 1
     if int(cfg.d_in) != width:
         detail = f" (= {' x '.join(str(s) for s in shape)})" if len(shape) > 1 else ""
@@ -327,6 +472,21 @@ def check_sae_compatibility(sae: Any, model: HookedTransformer, hook_name: str |
             f"SAE d_in={cfg.d_in} but the activation at {hook_name!r} has width {width}{detail}. "
             "Fix: use an SAE trained on this model at this hook point (d_in must equal the activation width)."
         )
+    if out_hook != hook_name:
+        if len(shape) > 1:
+            raise SAECompatibilityError(
+                f"The transcoder reads {hook_name!r}, whose activation has shape {shape} (heads x d_head); SAELens "
+                "transcoders encode flat vectors. Fix: use a transcoder whose input hook is [batch, pos, d] shaped."
+            )
+        out_shape = activation_shape(model, str(out_hook))[2:]
+        out_width = int(torch.tensor(out_shape).prod().item()) if out_shape else 1
+        d_out = int(getattr(cfg, "d_out", sae.W_dec.shape[-1]))
+        if d_out != out_width:
+            raise SAECompatibilityError(
+                f"Transcoder d_out={d_out} but the activation at its output hook {out_hook!r} has width "
+                f"{out_width}. Fix: use a transcoder trained on this model (d_out must equal that width)."
+            )
+        return hook_name
     if len(shape) > 1 and getattr(cfg, "reshape_activations", "none") != "hook_z":
         raise SAECompatibilityError(
             f"The activation at {hook_name!r} has shape {shape} (heads x d_head) but the SAE has "

@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from repinf_lens._cache import fingerprint_rows
+from repinf_lens.hooked import final_logits
 from repinf_lens.saes.activations import ActivationStore, collect_activations, hook_layer
 from repinf_lens.saes.training import SAETrainingConfig, train_sae
 from repinf_lens.task import Task, as_rows, check_fits, task_config
@@ -82,7 +83,7 @@ def _answer_option_logits_from(
     if start_layer < model.cfg.n_layers:
         resid = model(resid, start_at_layer=start_layer, stop_at_layer=model.cfg.n_layers)
     resid = resid[torch.arange(resid.shape[0], device=resid.device), batch.answer_pos.to(resid.device)]
-    logits = model.unembed(model.ln_final(resid[:, None, :]))[:, 0, :]
+    logits = final_logits(model, resid[:, None, :])[:, 0, :]
     return task.option_logits(logits, batch)  # type: ignore[attr-defined]
 
 
