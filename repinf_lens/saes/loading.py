@@ -205,7 +205,18 @@ def load_folder(
     extra = dict(cfg_overrides or {})
 
     def converter(path: Any, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None) -> Any:
-        return sae_lens_disk_loader(path, device, cfg_overrides={**extra, **(cfg_overrides or {})})
+        cfg_dict, state = sae_lens_disk_loader(path, device, cfg_overrides={**extra, **(cfg_overrides or {})})
+        if extra and isinstance(cfg_dict.get("metadata"), dict):
+            # SAELens >= 6 nests metadata (model_name, hook_name, neuronpedia_id, ...): an override of such a
+            # field must land there, or the saved value would win
+            import dataclasses
+
+            cls = SAE.get_sae_config_class_for_architecture(cfg_dict.get("architecture", "standard"))
+            top = {f.name for f in dataclasses.fields(cls)}
+            for k, v in extra.items():
+                if k not in top:
+                    cfg_dict["metadata"][k] = v
+        return cfg_dict, state
 
     cfg_path, weights_path = folder / _CFG, folder / _WEIGHTS
     try:
