@@ -3,9 +3,11 @@
 Used by :func:`repinf_lens.prefiltering.build_sketches` and
 :meth:`repinf_lens.influence.InfluenceAttributor.attribute_streaming`. A shard is written to a temporary file
 in its final folder, flushed to disk and renamed, so a crash (even ``kill -9``) leaves every shard either
-complete or absent. Each shard's safetensors header carries the run's fingerprint hash and its example range,
-so a rerun recognises finished shards by reading headers only and never recomputes them; the manifest's
-``finished`` list mirrors that state for people and monitoring scripts.
+complete or absent. Each shard's safetensors header carries the run's fingerprint hash, its example range and
+a sha256 of its tensors' bytes (``content_sha256``), so a rerun recognises finished shards and never recomputes
+them, while a shard whose bytes were damaged since (disk error, partial copy, a stray edit) is detected, named in a
+:class:`CorruptFileWarning`, deleted and recomputed. The manifest's ``finished`` list and ``checksums`` (file ->
+content digest) mirror that state for people and monitoring scripts.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import struct
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,8 +30,14 @@ from torch import Tensor
 
 __all__ = [
     "ManifestMismatchError",
+    "CorruptFileWarning",
+    "diff_fields",
+    "shard_checksum",
+    "verify_tensors_file",
+    "read_verified",
     "fingerprint_hash",
     "write_json_atomic",
+    "write_text_atomic",
     "write_shard",
     "shard_is_done",
     "open_manifest",
@@ -40,6 +49,25 @@ _MANIFEST = "manifest.json"
 
 class ManifestMismatchError(ValueError):
     """An output folder holds a manifest written for different inputs (model, data, settings)."""
+
+
+class CorruptFileWarning(UserWarning):
+    """A finished output or cache file failed its checksum (or could not be read); it is discarded and recomputed."""
+
+
+_CONTENT_KEY = "content_sha256"
+
+
+def _discard_corrupt(path: Path, why: str) -> None:
+    warnings.warn(
+        f"{path} is corrupted ({why}); it is discarded and recomputed. If this repeats, check the disk.",
+        CorruptFileWarning,
+        stacklevel=3,
+    )
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def fingerprint_hash(fingerprint: Mapping[str, Any]) -> str:
@@ -75,37 +103,126 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
             os.remove(tmp)
 
 
-def write_shard(
-    path: str | os.PathLike, tensors: Mapping[str, Tensor], *, fingerprint: str, start: int, stop: int
-) -> None:
-    """Write one shard atomically; its header records the fingerprint hash and the example range."""
+def write_text_atomic(path: str | os.PathLike, text: str, *, encoding: str = "utf-8") -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, fsync and one rename.
+
+    The bytes are written as given (no newline translation). A failure part-way (full disk, ``kill -9``) leaves
+    the previous file at ``path`` untouched and no temporary file behind. Parent folders are created.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    os.close(fd)
     try:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-            tmp,
-            metadata={"fingerprint": fingerprint, "start": str(start), "stop": str(stop)},
-        )
+        with os.fdopen(fd, "w", encoding=encoding, newline="") as fh:
+            fh.write(text)
         _fsync_replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def shard_is_done(path: str | os.PathLike, *, fingerprint: str, start: int, stop: int) -> bool:
-    """True when ``path`` is a complete shard of this run (fingerprint and example range match)."""
+def write_shard(
+    path: str | os.PathLike, tensors: Mapping[str, Tensor], *, fingerprint: str, start: int, stop: int
+) -> str:
+    """Write one shard atomically; its header records the fingerprint hash, the example range and the sha256 of
+    its tensors (returned)."""
+    from repinf_lens._fingerprint import state_digest
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    digest = state_digest(cpu, cache=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(
+            cpu,
+            tmp,
+            metadata={"fingerprint": fingerprint, "start": str(start), "stop": str(stop), _CONTENT_KEY: digest},
+        )
+        _fsync_replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return digest
+
+
+def read_verified(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Tensor] | None, str | None]:
+    """``(header metadata, tensors, problem)`` of a safetensors file written with a ``content_sha256`` entry.
+
+    ``problem`` is ``None`` (and ``tensors`` the file's tensors) when the file reads back and its tensors' sha256
+    equals the recorded one; otherwise ``tensors`` is ``None`` and ``problem`` a short reason (unreadable or
+    truncated, no checksum, checksum mismatch).
+    """
+    from repinf_lens._fingerprint import state_digest
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            want = meta.get(_CONTENT_KEY)
+            if want is None:
+                return meta, None, "it records no content checksum (written by an older repinf_lens)"
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as e:  # truncated, damaged header, unreadable
+        return {}, None, f"unreadable: {type(e).__name__}: {str(e)[:200]}"
+    got = state_digest(tensors, cache=False)
+    if got != want:
+        return meta, None, f"content sha256 {got[:12]}... differs from the recorded {want[:12]}..."
+    return meta, tensors, None
+
+
+def verify_tensors_file(path: str | os.PathLike) -> tuple[dict[str, str], str | None]:
+    """``(header metadata, problem)``: :func:`read_verified` without keeping the tensors."""
+    meta, _, problem = read_verified(path)
+    return meta, problem
+
+
+def shard_checksum(path: str | os.PathLike) -> str | None:
+    """The content sha256 recorded in a shard's header (``None`` when absent or unreadable); reads the header only."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return (fh.metadata() or {}).get(_CONTENT_KEY)
+    except Exception:
+        return None
+
+
+def shard_is_done(path: str | os.PathLike, *, fingerprint: str, start: int, stop: int, verify: bool = True) -> bool:
+    """True when ``path`` is a complete shard of this run (fingerprint and example range match).
+
+    With ``verify`` (default) the shard's tensors are read and checked against the sha256 in its header; a
+    damaged or unreadable shard is named in a :class:`CorruptFileWarning`, deleted, and reported as not done (so
+    it is recomputed). ``verify=False`` reads the header only.
+    """
     path = Path(path)
     if not path.exists():
         return False
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except Exception:  # an unreadable file is recomputed (and then replaced atomically)
+    if verify:
+        meta, problem = verify_tensors_file(path)
+    else:
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta, problem = dict(fh.metadata() or {}), None
+        except Exception as e:
+            meta, problem = {}, f"unreadable: {type(e).__name__}: {str(e)[:200]}"
+    if meta.get("fingerprint", fingerprint) != fingerprint or meta.get("start", str(start)) != str(start):
+        return False  # a shard of another run: recomputed and replaced atomically
+    if meta.get("stop", str(stop)) != str(stop):
         return False
-    return meta.get("fingerprint") == fingerprint and meta.get("start") == str(start) and meta.get("stop") == str(stop)
+    if problem is not None:
+        _discard_corrupt(path, problem)
+        return False
+    return True
+
+
+def diff_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of the entries that differ between two JSON-like values (``["config.lr", "data_hash"]``)."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += diff_fields(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    same = json.dumps(old, sort_keys=True, default=str) == json.dumps(new, sort_keys=True, default=str)
+    return [] if same else [prefix[:-1] or "(value)"]
 
 
 def _diff_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -143,12 +260,24 @@ def open_manifest(
     path = directory / _MANIFEST
     fp_hash = fingerprint_hash(fingerprint)
     if path.exists():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            if not overwrite:
+                raise ManifestMismatchError(
+                    f"{path} is not valid JSON ({e}), so it is not known what the outputs in {directory} were "
+                    "computed from. Fix: pass a new out_dir, or pass overwrite=True to discard them."
+                ) from e
+            old = {}
         if old.get("kind") == kind and old.get("fingerprint_hash") == fp_hash:
             return old
         if not overwrite:
+            top = _diff_keys(old.get("fingerprint", {}), fingerprint)
+            nested = diff_fields(old.get("fingerprint", {}), json.loads(json.dumps(fingerprint, default=str)))
+            more = " ..." if len(nested) > 8 else ""
+            detail = f" (fields: {', '.join(nested[:8])}{more})" if nested and nested != top else ""
             what = (
-                f"differs in {_diff_keys(old.get('fingerprint', {}), fingerprint)}"
+                f"differs in {top}{detail}"
                 if old.get("kind") == kind
                 else f"holds {old.get('kind')!r} outputs, not {kind!r}"
             )

@@ -2,8 +2,63 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+#: Headless Chromium with networking off: every request would go to a closed port or an unresolvable host, and
+#: the background services (component updates, sync, safe browsing lists) are off.
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--disable-gpu",
+    "--no-sandbox",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--proxy-server=127.0.0.1:9",
+    "--host-resolver-rules=MAP * ~NOTFOUND",
+    "--virtual-time-budget=5000",
+)
+
+
+@pytest.fixture()
+def dump_dom(tmp_path_factory) -> Callable[..., str]:
+    """``dump_dom(path)``: the DOM of a local HTML file after its scripts ran in headless Chromium, offline.
+
+    ``dump_dom(path, console=True)`` returns ``(dom, stderr)`` with the page's console messages (CSP violations
+    included) in ``stderr``. Skips the test when no Chromium is installed.
+    """
+    if CHROMIUM is None:
+        pytest.skip("no chromium installed (apt-get install chromium)")
+
+    def run(path: Path, *, console: bool = False) -> str | tuple[str, str]:
+        profile = tmp_path_factory.mktemp("chromium-profile")
+        logging = ["--enable-logging=stderr", "--v=0"] if console else []
+        cmd = [
+            CHROMIUM,
+            *CHROMIUM_FLAGS,
+            *logging,
+            f"--user-data-dir={profile}",
+            "--dump-dom",
+            Path(path).resolve().as_uri(),
+        ]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:  # headless --dump-dom never returns while a dialog is open
+            pytest.fail(
+                f"Chromium did not finish rendering {path} in 120 s: a script opened a dialog (alert()?) or hung."
+            )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return (out.stdout, out.stderr) if console else out.stdout
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -314,33 +311,11 @@ def test_report_is_one_self_contained_file(setup, tmp_path):
 
 # ----------------------------------------------------------------------------- real browser (optional)
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
-
-def _dump_dom(path: Path, profile: Path) -> str:
-    cmd = [
-        CHROMIUM,
-        "--headless",
-        "--disable-gpu",
-        "--no-sandbox",
-        "--no-first-run",
-        f"--user-data-dir={profile}",
-        "--proxy-server=127.0.0.1:9",  # networking off: every request would go to a closed port
-        "--host-resolver-rules=MAP * ~NOTFOUND",
-        "--virtual-time-budget=5000",
-        "--dump-dom",
-        path.resolve().as_uri(),
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed (apt-get install chromium)")
-def test_headless_chromium_renders_offline(setup, tmp_path):
+def test_headless_chromium_renders_offline(setup, tmp_path, dump_dom):  # dump_dom (conftest) skips without chromium
     split, exs, res = setup
     heat = token_heatmap(["Earth", " rotating", "<b>", " sky"], [1.0, -0.5, 0.2, 0.0]).save(tmp_path / "heat.html")
-    dom = _dump_dom(heat, tmp_path / "profile")
+    dom = dump_dom(heat)
     div = re.search(r'<div id="repinf-[^"]+" class="rl-cv"[^>]*>(.*?)</div>\s*<script', dom, re.S)
     assert div, dom[-3000:]
     rendered = div.group(1)
@@ -352,7 +327,7 @@ def test_headless_chromium_renders_offline(setup, tmp_path):
     browser = example_browser([example_token_attribution(res, 0, i) for i in range(2)], k=3)
     sections.append(visualization_section("Browser", browser))
     report = build_report(tmp_path / "report.html", title="r", sections=sections)
-    dom = _dump_dom(report, tmp_path / "profile2")
+    dom = dump_dom(report)
     assert dom.count('class="colored-tokens"') >= 3  # heatmap, switcher and the browser's examples rendered
     assert 'id="neuron-selector"' in dom and "latent " in dom
     assert 'class="rl-tok' in dom

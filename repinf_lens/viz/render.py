@@ -9,8 +9,11 @@ read through :func:`circuitsvis_js`) and circuitsvis' components ``ColoredTokens
 
 * in Jupyter (``_repr_html_``) the bundle is inlined with the render call in one ``<script type="module">``,
   as circuitsvis does offline, with no network check;
-* :meth:`CircuitsVisHTML.save` writes ONE HTML file: the bundle inlined once as a classic script, no external
-  ``src``/``href``, and a Content-Security-Policy that forbids any network access from the page.
+* :meth:`CircuitsVisHTML.save` writes ONE HTML file (atomically): the bundle inlined once as a classic script, no
+  external ``src``/``href``, and a Content-Security-Policy (:func:`content_security_policy`) that forbids any
+  network access from the page and runs only the page's own inline scripts, listed by their sha256 (no
+  ``'unsafe-inline'``, no ``'unsafe-eval'``: the bundle needs no ``eval``/``new Function``, and an injected
+  ``<script>`` or ``onerror=`` handler would not run even if some text escaped the escaping).
 
 The components insert token strings as raw HTML (``dangerouslySetInnerHTML``), so tokens are HTML-escaped here
 before they are handed over (a token ``"<b>"`` shows as ``<b>``, it is not parsed). :func:`dominant_latent_heatmap`
@@ -20,7 +23,9 @@ intensity = per-sentence normalised influence.
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import html
 import json
 import math
@@ -36,6 +41,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from repinf_lens._shards import write_text_atomic
 from repinf_lens.viz.tokens import TokenAttribution
 
 __all__ = [
@@ -47,16 +53,52 @@ __all__ = [
     "example_browser",
     "dominant_latent_heatmap",
     "page",
+    "content_security_policy",
+    "script_hash",
     "CSP",
     "BASE_CSS",
     "COMPONENT_CSS",
 ]
 
-#: Content-Security-Policy of every saved page: inline scripts/styles and data: images only, no network at all.
-CSP = (
-    "default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; style-src 'unsafe-inline'; "
-    "img-src data:; font-src data:; connect-src 'none'; worker-src blob:"
-)
+
+def script_hash(source: str) -> str:
+    """The CSP source ``'sha256-<base64>'`` that allows one inline ``<script>`` whose text is exactly ``source``."""
+    digest = hashlib.sha256(source.encode("utf-8")).digest()
+    return f"'sha256-{base64.b64encode(digest).decode('ascii')}'"
+
+
+def content_security_policy(scripts: Sequence[str] = ()) -> str:
+    """The Content-Security-Policy of a saved page whose inline ``<script>`` elements hold exactly ``scripts``.
+
+    Scripts run only when their sha256 is listed (hash sources; no ``'unsafe-inline'``, no ``'unsafe-eval'``), so
+    neither an injected ``<script>`` nor an inline event handler (``onclick=``, ``onerror=``) can run; the
+    circuitsvis bundle uses no ``eval``/``new Function`` (its only dynamic-code probe, a ``WebAssembly.Module``
+    of the bundled long.js, is wrapped in try/catch and falls back to plain JavaScript when refused).
+    ``default-src 'none'`` forbids every fetch (scripts, styles, frames, workers, XHR); images and fonts only
+    from ``data:`` URIs; ``base-uri``/``form-action`` are closed too.
+
+    ``style-src`` keeps ``'unsafe-inline'``: the static heatmaps colour every token with a ``style="..."``
+    attribute (thousands of distinct values, which hashes could only allow with ``'unsafe-hashes'`` and one hash
+    each, and moving them into script would make the static figure depend on JavaScript). CSS cannot run script,
+    and under this policy it cannot load anything from the network either (no ``url()`` outside ``data:``), so
+    this opens no way to execute code or exfiltrate data; dataset text is HTML-escaped all the same.
+
+    Args:
+        scripts: the text of each inline script, exactly as it stands between ``<script>`` and ``</script>``.
+
+    Returns:
+        The policy string for a ``<meta http-equiv="Content-Security-Policy">``.
+    """
+    hashes = " ".join(script_hash(s) for s in dict.fromkeys(scripts)) or "'none'"
+    return (
+        f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; img-src data:; font-src data:; "
+        "connect-src 'none'; base-uri 'none'; form-action 'none'"
+    )
+
+
+#: Content-Security-Policy of a saved page without scripts: no script at all, inline styles and data: images
+#: only, no network. Pages with scripts get :func:`content_security_policy` of their scripts.
+CSP = content_security_policy()
 
 PAGE_CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px auto; max-width: 1100px;
@@ -156,15 +198,30 @@ def page(title: str, body: str, *, scripts: Sequence[str] = ()) -> str:
     Args:
         title: the document title.
         body: HTML of the body.
-        scripts: JavaScript sources, each inlined in its own classic ``<script>`` after the body content.
+        scripts: JavaScript sources, each inlined in its own classic ``<script>`` after the body content (line
+            breaks normalised to ``\\n``, as the HTML parser does, so the listed hashes match what the browser
+            hashes). Inline event handlers (``onclick=``) in ``body`` do not run: attach listeners in a script.
 
     Returns:
-        The document as a string (no external resources; a CSP forbids network access).
+        The document as a string (no external resources; a CSP forbids network access and allows only these
+        scripts, by their sha256).
+
+    Raises:
+        ValueError: a script contains ``</script`` (it would end the element early).
     """
-    tail = "".join(f"<script>\n{s}\n</script>\n" for s in scripts)
+    texts = []
+    for s in scripts:
+        if re.search(r"</script", s, re.IGNORECASE):
+            raise ValueError(
+                "An inline script contains '</script', which would end the <script> element early. "
+                "Fix: write it '<\\/script' inside JavaScript strings (or escape '<' as '\\u003c' in JSON)."
+            )
+        texts.append("\n" + s.replace("\r\n", "\n").replace("\r", "\n") + "\n")
+    tail = "".join(f"<script>{t}</script>\n" for t in texts)
+    csp = content_security_policy(texts)  # only fixed keywords and base64 hashes: nothing to escape
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
+        f'<meta http-equiv="Content-Security-Policy" content="{csp}">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{html.escape(title)}</title>\n<style>{BASE_CSS}</style>\n</head>\n<body>\n{body}\n{tail}</body>\n</html>\n"
     )
@@ -214,10 +271,9 @@ class CircuitsVisHTML:
         )
 
     def save(self, path: str | Path) -> Path:
-        """Write :meth:`to_html` to ``path`` (parent folders created) and return the path."""
+        """Write :meth:`to_html` to ``path`` atomically (parent folders created) and return the path."""
         out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(self.to_html(), encoding="utf-8")
+        write_text_atomic(out, self.to_html())
         return out
 
     def __repr__(self) -> str:
@@ -249,10 +305,9 @@ class StaticHTML:
         return page(self.title or "repinf_lens", head + self.fragment, scripts=[self.script] if self.script else [])
 
     def save(self, path: str | Path) -> Path:
-        """Write :meth:`to_html` to ``path`` and return the path."""
+        """Write :meth:`to_html` to ``path`` atomically (parent folders created) and return the path."""
         out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(self.to_html(), encoding="utf-8")
+        write_text_atomic(out, self.to_html())
         return out
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from repinf_lens._shards import write_text_atomic
 from repinf_lens.viz.render import (
     CircuitsVisHTML,
     StaticHTML,
@@ -144,7 +145,8 @@ def text_section(title: str, text: str) -> Section:
 
 
 def html_section(title: str, fragment: str) -> Section:
-    """A section holding an HTML fragment as is (trusted input)."""
+    """A section holding an HTML fragment as is (trusted input; inline event handlers such as ``onclick=`` do not
+    run under the page's CSP, and neither do ``<script>`` elements inside it)."""
     return Section(title, [fragment])
 
 
@@ -395,14 +397,16 @@ def build_report(path: str | Path, *, title: str, sections: Sequence[Section], s
     """Write one self-contained HTML report.
 
     Args:
-        path: the output file (parent folders created).
+        path: the output file (parent folders created; written atomically, so a failure such as a full disk
+            leaves a previous report there untouched).
         title: the page title and top heading.
         sections: the :class:`Section` objects, in order (see the ``*_section`` helpers).
         subtitle: a line under the title (e.g. model, hook, solver).
 
     Returns:
         The path written. The page holds everything inline (CSS, images as data URIs, the circuitsvis bundle
-        once when any section uses it) and its CSP forbids network access.
+        once when any section uses it) and its CSP forbids network access and runs only the page's own scripts
+        (listed by sha256).
     """
     used: set[str] = set()
     toc, body, calls = [], [], []
@@ -434,6 +438,5 @@ def build_report(path: str | Path, *, title: str, sections: Sequence[Section], s
         head += f"<nav><ul>{''.join(toc)}</ul></nav>\n"
     scripts = ([circuitsvis_js()] if n_viz else []) + (["\n".join(calls)] if calls else [])
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page(title, head + "\n".join(body), scripts=scripts), encoding="utf-8")
+    write_text_atomic(out, page(title, head + "\n".join(body), scripts=scripts))  # a good old report survives a failure
     return out
