@@ -210,7 +210,8 @@ def test_cg_solve_many_equals_per_query_cg_with_convergence_masks(small):
         assert minfo.n_hvp == minfo.iterations and info.n_hvp == info.iterations
         assert (minfo.iterations == 0) == (info.iterations == 0)
         assert minfo.residuals[:6] == pytest.approx(info.residuals[:6], rel=1e-5)  # later ones: rounding chaos
-        _close(tflatten(m), tflatten(s))
+        # one iteration more or less moves the solution by about the tolerance (1e-4 relative)
+        _close(tflatten(m), tflatten(s), rtol=RTOL if minfo.iterations == info.iterations else solver.tol)
     chunked, _ = solver.solve_many(att.hvp, gs, chunk_size=2)
     for s, m in zip(chunked, many):
         _close(tflatten(s), tflatten(m))
