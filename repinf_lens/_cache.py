@@ -7,6 +7,7 @@ real data) lives under ``$REPINF_LENS_CACHE`` or, when unset, ``~/.cache/repinf_
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -77,19 +78,40 @@ def fetch_wheel(name: str, version: str) -> Path:
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder next to ``target``; on success it replaces ``target`` in one rename.
 
-    A crash inside the block leaves ``target`` as it was (no half-written folder is ever visible).
+    A crash inside the block leaves ``target`` as it was (no half-written folder is ever visible). The staging
+    folder is unique to the call (``tempfile.mkdtemp`` in the parent), and several processes finishing the same
+    ``target`` at once all succeed (the last one's folder stays): an existing ``target`` is first renamed aside
+    to a unique name, then replaced, retrying when another process got its folder in between.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        _replace_dir(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(src: Path, target: Path, attempts: int = 100) -> None:
+    """Rename folder ``src`` to ``target``, replacing an existing ``target`` (safe against concurrent callers)."""
+    for _ in range(attempts):
+        try:
+            os.rename(src, target)  # succeeds when target is absent (or an empty folder)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise  # a real error (permissions, another file system, src gone), not a race
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-old-"))
+        try:
+            os.replace(target, old)  # move the current target aside (onto an empty folder: allowed on POSIX)
+        except FileNotFoundError:
+            pass  # another process moved it aside first: try again
+        except OSError:
+            pass  # target reappeared non-empty in between: try again
+        shutil.rmtree(old, ignore_errors=True)
+    raise OSError(f"Could not replace {target} after {attempts} attempts (other processes keep replacing it).")
 
 
 def fingerprint_rows(rows: Iterable[Mapping[str, Any]]) -> str:

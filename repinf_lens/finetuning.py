@@ -10,7 +10,13 @@ Output folder layout (``out_dir``)::
     adapter/            the LoRA adapter (peft ``save_pretrained``)
     merged/             merged fp32 HF model + tokenizer (what ``load_model(out_dir / "merged")`` reads)
     checkpoints/step-N/ adapter + optimizer + scheduler + RNG state, for resuming (the last two are kept)
+    run.json            the run's fingerprint, written when it starts: base model weights digest, data hash,
+                        task config, tokenizer, FinetuneConfig (without ``checkpoint_every``)
     finetune.json       metadata: base model, adapter hash, data hash, config, accuracy before/after, timings
+
+A folder is only ever resumed (or its finished result reused) by the identical run: a call whose fingerprint
+differs from ``run.json`` raises :class:`FinetuneRunMismatchError` naming the differing fields. Checkpoints are
+read with ``torch.load(weights_only=True)``: no code from a run folder is ever unpickled.
 """
 
 from __future__ import annotations
@@ -32,10 +38,18 @@ import torch
 from tqdm.auto import tqdm
 
 from repinf_lens._cache import atomic_dir, fingerprint_rows
+from repinf_lens._shards import diff_fields, fingerprint_hash, write_json_atomic
 from repinf_lens.models import DEFAULT_MODEL, _is_default, default_model_dir, load_model, resolve_device
 from repinf_lens.task import Task, evaluate, task_config
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "merge_adapter", "DEFAULT_LORA_TARGETS"]
+__all__ = [
+    "FinetuneConfig",
+    "FinetuneResult",
+    "FinetuneRunMismatchError",
+    "finetune",
+    "merge_adapter",
+    "DEFAULT_LORA_TARGETS",
+]
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -105,6 +119,65 @@ def _base_model(model_or_name: str | os.PathLike | None) -> tuple[Path, str]:
     return folder, str(folder)
 
 
+class FinetuneRunMismatchError(ValueError):
+    """``out_dir`` holds a finetune run with other inputs (base model, data, task or settings)."""
+
+
+_RUN_KIND = "repinf_lens.finetune"
+_RUN_FILE = "run.json"
+# FinetuneConfig fields that change where checkpoints land, not the trained adapter
+_LOGISTICS_FIELDS = ("checkpoint_every",)
+_RUN_OUTPUTS = ("finetune.json", "merged", "adapter", "checkpoints")
+
+
+def _run_fingerprint(base_dir: Path, task: Task, data_hash: str, n_train: int, cfg: FinetuneConfig) -> dict[str, Any]:
+    """Everything the trained adapter depends on (no paths: a moved base folder still matches)."""
+    from repinf_lens._fingerprint import folder_digest, tokenizer_digest
+
+    fp = {
+        "base_model": {"weights": folder_digest(base_dir)},
+        "data": {"hash": data_hash, "n_train": n_train},
+        "task": type(task).__name__,
+        "task_config": task_config(task),
+        "tokenizer": tokenizer_digest(getattr(task, "tokenizer", None)),
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in _LOGISTICS_FIELDS},
+    }
+    return json.loads(json.dumps(fp, default=str))
+
+
+def _open_run(out: Path, fingerprint: dict[str, Any]) -> str:
+    """Check ``out/run.json`` against ``fingerprint`` (or write it for a new run); return the fingerprint hash.
+
+    Raises:
+        FinetuneRunMismatchError: ``out`` holds another run, or finetune outputs without a ``run.json``.
+    """
+    path = out / _RUN_FILE
+    fp_hash = fingerprint_hash(fingerprint)
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = {}
+        if old.get("kind") == _RUN_KIND and old.get("fingerprint_hash") == fp_hash:
+            return fp_hash
+        diff = diff_fields(old.get("fingerprint", {}), fingerprint) or [f"(unreadable {_RUN_FILE})"]
+        raise FinetuneRunMismatchError(
+            f"{out} holds another finetune run: its {_RUN_FILE} differs from this call in {diff}. Resuming it "
+            "would hand back that run's adapter and checkpoints under these settings. Fix: pass a new out_dir, "
+            f"or delete {out} to train this run there."
+        )
+    found = [n for n in _RUN_OUTPUTS if (out / n).exists()]
+    if found:
+        raise FinetuneRunMismatchError(
+            f"{out} holds finetune outputs ({found}) but no {_RUN_FILE}, so it is not known which run wrote them "
+            "(an older repinf_lens, or another tool); they cannot be resumed safely. Fix: pass a new out_dir, or "
+            f"delete {out} to train this run there."
+        )
+    write_json_atomic(path, {"kind": _RUN_KIND, "format_version": 1, "fingerprint_hash": fp_hash,
+                             "fingerprint": fingerprint})  # fmt: skip
+    return fp_hash
+
+
 def _latest_checkpoint(folder: Path) -> Path | None:
     steps = sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if folder.exists() else []
     steps = [s for s in steps if (s / "state.pt").exists()]
@@ -163,14 +236,12 @@ def finetune(
         rows = [r for r in rows if r.get("id") not in set(too_long)]
     data_hash = fingerprint_rows(rows)
     base_dir, base_name = _base_model(model_or_name)
+    run_fp = _run_fingerprint(base_dir, task, data_hash, len(rows), cfg)
+    run_hash = _open_run(out, run_fp)  # refuses a folder that holds another run, before any work
 
     if meta_path.exists() and (merged_dir / "config.json").exists():
         meta = json.loads(meta_path.read_text())
-        if (
-            meta.get("data_hash") == data_hash
-            and meta.get("config") == cfg.to_dict()
-            and meta.get("task_config", task_config(task)) == task_config(task)
-        ):
+        if meta.get("run_fingerprint_hash") == run_hash:
             return FinetuneResult(load_model(merged_dir, device=dev, n_ctx=n_ctx), out, merged_dir, adapter_dir, meta)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -215,7 +286,7 @@ def finetune(
         )
         trainable = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        state = torch.load(latest / "state.pt", weights_only=False)
+        state = _load_state(latest / "state.pt")
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)  # (its constructor resets the lr)
         opt.load_state_dict(state["optimizer"])  # restores the lr of the step being resumed
         sched.load_state_dict(state["scheduler"])
@@ -269,6 +340,8 @@ def finetune(
         timings["eval_after_s"] = round(time.perf_counter() - t, 1)
     meta = {
         "base_model": base_name,
+        "base_model_weights": run_fp["base_model"]["weights"],
+        "run_fingerprint_hash": run_hash,
         "adapter_sha256": _hash_folder(adapter_dir),
         "data_hash": data_hash,
         "n_train": len(rows),
@@ -283,8 +356,21 @@ def finetune(
         "n_eval": None if eval_dataset is None else len(eval_dataset),
         "timings": timings,
     }
-    meta_path.write_text(json.dumps(meta, indent=2))
+    write_json_atomic(meta_path, meta)
     return FinetuneResult(tl_model, out, merged_dir, adapter_dir, meta)
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``state.pt`` with ``weights_only=True`` (tensors, numbers, lists, dicts: never code)."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # pickle.UnpicklingError for anything beyond plain data, or a damaged file
+        raise RuntimeError(
+            f"Cannot load the checkpoint state {path} safely ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
+            "It holds something other than the plain tensors and numbers repinf_lens writes (or is damaged); it "
+            "is not unpickled, since unpickling a file can run arbitrary code. Fix: delete that checkpoint folder "
+            f"({path.parent}) to resume from an earlier one, or delete the run folder to start again."
+        ) from e
 
 
 def _save_merged(merged: Any, base_dir: Path, merged_dir: Path) -> None:
@@ -328,16 +414,22 @@ def merge_adapter(
     out = Path(out_dir)
     merged_dir, meta_path = out / "merged", out / "merge.json"
     base_dir, base_name = _base_model(model_or_name)
-    meta = {"base_model": base_name, "adapter_dir": str(adapter), "adapter_sha256": _hash_folder(adapter)}
+    from repinf_lens._fingerprint import folder_digest
+
+    meta = {"base_model": base_name, "base_model_weights": folder_digest(base_dir), "adapter_dir": str(adapter),
+            "adapter_sha256": _hash_folder(adapter)}  # fmt: skip
     dev = resolve_device(device)
     if meta_path.exists() and (merged_dir / "config.json").exists():
         old = json.loads(meta_path.read_text())
-        if old.get("adapter_sha256") == meta["adapter_sha256"] and old.get("base_model") == base_name:
+        if (
+            old.get("adapter_sha256") == meta["adapter_sha256"]
+            and old.get("base_model_weights") == meta["base_model_weights"]
+        ):
             return load_model(merged_dir, device=dev, n_ctx=n_ctx)
     out.mkdir(parents=True, exist_ok=True)
     hf = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     _save_merged(PeftModel.from_pretrained(hf, str(adapter)).merge_and_unload(), base_dir, merged_dir)
-    meta_path.write_text(json.dumps(meta, indent=2))
+    write_json_atomic(meta_path, meta)
     return load_model(merged_dir, device=dev, n_ctx=n_ctx)
 
 

@@ -114,10 +114,13 @@ class LoraSplit(SplitModel):
         return super()._run_downstream(x, base, answer_pos, full)
 
     def fingerprint(self) -> dict[str, Any]:
+        """The split's fingerprint plus the adapted matrices and a digest of every LoRA factor (all bytes)."""
+        from repinf_lens._fingerprint import state_digest
+
         fp = super().fingerprint()
         fp["theta2"] = "lora"
-        fp["lora_checksum"] = float(sum(float(v.double().sum()) + float(v.double().square().sum())
-                                        for v in self._lora.values()))  # fmt: skip
+        fp["lora_adapted"] = list(self.adapted)
+        fp["lora_state"] = state_digest(self._lora)
         return fp
 
 

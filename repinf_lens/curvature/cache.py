@@ -1,4 +1,9 @@
-"""On-disk cache of s_test vectors (safetensors), keyed by everything they depend on."""
+"""On-disk cache of s_test vectors (safetensors), keyed by everything they depend on.
+
+Each entry's header records the sha256 of its tensors; :meth:`STestCache.get` checks it, so a damaged or
+truncated entry is named in a :class:`~repinf_lens._shards.CorruptFileWarning`, deleted and reported as a miss
+(the attributor then solves that s_test again and writes a healthy entry) instead of failing every later run.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 __all__ = ["cache_key", "STestCache"]
@@ -32,25 +38,52 @@ class STestCache:
         return self.folder / f"{key}.safetensors"
 
     def has(self, key: str) -> bool:
-        """Whether ``key`` is cached (without reading it)."""
-        return self.path(key).exists()
+        """Whether ``key`` is cached, reading its header only (a truncated or unreadable entry is discarded
+        with a warning and counts as missing; :meth:`get` also checks the tensors' checksum)."""
+        from repinf_lens._shards import _discard_corrupt
+
+        p = self.path(key)
+        if not p.exists():
+            return False
+        try:
+            with safe_open(str(p), framework="pt") as fh:
+                fh.metadata()
+        except Exception as e:
+            _discard_corrupt(p, f"unreadable: {type(e).__name__}: {str(e)[:200]}")
+            return False
+        return True
 
     def get(self, key: str) -> dict[str, Tensor] | None:
+        """The cached tensors, or ``None`` when absent or damaged (checksum mismatch, truncated: then the file is
+        named in a warning and deleted, so the caller recomputes and :meth:`put` heals the entry)."""
+        from repinf_lens._shards import _discard_corrupt, read_verified
+
         p = self.path(key)
-        return load_file(str(p)) if p.exists() else None
+        if not p.exists():
+            return None
+        _, tensors, problem = read_verified(p)
+        if problem is not None:
+            _discard_corrupt(p, problem)
+            return None
+        return tensors
 
     def put(self, key: str, tree: dict[str, Tensor], meta: dict[str, Any] | None = None) -> Path:
-        """Write atomically (temporary file + rename), so a crash never leaves a truncated entry."""
+        """Write atomically (unique temporary file, fsync, rename), so a crash never leaves a truncated entry;
+        the header records the sha256 of the tensors (checked by :meth:`get`)."""
+        from repinf_lens._fingerprint import state_digest
+        from repinf_lens._shards import _CONTENT_KEY, _fsync_replace
+
         p = self.path(key)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        cpu = {k: v.detach().contiguous().cpu() for k, v in tree.items()}
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{key}-", suffix=".tmp")
         os.close(fd)
         try:
             save_file(
-                {k: v.detach().contiguous().cpu() for k, v in tree.items()},
+                cpu,
                 tmp,
-                metadata={"meta": json.dumps(meta or {}, default=str)},
+                metadata={"meta": json.dumps(meta or {}, default=str), _CONTENT_KEY: state_digest(cpu, cache=False)},
             )
-            os.replace(tmp, p)
+            _fsync_replace(tmp, p)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)

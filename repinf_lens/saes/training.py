@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import time
@@ -76,10 +75,11 @@ class TrainedSAE:
 
 
 def _data_hash(x: Tensor) -> str:
-    h = hashlib.sha256()
-    h.update(str(tuple(x.shape)).encode())
-    h.update(x[:: max(1, x.shape[0] // 512)].to(torch.float64).numpy().tobytes())
-    return h.hexdigest()[:16]
+    """sha256 of ALL activations (dtype, shape, every byte): a subsample would let two activation sets that differ
+    elsewhere (another model, another layer's data) reuse each other's SAE."""
+    from repinf_lens._fingerprint import tensor_digest
+
+    return "v2:" + tensor_digest(x, cache=False)[:32]
 
 
 @contextlib.contextmanager
