@@ -1,15 +1,31 @@
-"""The ``repinf-lens`` command line: thin subcommands over the public API."""
+"""The ``repinf-lens`` command line: thin subcommands over the public API.
+
+Errors: every setting is checked when the command line is parsed (``--max-iter 0``, ``--damping -1``,
+``--prefilter-fraction 2``, ``--device cuda`` on a machine without CUDA ...), before any model is loaded. A user
+error (a bad setting or input file, a missing path, no network, our ``"<problem>. Fix: <what to do>"`` errors:
+``ValueError``, ``OSError``, ``KeyError``, :class:`repinf_lens.errors.RepinfLensError` ...) prints one line,
+``repinf-lens: error: <message>``, to stderr and exits with code 2. Anything else is taken for a bug in
+repinf-lens: one line ``repinf-lens: internal error: <type>: <message> ...`` asking to rerun with ``--debug`` and
+report it, exit code 1. ``--debug`` (before or after the subcommand) prints the full traceback in both cases.
+Ctrl-C exits with code 130.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
+import re
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+from repinf_lens.errors import CorruptFileError, RepinfLensError, SettingsError
 
 __all__ = ["main", "build_parser"]
 
@@ -23,13 +39,211 @@ _DTYPES = {
 }
 
 
+# ---------------------------------------------------------------------------------------------- argument types
+# argparse calls these on the text of an option; an ArgumentTypeError becomes "argument --x: <message>".
+def positive_int(text: str) -> int:
+    """An integer >= 1 (``--batch-size``, ``--max-iter``, ``--top-examples`` ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}. Fix: pass a whole number of 1 or more")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    """An integer >= 0 (``--n-boot 0`` = no bootstrap intervals, layer numbers)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}. Fix: pass 0 or a positive whole number")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}. Fix: pass a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (``--lr``, ``--epochs``)."""
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}. Fix: pass a positive number")
+    return value
+
+
+def nonneg_float(text: str) -> float:
+    """A finite number >= 0 (``--damping``)."""
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}. Fix: pass 0 or a positive number")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A share in (0, 1] (``--prefilter-fraction 0.05`` keeps each query's top 5 %)."""
+    value = _finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"must be in (0, 1], got {text}. Fix: pass a share such as 0.05 (the top 5 %; the paper: 0.01-0.1)"
+        )
+    return value
+
+
+_DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+
+
+def device_spec(text: str) -> str:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (whether the machine has it is checked before any loading)."""
+    if not _DEVICE_RE.match(text.strip().lower()):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}. Fix: pass cpu, cuda, cuda:N (e.g. cuda:1) or mps")
+    return text.strip().lower()
+
+
+def shard_spec(text: str) -> tuple[int, int]:
+    """``I/N`` with ``0 <= I < N`` (``--shard 0/2``)."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must look like I/N (e.g. 0/2), got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"{text}: need 0 <= I < N. Fix: e.g. --shard 0/2 and --shard 1/2")
+    return i, n
+
+
+def sae_size(text: str) -> tuple[int, int]:
+    """``D x K`` (``2048x64``: d_sae 2048 with 64 active latents), both >= 1."""
+    try:
+        d, k = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected d_sae x k pairs such as 2048x64, got {text!r}") from None
+    if d < 1 or k < 1:
+        raise argparse.ArgumentTypeError(f"d_sae and k must be >= 1, got {text!r}. Fix: e.g. 2048x64")
+    return d, k
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``repinf-lens: error: <message>`` (exit code 2), no usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = "" if "Fix:" in message else f" (see `{self.prog} --help`)"
+        self.exit(2, f"repinf-lens: error: {_one_line(message)}{hint}\n")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _check_device(device: str | None) -> None:
+    """Refuse a device this machine does not have, before anything is loaded."""
+    if device is None or device == "cpu":
+        return
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SettingsError(
+                f"--device {device}: CUDA is not available here (torch {torch.__version__}, CUDA build: "
+                f"{torch.version.cuda or 'none'}). Fix: pass --device cpu, or run on a machine with an NVIDIA GPU "
+                "and a CUDA build of torch."
+            )
+        index = int(device.split(":")[1]) if ":" in device else 0
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise SettingsError(
+                f"--device {device}: this machine has {count} CUDA device(s). Fix: pass --device cuda:0"
+                + (f" ... cuda:{count - 1}" if count > 1 else "")
+                + " or --device cpu."
+            )
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise SettingsError("--device mps: Apple's MPS backend is not available here. Fix: pass --device cpu.")
+
+
+# ---------------------------------------------------------------------------------------------- input files
+def _probe(path: Path) -> str | None:
+    """Why ``path`` (a JSON, YAML or safetensors file) cannot be parsed, or ``None`` when it can."""
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            yaml.safe_load(path.read_text())
+        elif path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                f.keys()
+    except OSError:
+        return None  # unreadable (permissions ...): the loader's own error says so
+    except Exception as err:  # JSONDecodeError, UnicodeDecodeError, YAMLError, SafetensorError
+        return f"{type(err).__name__}: {_one_line(err)}"
+    return None
+
+
+def _corrupt_file(source: Any) -> tuple[Path, str] | None:
+    """The first unparsable JSON/YAML/safetensors file at ``source`` (a file, or a folder and its subfolders)."""
+    if source is None:
+        return None
+    path = Path(str(source)).expanduser()
+    try:
+        if path.is_file():
+            files = [path]
+        elif path.is_dir():
+            files = sorted(f for pattern in ("*", "*/*", "*/*/*") for f in path.glob(pattern) if f.is_file())
+        else:
+            return None
+    except OSError:
+        return None
+    for f in files[:500]:
+        if f.suffix in (".json", ".yaml", ".yml", ".safetensors"):
+            reason = _probe(f)
+            if reason is not None:
+                return f, reason
+    return None
+
+
+@contextlib.contextmanager
+def _reading(what: str, source: Any) -> Iterator[None]:
+    """Run a loader of ``source``; if it fails and a file there cannot be parsed, raise an error naming that file.
+
+    The loaders (transformers, SAELens, safetensors, json) often report a truncated weights file or a broken
+    ``cfg.json`` without its path; this names it.
+    """
+    try:
+        yield
+    except (RepinfLensError, FileNotFoundError, PermissionError):
+        raise
+    except Exception as err:
+        bad = _corrupt_file(source)
+        if bad is None:
+            raise
+        path, reason = bad
+        raise CorruptFileError(
+            f"Cannot load {what} {source}: {path} is corrupt or truncated ({reason}). Fix: restore that file "
+            "(copy or download it again, or rerun the command that wrote it).",
+            path,
+        ) from err
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model name or local HF folder (default: embedded SmolLM2-135M)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument(
+        "--device", type=device_spec, default=None, help="cpu, cuda, cuda:1, mps (default: cuda when available)"
+    )
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="parameter dtype")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--n-ctx", type=int, default=1024, help="context length of the HookedTransformer")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed")
+    p.add_argument("--n-ctx", type=positive_int, default=1024, help="context length of the HookedTransformer")
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--offline", action="store_true", help="never try the Hugging Face hub for data")
     p.add_argument("--no-progress", action="store_true", help="hide tqdm bars")
     p.add_argument(
@@ -42,17 +256,19 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _sae_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="openbookqa")
     p.add_argument("--train-split", default="train")
-    p.add_argument("--train-limit", type=int, default=1000, help="prompts whose activations train the SAE")
+    p.add_argument("--train-limit", type=positive_int, default=1000, help="prompts whose activations train the SAE")
     p.add_argument("--architecture", default="topk", help="any SAELens training architecture (topk, standard...)")
-    p.add_argument("--epochs", type=float, default=8.0, help="passes over the cached activations")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size-tokens", type=int, default=1024)
+    p.add_argument("--epochs", type=positive_float, default=8.0, help="passes over the cached activations")
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--batch-size-tokens", type=positive_int, default=1024)
 
 
 def _sae_ref_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sae", required=True, help="SAE folder, SAELens release or HF repo id")
     p.add_argument("--sae-id", default=None, help="SAE id inside a release / repo / folder of SAEs")
     p.add_argument("--hook", default=None, help="hook point (default: the SAE's own)")
+    p.add_argument("--force-hook", action="store_true",
+                   help="use --hook even though the SAE was trained at another hook")  # fmt: skip
 
 
 def _split_model(args: argparse.Namespace):  # noqa: ANN202
@@ -60,7 +276,22 @@ def _split_model(args: argparse.Namespace):  # noqa: ANN202
     from repinf_lens.split import SplitModel
 
     model = _load(args)
-    sae = load_sae(str(args.sae), args.sae_id, model=model, hook_name=args.hook)
+    with _reading("the SAE", args.sae):
+        sae = load_sae(str(args.sae), args.sae_id, device=str(model.cfg.device), model=None if args.hook else model)
+    if args.hook:
+        from repinf_lens.saes.loading import check_sae_compatibility
+
+        meta = getattr(sae.cfg, "metadata", None)
+        own = getattr(meta, "hook_name", None)
+        if args.hook not in (own, getattr(meta, "hook_name_out", None)):  # (a transcoder's output hook is its own)
+            if own is not None and not getattr(args, "force_hook", False):
+                raise SettingsError(
+                    f"--hook {args.hook} differs from the hook the SAE was trained at, {own}: its latents would be "
+                    f"read from activations it never saw. Fix: drop --hook (or pass --hook {own}), or add "
+                    "--force-hook if you know the activations at both hooks are the same."
+                )
+            sae.cfg.metadata.hook_name = args.hook
+        check_sae_compatibility(sae, model)
     return SplitModel(model, args.hook or sae_hook_name(sae), sae, task=_task(args, model))
 
 
@@ -100,15 +331,17 @@ def _task(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
 
 def _attribution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", default="cg", choices=["cg", "lissa", "explicit", "identity"])
-    p.add_argument("--damping", type=float, default=1e-3)
+    p.add_argument("--damping", type=nonneg_float, default=1e-3)
     p.add_argument("--gauss-newton", action="store_true", help="PSD Gauss-Newton curvature instead of the Hessian")
-    p.add_argument("--max-iter", type=int, default=20, help="CG iterations / LiSSA depth")
-    p.add_argument("--hessian-examples", type=int, default=64, help="training examples that define H")
-    p.add_argument("--prefilter-fraction", type=float, default=None, help="keep this share per query (0.01-0.1)")
-    p.add_argument("--prefilter-top-k", type=int, default=None, help="keep this many per query")
-    p.add_argument("--sketch-dim", type=int, default=4096)
-    p.add_argument("--shard-size", type=int, default=256)
-    p.add_argument("--query-chunk-size", type=int, default=8, help="queries solved / scored together (memory grows)")
+    p.add_argument("--max-iter", type=positive_int, default=20, help="CG iterations / LiSSA depth")
+    p.add_argument("--hessian-examples", type=positive_int, default=64, help="training examples that define H")
+    pf = p.add_mutually_exclusive_group()
+    pf.add_argument("--prefilter-fraction", type=fraction, default=None, help="keep this share per query (0.01-0.1)")
+    pf.add_argument("--prefilter-top-k", type=positive_int, default=None, help="keep this many per query")
+    p.add_argument("--sketch-dim", type=positive_int, default=4096)
+    p.add_argument("--shard-size", type=positive_int, default=256)
+    p.add_argument("--query-chunk-size", type=positive_int, default=8,
+                   help="queries solved / scored together (memory grows)")  # fmt: skip
 
 
 def _attribution_config(args: argparse.Namespace):  # noqa: ANN202
@@ -130,38 +363,27 @@ def _split(args: argparse.Namespace, split: str, limit: int | None):  # noqa: AN
     return ds.select(range(min(limit, len(ds)))) if limit is not None else ds
 
 
-def _shard(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise SystemExit(f"error: --shard must look like I/N (e.g. 0/2), got {text!r}") from None
-    if not 0 <= i < n:
-        raise SystemExit(f"error: --shard {text}: need 0 <= I < N")
-    return i, n
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="repinf-lens", description=__doc__)
+    parser = _Parser(prog="repinf-lens", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("evaluate", help="zero-shot accuracy of a model on an MCQA split")
     _common(ev)
     ev.add_argument("--dataset", default="openbookqa")
     ev.add_argument("--split", default="test")
-    ev.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    ev.add_argument("--limit", type=positive_int, default=None, help="only the first N questions")
     ev.add_argument("--out", type=Path, default=None, help="write a JSON record of the run here")
     fin = sub.add_parser("finetune", help="LoRA-finetune a model on an MCQA training split (peft), merge, evaluate")
     _common(fin)
     fin.add_argument("--dataset", default="openbookqa")
     fin.add_argument("--train-split", default="train")
     fin.add_argument("--eval-split", default="test")
-    fin.add_argument("--train-limit", type=int, default=None, help="only the first N training examples")
-    fin.add_argument("--eval-limit", type=int, default=None, help="only the first N evaluation questions")
-    fin.add_argument("--epochs", type=float, default=4.0)
-    fin.add_argument("--lr", type=float, default=2e-4)
-    fin.add_argument("--effective-batch-size", type=int, default=32, help="batch reached by accumulation")
-    fin.add_argument("--lora-r", type=int, default=16)
+    fin.add_argument("--train-limit", type=positive_int, default=None, help="only the first N training examples")
+    fin.add_argument("--eval-limit", type=positive_int, default=None, help="only the first N evaluation questions")
+    fin.add_argument("--epochs", type=positive_float, default=4.0)
+    fin.add_argument("--lr", type=positive_float, default=2e-4)
+    fin.add_argument("--effective-batch-size", type=positive_int, default=32, help="batch reached by accumulation")
+    fin.add_argument("--lora-r", type=positive_int, default=16)
     fin.add_argument("--out", type=Path, default=Path("runs/finetune"), help="output directory")
     mg = sub.add_parser(
         "merge-adapter", help="merge a LoRA adapter trained elsewhere (e.g. on a GPU) into its base model"
@@ -173,18 +395,20 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ts)
     _sae_args(ts)
     ts.add_argument("--hook", required=True, help="hook point, e.g. blocks.15.hook_resid_post")
-    ts.add_argument("--d-sae", type=int, default=2048)
-    ts.add_argument("--k", type=int, default=64, help="active latents (TopK architectures)")
+    ts.add_argument("--d-sae", type=positive_int, default=2048)
+    ts.add_argument("--k", type=positive_int, default=64, help="active latents (TopK architectures)")
     ts.add_argument("--out", type=Path, default=Path("runs/sae"), help="output SAE folder (SAELens format)")
     sw = sub.add_parser("sweep", help="layer sweep: an SAE per (layer, size), accuracy cost, layer selection")
     _common(sw)
     _sae_args(sw)
-    sw.add_argument("--layers", type=int, nargs="*", default=None, help="layers (default: spread over middle half)")
-    sw.add_argument("--n-layers", type=int, default=5, help="how many middle-half layers when --layers is absent")
-    sw.add_argument("--sizes", nargs="+", default=["2048x64", "512x64"], help="d_sae x k pairs, e.g. 2048x64")
+    sw.add_argument("--layers", type=nonneg_int, nargs="*", default=None,
+                    help="layers (default: spread over middle half)")  # fmt: skip
+    sw.add_argument("--n-layers", type=positive_int, default=5, help="how many middle-half layers without --layers")
+    sw.add_argument("--sizes", type=sae_size, nargs="+", default=[(2048, 64), (512, 64)],
+                    help="d_sae x k pairs, e.g. 2048x64")  # fmt: skip
     sw.add_argument("--hook-template", default="blocks.{layer}.hook_resid_post")
     sw.add_argument("--eval-split", default="test")
-    sw.add_argument("--eval-limit", type=int, default=200, help="questions for the accuracy change")
+    sw.add_argument("--eval-limit", type=positive_int, default=200, help="questions for the accuracy change")
     sw.add_argument("--out", type=Path, default=Path("runs/sweep"), help="output directory")
     ort = sub.add_parser("orthogonality", help="orthogonality of token embeddings, activations and SAE latents")
     _common(ort)
@@ -192,17 +416,17 @@ def build_parser() -> argparse.ArgumentParser:
     ort.add_argument("--sae-id", default=None)
     ort.add_argument("--dataset", default="openbookqa")
     ort.add_argument("--split", default="test")
-    ort.add_argument("--limit", type=int, default=200, help="prompts to read tokens from")
-    ort.add_argument("--max-tokens", type=int, default=4096)
+    ort.add_argument("--limit", type=positive_int, default=200, help="prompts to read tokens from")
+    ort.add_argument("--max-tokens", type=positive_int, default=4096)
     ort.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
     at = sub.add_parser("attribute", help="influence of training examples, SAE latents and tokens on test questions")
     _common(at)
     _sae_ref_args(at)
     at.add_argument("--dataset", default="openbookqa")
     at.add_argument("--train-split", default="train")
-    at.add_argument("--train-limit", type=int, default=None, help="only the first N training examples")
+    at.add_argument("--train-limit", type=positive_int, default=None, help="only the first N training examples")
     at.add_argument("--query-split", default="test")
-    at.add_argument("--query-limit", type=int, default=3, help="the first N test questions")
+    at.add_argument("--query-limit", type=positive_int, default=3, help="the first N test questions")
     at.add_argument("--query-ids", nargs="*", default=None, help="explicit test question ids (override the limit)")
     _attribution_args(at)
     at.add_argument("--out", type=Path, default=Path("runs/attribute"), help="output directory")
@@ -213,15 +437,18 @@ def build_parser() -> argparse.ArgumentParser:
     _sae_ref_args(fa)
     fa.add_argument("--dataset", default="openbookqa")
     fa.add_argument("--train-split", default="train")
-    fa.add_argument("--train-limit", type=int, default=None, help="the training examples prefiltered (first N)")
-    fa.add_argument("--query-split", default="test")
-    fa.add_argument("--query-limit", type=int, default=50, help="the first N test questions")
-    fa.add_argument("--rankings", nargs="+", default=["influence", "activation", "frequency", "random"])
-    fa.add_argument("--ks", nargs="+", type=int, default=None, help="default: the paper's 10 25 50 75 ... 200")
-    fa.add_argument("--n-boot", type=int, default=1000)
     fa.add_argument(
-        "--shard", default=None, help="I/N: handle questions I, I+N, ... so N processes share --out (e.g. 0/2, 1/2)"
+        "--train-limit", type=positive_int, default=None, help="the training examples prefiltered (first N)"
     )
+    fa.add_argument("--query-split", default="test")
+    fa.add_argument("--query-limit", type=positive_int, default=50, help="the first N test questions")
+    fa.add_argument("--rankings", nargs="+", default=["influence", "activation", "frequency", "random"])
+    fa.add_argument("--ks", nargs="+", type=nonneg_int, default=None, help="default: the paper's 10 25 50 ... 200")
+    fa.add_argument("--n-boot", type=nonneg_int, default=1000)
+    fa.add_argument(
+        "--shard", type=shard_spec, default=None,
+        help="I/N: handle questions I, I+N, ... so N processes share --out (e.g. 0/2, 1/2)",
+    )  # fmt: skip
     _attribution_args(fa)
     fa.add_argument("--out", type=Path, default=Path("runs/faithfulness"), help="output directory")
     cs = sub.add_parser(
@@ -232,12 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--base-model", default=None, help="the model before finetuning (default: embedded SmolLM2)")
     cs.add_argument("--dataset", default="openbookqa")
     cs.add_argument("--train-split", default="train")
-    cs.add_argument("--train-limit", type=int, default=None, help="the training examples attributed (first N)")
+    cs.add_argument("--train-limit", type=positive_int, default=None, help="the training examples attributed (first N)")
     cs.add_argument("--eval-split", default="test")
-    cs.add_argument("--eval-limit", type=int, default=200, help="test questions searched for cases (first N)")
-    cs.add_argument("--n-cases", type=int, default=3)
-    cs.add_argument("--top-examples", type=int, default=5)
-    cs.add_argument("--top-latents", type=int, default=5)
+    cs.add_argument("--eval-limit", type=positive_int, default=200, help="test questions searched for cases (first N)")
+    cs.add_argument("--n-cases", type=positive_int, default=3)
+    cs.add_argument("--top-examples", type=positive_int, default=5)
+    cs.add_argument("--top-latents", type=positive_int, default=5)
     _attribution_args(cs)
     cs.add_argument("--out", type=Path, default=Path("runs/case_studies"), help="output directory")
     ab = sub.add_parser("ablate", help="necessity / sufficiency of the top-k latents per ranking")
@@ -247,8 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--dataset", default="openbookqa")
     ab.add_argument("--query-split", default="test")
     ab.add_argument("--rankings", nargs="+", default=["influence", "activation", "frequency", "random"])
-    ab.add_argument("--ks", type=int, nargs="+", default=None, help="default: the paper's 10 25 50 ... 200")
-    ab.add_argument("--n-boot", type=int, default=1000)
+    ab.add_argument("--ks", type=nonneg_int, nargs="+", default=None, help="default: the paper's 10 25 50 ... 200")
+    ab.add_argument("--n-boot", type=nonneg_int, default=1000)
     ab.add_argument("--out", type=Path, default=Path("runs/ablate"), help="output directory")
     rp = sub.add_parser("report", help="one self-contained HTML report (heatmaps, latents, plots, tables)")
     _common(rp)
@@ -260,8 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--sweep", type=Path, default=None, help="output directory of `sweep`")
     rp.add_argument("--table", nargs=2, action="append", default=[], metavar=("TITLE", "JSON"),
                     help="add a table from a JSON list of rows (repeatable)")  # fmt: skip
-    rp.add_argument("--top-examples", type=int, default=5)
-    rp.add_argument("--top-latents", type=int, default=10)
+    rp.add_argument("--top-examples", type=positive_int, default=5)
+    rp.add_argument("--top-latents", type=positive_int, default=10)
     rp.add_argument("--out", type=Path, default=Path("runs/report.html"), help="the HTML file")
     demo = sub.add_parser(
         "demo", help="the main job: finetune, SAE, attribution, ablations and an HTML report on OpenBookQA"
@@ -271,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", type=Path, default=None, help="JSON/YAML file of DemoConfig fields")
     demo.add_argument("--adapter", type=Path, default=None, help="a LoRA adapter trained elsewhere: skips the finetune")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
+    for p in sub.choices.values():  # --debug also after the subcommand (SUPPRESS: keeps a --debug given before it)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="print the full traceback")
     return parser
 
 
@@ -280,7 +509,8 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
     from repinf_lens.models import load_model
 
     torch.manual_seed(args.seed)
-    model = load_model(args.model, device=args.device, dtype=getattr(torch, _DTYPES[args.dtype]), n_ctx=args.n_ctx)
+    with _reading("the model", args.model):
+        model = load_model(args.model, device=args.device, dtype=getattr(torch, _DTYPES[args.dtype]), n_ctx=args.n_ctx)
     return model
 
 
@@ -310,13 +540,111 @@ def _evaluate(args: argparse.Namespace, dataset: str, split: str, limit: int | N
         "seconds_evaluate": round(time.perf_counter() - t1, 2),
     }
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=2))
+        from repinf_lens._shards import write_json_atomic
+
+        write_json_atomic(out, record)
     return record
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run ``repinf-lens ARGV``; returns the exit code (0; 2 for a user error; 1 for a bug; 130 on Ctrl-C).
+
+    Errors are printed as one line on stderr (``repinf-lens: error: ...``); ``--debug`` adds the traceback.
+    """
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # argparse: --help (0) or a one-line parse error (2), already printed
+        return stop.code if isinstance(stop.code, int) else 2
+    debug = bool(getattr(args, "debug", False))
+    try:
+        _check_device(getattr(args, "device", None))
+        with _quiet_loading(bool(getattr(args, "no_progress", False))):
+            return _run(args)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("repinf-lens: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as stop:  # raise SystemExit("error: ...") in a subcommand is a user error
+        if stop.code is None or isinstance(stop.code, int):
+            return stop.code or 0
+        if debug:
+            traceback.print_exc()
+        print(f"repinf-lens: error: {_one_line(stop.code).removeprefix('error: ')}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if debug:
+            traceback.print_exc()
+        return _report(err, debug=debug)
+
+
+@contextlib.contextmanager
+def _quiet_loading(quiet: bool) -> Iterator[None]:
+    """With ``--no-progress``, also hide the progress bars of transformers (loading weights) while a command runs."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+_FIXES: tuple[tuple[type[BaseException], str], ...] = (
+    (FileNotFoundError, "check the path (relative paths start in the current folder)."),
+    (NotADirectoryError, "check the path."),
+    (IsADirectoryError, "pass a file, not a folder."),
+    (PermissionError, "check the file permissions, or pick another --out folder."),
+    (ConnectionError, "check the network connection, or pass --offline to use only cached data."),
+    (TimeoutError, "check the network connection, or pass --offline to use only cached data."),
+)
+
+
+def _user_error(err: BaseException) -> str | None:
+    """The one-line message of a user error, or ``None`` for what looks like a bug in repinf-lens."""
+    import torch
+
+    msg = _one_line(err)
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return (
+            f"out of GPU memory ({msg[:200]}). Fix: lower --batch-size or --query-chunk-size, a smaller "
+            "--sketch-dim, or --device cpu."
+        )
+    if isinstance(err, KeyError):
+        key = err.args[0] if err.args else ""
+        text = key if isinstance(key, str) and " " in key else f"{key!r} was not found"
+        return f"{_one_line(text)} (a name or id that does not exist; --debug shows where it was looked up)"
+    from repinf_lens._cache import OfflineAssetError
+
+    if "Fix:" in msg or isinstance(err, (RepinfLensError, ValueError, OfflineAssetError)):
+        return msg or type(err).__name__
+    if isinstance(err, OSError):
+        fix = next((f for cls, f in _FIXES if isinstance(err, cls)), None)
+        return f"{msg or type(err).__name__}" + (f". Fix: {fix}" if fix else "")
+    return None
+
+
+def _report(err: Exception, *, debug: bool) -> int:
+    """Print ``err`` as one line on stderr; exit code 2 for user errors, 1 for bugs."""
+    msg = _user_error(err)
+    if msg is not None:
+        print(f"repinf-lens: error: {msg}", file=sys.stderr)
+        return 2
+    hint = "the traceback is above" if debug else "rerun with --debug for the traceback"
+    print(
+        f"repinf-lens: internal error: {type(err).__name__}: {_one_line(err)} (this looks like a bug in "
+        f"repinf-lens: {hint}, and please report it with the command line)",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "evaluate":
         rec = _evaluate(args, args.dataset, args.split, args.limit, args.out)
         print(json.dumps(rec, indent=2))
@@ -360,7 +688,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "merge-adapter":
         from repinf_lens.finetuning import merge_adapter
 
-        model = merge_adapter(args.model, args.adapter, args.out, device=args.device, n_ctx=args.n_ctx)
+        with _reading("the adapter", args.adapter), _reading("the model", args.model):
+            model = merge_adapter(args.model, args.adapter, args.out, device=args.device, n_ctx=args.n_ctx)
         print(json.dumps({"merged": str(args.out / "merged"), "n_layers": model.cfg.n_layers}, indent=2))
         return 0
     if args.command == "train-sae":
@@ -391,14 +720,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "sweep":
         from repinf_lens.saes import layer_sweep
 
-        sizes = []
-        for item in args.sizes:
-            try:
-                d, k = (int(v) for v in item.lower().split("x"))
-            except ValueError:
-                print(f"error: --sizes takes d_sae x k pairs such as 2048x64, got {item!r}", file=sys.stderr)
-                return 2
-            sizes.append((d, k))
+        sizes = list(args.sizes)  # (d_sae, k) pairs, checked by sae_size when parsed
         model = _load(args)
         res = layer_sweep(
             model,
@@ -427,7 +749,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from repinf_lens.saes import load_sae
 
         model = _load(args)
-        sae = load_sae(args.sae, args.sae_id, model=model)
+        with _reading("the SAE", args.sae):
+            sae = load_sae(args.sae, args.sae_id, model=model)
         task = _task(args, model)
         rows = _split(args, args.split, args.limit)
         batch = task.collate(list(rows))
@@ -440,8 +763,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
         )
         if args.out is not None:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(table, indent=2))
+            from repinf_lens._shards import write_json_atomic
+
+            write_json_atomic(args.out, table)
         print(json.dumps(table, indent=2))
         return 0
     if args.command == "attribute":
@@ -453,8 +777,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             by_id = {str(r["id"]): dict(r) for r in queries}
             unknown = [q for q in args.query_ids if q not in by_id]
             if unknown:
-                print(f"error: unknown query ids {unknown[:5]} in {args.dataset}/{args.query_split}", file=sys.stderr)
-                return 2
+                raise SettingsError(
+                    f"Unknown query ids {unknown[:5]} in {args.dataset}/{args.query_split}. Fix: pass ids of that "
+                    "split (its `id` column), or --query-limit N for the first N questions."
+                )
             queries = [by_id[q] for q in args.query_ids]
         result, _ = run_attribution(
             split, queries, _split(args, args.train_split, args.train_limit), out_dir=args.out,
@@ -473,7 +799,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             split, list(_split(args, args.query_split, args.query_limit)),
             _split(args, args.train_split, args.train_limit), out_dir=args.out, config=_attribution_config(args),
             rankings=args.rankings, ks=args.ks, n_boot=args.n_boot, seed=args.seed, progress=not args.no_progress,
-            shard=_shard(args.shard),
+            shard=args.shard,
         )  # fmt: skip
         if summary.get("pending"):
             print(f"shard done; {len(summary['pending'])} questions pending in other processes (the last aggregates)")
@@ -493,13 +819,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress = not args.no_progress
 
         def base_record() -> dict:
-            base = load_model(args.base_model, device=args.device, n_ctx=args.n_ctx)
+            with _reading("the base model", args.base_model):
+                base = load_model(args.base_model, device=args.device, n_ctx=args.n_ctx)
             return prediction_record(base, split.task, rows, batch_size=args.batch_size, progress=progress)
 
-        before = cached_predictions(args.out / "eval_base.json", {**key, "model": str(args.base_model)}, base_record)
+        from repinf_lens._fingerprint import model_source_digest
+        from repinf_lens.influence.result import InfluenceResult, check_split_matches
+
+        previous = args.out / "attribution" / "result"
+        if (previous / "result.json").is_file():  # a rerun into a folder that holds an attribution
+            check_split_matches(InfluenceResult.load(previous), split, directory=previous)
+        before = cached_predictions(
+            args.out / "eval_base.json",
+            {**key, "model": str(args.base_model), "weights": model_source_digest(args.base_model)},
+            base_record,
+        )
         after = cached_predictions(
             args.out / "eval_finetuned.json",
-            {**key, "model": str(args.model)},
+            {**key, "model": str(args.model), "weights": split.fingerprint()["model_weights"]},
             lambda: prediction_record(split.model, split.task, rows, batch_size=args.batch_size, progress=progress),
         )
         summary = run_case_studies(
@@ -522,10 +859,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"report: {summary['report']}")
         return 0
     if args.command == "ablate":
+        from repinf_lens.influence.result import check_split_matches
         from repinf_lens.pipeline import run_ablation
 
         split = _split_model(args)
         result, queries = _queries_of(args, args.attribution)
+        check_split_matches(result, split, directory=args.attribution / "result")
         _, agg, files = run_ablation(
             split, queries, result, out_dir=args.out, rankings=list(args.rankings), ks=args.ks, n_boot=args.n_boot,
             seed=args.seed, progress=not args.no_progress,
@@ -533,11 +872,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{len(agg)} aggregate rows; files: {', '.join(str(p) for p in files.values())}")
         return 0
     if args.command == "report":
+        from repinf_lens.influence.result import check_split_matches
         from repinf_lens.pipeline import make_report
 
         split = _split_model(args)
         result, queries = _queries_of(args, args.attribution)
-        tables = {title: json.loads(Path(path).read_text()) for title, path in args.table}
+        check_split_matches(result, split, directory=args.attribution / "result")
+        tables = {}
+        for title, path in args.table:
+            with _reading("the --table file", path):
+                tables[title] = json.loads(Path(path).read_text())
         path = make_report(
             args.out, split=split, queries=queries, result=result,
             ablation_plot=args.ablation / "ablation.png" if args.ablation else None,
@@ -550,7 +894,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from repinf_lens.demo import DemoConfig, run_demo
 
         if args.config is not None:
-            cfg = DemoConfig.from_file(args.config, quick=args.quick)
+            with _reading("the --config file", args.config):
+                cfg = DemoConfig.from_file(args.config, quick=args.quick)
         else:
             cfg = DemoConfig.quick() if args.quick else DemoConfig()
         cfg = dataclasses.replace(cfg, seed=args.seed, batch_size=args.batch_size)

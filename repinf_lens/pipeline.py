@@ -9,7 +9,6 @@ Sign convention: POSITIVE influence = proponent (up-weighting the training examp
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -18,7 +17,9 @@ from typing import Any
 
 import torch
 
-from repinf_lens.curvature.solvers import solver_from_dict
+from repinf_lens._shards import write_json_atomic
+from repinf_lens.curvature.solvers import SOLVERS, solver_from_dict
+from repinf_lens.errors import SettingsError, check_choice, check_float, check_int
 from repinf_lens.influence.attributor import InfluenceAttributor, as_rows
 from repinf_lens.influence.result import InfluenceResult
 from repinf_lens.split import SplitModel
@@ -41,9 +42,7 @@ def write_manifest(folder: str | os.PathLike, stage: str, args: dict[str, Any], 
     from repinf_lens import __version__
 
     rec = {"stage": stage, "repinf_lens": __version__, "args": args, **extra}
-    tmp = folder / "manifest.json.tmp"
-    tmp.write_text(json.dumps(rec, indent=2, default=str))
-    os.replace(tmp, folder / "manifest.json")
+    write_json_atomic(folder / "manifest.json", rec)
     return folder / "manifest.json"
 
 
@@ -56,6 +55,10 @@ class AttributionConfig:
     model is indefinite and CG meets negative curvature within a few iterations; then use it with damping ~1);
     ``hessian_examples`` training examples define H. With ``prefilter_fraction`` / ``prefilter_top_k`` the
     candidates are the union over queries of each query's most gradient-similar training examples.
+
+    Impossible values (``max_iter=0``, a negative ``damping``, ``batch_size=0``, a ``prefilter_fraction``
+    outside (0, 1], both prefilter knobs at once, ...) raise :class:`~repinf_lens.errors.SettingsError` here,
+    before any model or data is touched.
     """
 
     solver: str = "cg"
@@ -69,6 +72,36 @@ class AttributionConfig:
     batch_size: int = 8
     shard_size: int = 256
     query_chunk_size: int | None = 8
+
+    def __post_init__(self) -> None:
+        check_choice("AttributionConfig solver", self.solver, sorted(SOLVERS))
+        check_float(
+            "AttributionConfig damping", self.damping, minimum=0.0,
+            fix="pass damping >= 0 (the paper: 1e-3; about 1 with gauss_newton=True).",
+        )  # fmt: skip
+        check_int(
+            "AttributionConfig max_iter", self.max_iter, minimum=1,
+            why="CG iterations / LiSSA depth; none leaves s_test = 0 and every score 0",
+            fix="pass max_iter=20 (the paper) or another count >= 1; solver='identity' skips the curvature.",
+        )  # fmt: skip
+        check_int("AttributionConfig hessian_examples", self.hessian_examples, minimum=1,
+                  why="the training examples whose mean loss defines H")  # fmt: skip
+        check_float(
+            "AttributionConfig prefilter_fraction", self.prefilter_fraction, minimum=0.0, inclusive=False,
+            maximum=1.0, allow_none=True,
+            fix="pass a share in (0, 1], e.g. 0.05 keeps each query's top 5 % (the paper: 0.01-0.1), or None.",
+        )  # fmt: skip
+        check_int("AttributionConfig prefilter_top_k", self.prefilter_top_k, minimum=1, allow_none=True)
+        if self.prefilter_fraction is not None and self.prefilter_top_k is not None:
+            raise SettingsError(
+                f"AttributionConfig got both prefilter_fraction={self.prefilter_fraction} and prefilter_top_k="
+                f"{self.prefilter_top_k}. Fix: pass only one of them (or neither, for no prefilter)."
+            )
+        check_int("AttributionConfig sketch_dim", self.sketch_dim, minimum=1)
+        check_int("AttributionConfig batch_size", self.batch_size, minimum=1)
+        check_int("AttributionConfig shard_size", self.shard_size, minimum=1)
+        check_int("AttributionConfig query_chunk_size", self.query_chunk_size, minimum=1, allow_none=True,
+                  fix="pass query_chunk_size >= 1, or None for all queries at once.")  # fmt: skip
 
 
 def _solver(cfg: AttributionConfig) -> Any:

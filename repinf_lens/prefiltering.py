@@ -66,11 +66,13 @@ from repinf_lens._shards import (
     ManifestMismatchError,
     mmap_tensor,
     open_manifest,
+    shard_checksum,
     shard_is_done,
     shard_plan,
     write_json_atomic,
     write_shard,
 )
+from repinf_lens.errors import SettingsError, check_choice, check_float, check_int
 from repinf_lens.split import Params, SplitInputs, SplitModel
 
 __all__ = [
@@ -200,12 +202,11 @@ class GradientSketcher:
             raise TypeError(f"Expected a SplitModel or an InfluenceAttributor, got {type(split).__name__}.")
         self.split = split if task is None or task is split.task else split.with_task(task)
         self.task = self.split.task
-        if projection not in ("sjlt", "rademacher"):
-            raise ValueError(f"projection must be 'sjlt' or 'rademacher', got {projection!r}.")
-        if method not in ("auto", "vmap", "loop"):
-            raise ValueError(f"method must be 'auto', 'vmap' or 'loop', got {method!r}.")
-        if not exact and dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}.")
+        check_choice("GradientSketcher projection", projection, ("sjlt", "rademacher"))
+        check_choice("GradientSketcher method", method, ("auto", "vmap", "loop"))
+        if not exact:
+            check_int("GradientSketcher dim", dim, minimum=1, why="the sketch dimension")
+        check_int("GradientSketcher cache_bytes", cache_bytes, minimum=0)
         params = self.split.downstream_params()
         self.shapes = {k: tuple(v.shape) for k, v in params.items()}
         self.n_params = sum(v.numel() for v in params.values())
@@ -421,12 +422,16 @@ class SketchStore:
         self._shards = shards
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, *, mmap: bool = True) -> SketchStore:
+    def load(cls, directory: str | os.PathLike, *, mmap: bool = True, verify: bool = False) -> SketchStore:
         """Open a store written by :func:`build_sketches` (shards memory-mapped unless ``mmap=False``).
+
+        ``verify=True`` also reads every shard and checks it against the sha256 in its header (a damaged shard
+        is named in a warning, deleted and reported missing); by default only headers are read, so opening a
+        large store stays cheap (:func:`build_sketches` verifies every finished shard when it resumes).
 
         Raises:
             FileNotFoundError: no ``manifest.json`` in ``directory``.
-            RuntimeError: the store is incomplete (an interrupted :func:`build_sketches`).
+            RuntimeError: the store is incomplete (an interrupted :func:`build_sketches`, or a damaged shard).
         """
         d = Path(directory)
         path = d / "manifest.json"
@@ -441,7 +446,9 @@ class SketchStore:
         missing = []
         for s in manifest["shards"]:
             f = d / s["file"]
-            if not shard_is_done(f, fingerprint=manifest["fingerprint_hash"], start=s["start"], stop=s["stop"]):
+            if not shard_is_done(
+                f, fingerprint=manifest["fingerprint_hash"], start=s["start"], stop=s["stop"], verify=verify
+            ):
                 missing.append(s["index"])
                 continue
             if mmap:
@@ -643,9 +650,9 @@ def build_sketches(
         ValueError: ``train`` is empty.
         ManifestMismatchError: ``out_dir`` holds a store built from other inputs (and ``overwrite`` is False).
     """
+    check_int("build_sketches batch_size", batch_size, minimum=1)
+    check_int("build_sketches shard_size", shard_size, minimum=1)
     rows = _rows(train, "training set")
-    if shard_size < 1 or batch_size < 1:
-        raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size} and {batch_size}.")
     sketcher = GradientSketcher(
         attributor_or_split,
         task,
@@ -696,6 +703,8 @@ def build_sketches(
     }
     todo = [s for s in shards if s["index"] not in done]
     manifest["finished"] = sorted(done)
+    # content sha256 per finished shard (the shard headers hold the same; checked on every resume)
+    manifest["checksums"] = {s["file"]: shard_checksum(out / s["file"]) for s in shards if s["index"] in done}
     t0 = time.perf_counter()
     check = None
     if check_rows is not None:
@@ -708,7 +717,9 @@ def build_sketches(
     with tqdm(total=sum(s["stop"] - s["start"] for s in todo), desc="sketches", disable=not progress) as bar:
         for s in todo:
             tensors = _sketch_shard(sketcher, rows[s["start"] : s["stop"]], batch_size, bar, check)
-            write_shard(out / s["file"], tensors, fingerprint=fp, start=s["start"], stop=s["stop"])
+            manifest["checksums"][s["file"]] = write_shard(
+                out / s["file"], tensors, fingerprint=fp, start=s["start"], stop=s["stop"]
+            )
             done.add(s["index"])
             manifest["finished"] = sorted(done)
             write_json_atomic(out / "manifest.json", manifest)
@@ -727,14 +738,18 @@ def top_count(n: int, *, top_k: int | None = None, top_fraction: float | None = 
     Exactly one of ``top_k`` and ``top_fraction`` must be given.
     """
     if (top_k is None) == (top_fraction is None):
-        raise ValueError("Pass exactly one of top_k and top_fraction (e.g. top_fraction=0.05 keeps the top 5 %).")
+        raise SettingsError(
+            f"Pass exactly one of top_k and top_fraction, got top_k={top_k} and top_fraction={top_fraction}. "
+            "Fix: e.g. top_fraction=0.05 keeps the top 5 %, top_k=100 the best 100."
+        )
     if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}.")
+        check_int("top_k", top_k, minimum=1, why="training examples kept per query")
         return min(int(top_k), n)
     assert top_fraction is not None
-    if not 0 < top_fraction <= 1:
-        raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}.")
+    check_float(
+        "top_fraction", top_fraction, minimum=0.0, inclusive=False, maximum=1.0,
+        fix="pass a share in (0, 1], e.g. 0.05 keeps the top 5 % (the paper: 0.01-0.1).",
+    )  # fmt: skip
     return max(1, min(n, math.ceil(top_fraction * n - 1e-9)))
 
 
@@ -802,7 +817,12 @@ def prefilter(
     Returns:
         A :class:`PrefilterResult`; its scores are cosines, POSITIVE = first-order proponent. Cost: one matrix
         product ``[Q, dim] x [dim, n_shard]`` per shard for all queries together.
+
+    Raises:
+        SettingsError: not exactly one of ``top_k`` / ``top_fraction``, or one out of range (checked first).
     """
+    top_count(1, top_k=top_k, top_fraction=top_fraction)  # impossible settings fail before any gradient
+    check_int("prefilter batch_size", batch_size, minimum=1)
     if over != "theta2":
         raise ValueError(
             f"over={over!r} is not supported: sketches are gradients w.r.t. theta2, the split's downstream "

@@ -492,9 +492,9 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from repinf_lens._shards import write_text_atomic
+
+    write_text_atomic(path, text)  # unique temporary file + fsync + rename
 
 
 def save_ablation(df: Any, out_dir: str | os.PathLike, agg: Any = None, *, prefix: str = "ablation") -> dict[str, Path]:

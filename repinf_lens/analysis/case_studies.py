@@ -25,6 +25,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from repinf_lens.errors import check_int
+
 __all__ = [
     "added_tokens_share",
     "cached_predictions",
@@ -90,11 +92,10 @@ def cached_predictions(
         rec = json.loads(path.read_text())
         if rec.get("key") == key:
             return rec
+    from repinf_lens._shards import write_json_atomic
+
     rec = {"key": key, **compute()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, rec)  # a unique temporary file: concurrent runs never share one
     return rec
 
 
@@ -209,6 +210,8 @@ def run_case_studies(
 
     out = Path(out_dir)
     cfg = config or AttributionConfig()
+    for name, value in (("n_cases", n_cases), ("top_examples", top_examples), ("top_latents", top_latents)):
+        check_int(f"run_case_studies {name}", value, minimum=1)
     t0 = time.perf_counter()
     test_rows = {str(r["id"]): r for r in as_rows(test, "test set")}
     t_rows = as_rows(train, "training set")
@@ -289,7 +292,9 @@ def run_case_studies(
         "report": str(report),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    (out / "case_studies.json").write_text(json.dumps(summary, indent=2, default=str))
+    from repinf_lens._shards import write_json_atomic
+
+    write_json_atomic(out / "case_studies.json", summary)
     write_manifest(out, "case-studies", {"n_cases": n_cases, **vars(cfg)}, seconds=summary["seconds"])
     return summary
 

@@ -21,6 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from repinf_lens._shards import write_json_atomic, write_text_atomic
+from repinf_lens.errors import check_int
+
 __all__ = ["BETTER", "compare_rankings", "run_faithfulness"]
 
 BETTER: dict[str, dict[str, str]] = {
@@ -145,6 +148,9 @@ def run_faithfulness(
     from repinf_lens.pipeline import AttributionConfig, build_attributor, prefilter_candidates, write_manifest
 
     cfg = config or AttributionConfig()
+    check_int("run_faithfulness n_boot", n_boot, minimum=0, why="bootstrap resamples; 0 = no intervals")
+    for k in ks or ():
+        check_int("run_faithfulness ks entry", k, minimum=0, why="latents removed / kept")
     out = Path(out_dir)
     (out / "per_query").mkdir(parents=True, exist_ok=True)
     q_rows, t_rows = as_rows(queries, "query set"), as_rows(train, "training set")
@@ -162,7 +168,7 @@ def run_faithfulness(
     if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
         raise ValueError(f"{out} holds a faithfulness run with other settings (model, SAE, questions, training set "
                          "or config). Fix: pass a fresh out_dir, or delete the folder to start over.")  # fmt: skip
-    settings_path.write_text(json.dumps(settings, indent=2))
+    write_json_atomic(settings_path, settings)  # several --shard processes may start at once
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     pf = prefilter_candidates(split, q_rows, t_rows, cfg, sketch_dir=out / "sketches", timings=timings,
@@ -198,9 +204,7 @@ def run_faithfulness(
                                    n_boot=n_boot, seed=seed + i, progress=False)  # fmt: skip
         df["query"] = i
         t_abl += time.perf_counter() - t
-        tmp = out / "per_query" / f"{i:05d}.csv.tmp{os.getpid()}"
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, table_of(i))
+        write_text_atomic(table_of(i), df.to_csv(index=False))
     timings["attribution_s"] = round(t_att, 1)
     timings["ablation_s"] = round(t_abl, 1)
     pending = [i for i in range(len(q_rows)) if not table_of(i).exists()]
@@ -236,7 +240,7 @@ def run_faithfulness(
         ],  # fmt: skip
         "files": {k: str(v) for k, v in files.items()},
     }
-    (out / "faithfulness.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_json_atomic(out / "faithfulness.json", summary)
     write_manifest(out, "faithfulness", {**vars(cfg), "rankings": ranking_names, "ks": ks, "n_boot": n_boot},
                    n_queries=len(q_rows), timings=summary["timings"])  # fmt: skip
     return summary

@@ -13,6 +13,7 @@ own :meth:`CG.solve`. The base class loops over :meth:`solve`.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 
 from repinf_lens._tree import tadd, tdot, tflatten, tnorm, tnumel, tscale, tunflatten, tzeros_like
+from repinf_lens.errors import NonFiniteError, SettingsError, check_choice, check_finite, check_float, check_int
 
 __all__ = [
     "InverseHessianSolver",
@@ -98,6 +100,25 @@ class InverseHessianSolver:
     batch_size: int = 8
     gauss_newton: bool = False
 
+    def __post_init__(self) -> None:
+        """Refuse impossible settings at construction (:class:`~repinf_lens.errors.SettingsError`), before any HVP."""
+        cls = type(self).__name__
+        check_float(
+            f"{cls} damping", self.damping, minimum=0.0,
+            why="lambda in (H + lambda I); a negative one makes the damped Hessian less positive definite",
+            fix="pass damping >= 0 (the paper: 1e-3; with gauss_newton=True about 1).",
+        )  # fmt: skip
+        check_int(f"{cls} batch_size", self.batch_size, minimum=1, why="Hessian examples per batch")
+
+    def _checked(self, x: Tree, *, query: int | None = None) -> Tree:
+        """``x`` (a solution) after :func:`~repinf_lens.errors.check_finite`: NaN/inf raise, naming the tensor."""
+        where = f"after the {type(self).__name__} solve" + ("" if query is None else f" (query {query} of the solve)")
+        return check_finite(
+            "s_test = (H + lambda I)^-1 g_test", x, where=where,
+            fix="raise the damping or use gauss_newton=True (the solve diverged), and check the Hessian data and "
+            "the model weights for NaN/inf (with float16/bfloat16 try float32).",
+        )  # fmt: skip
+
     def solve(self, hvp_fn: HVPFn, g: Tree) -> tuple[Tree, SolveInfo]:
         raise NotImplementedError
 
@@ -112,7 +133,12 @@ class InverseHessianSolver:
         Returns:
             ``(solutions, infos)`` in the order of ``gs``.
         """
-        pairs = [self.solve(hvp_fn, g) for g in gs]
+        pairs = []
+        for q, g in enumerate(gs):
+            try:
+                pairs.append(self.solve(hvp_fn, g))
+            except NonFiniteError as err:
+                raise NonFiniteError(f"Query {q} of the solve: {err}") from err
         return [s for s, _ in pairs], [i for _, i in pairs]
 
     @property
@@ -157,12 +183,35 @@ class CG(InverseHessianSolver):
     tol: float = 1e-6
     on_negative_curvature: str = "warn"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int(
+            "CG max_iter", self.max_iter, minimum=1, why="no iteration leaves s_test = 0 and every score 0",
+            fix="pass max_iter=20 (the paper) or another count >= 1; Identity() is the no-curvature solver.",
+        )  # fmt: skip
+        check_float("CG tol", self.tol, minimum=0.0, fix="pass tol >= 0 (0 = always run max_iter).")
+        check_choice("CG on_negative_curvature", self.on_negative_curvature, ("warn", "raise", "ignore"))
+
+    def _curvature_not_finite(self, pap: Tensor, ap: Tree, it: int, q: int | None = None) -> None:
+        """Raise when p^T (H + lambda I) p is NaN/inf: name the tensors of the HVP that are not finite."""
+        if bool(torch.isfinite(pap)):
+            return
+        where = f"at CG iteration {it}" + ("" if q is None else f" (query {q} of the solve)")
+        fix = (
+            "check the Hessian data, the model weights and the SAE for NaN/inf (with float16/bfloat16 try "
+            "float32), or raise the damping."
+        )
+        check_finite("The Hessian-vector product (H + lambda I) p", ap, where=where, fix=fix)
+        raise NonFiniteError(f"p^T (H + lambda I) p = {float(pap)} {where}. Fix: {fix}")
+
     def solve(self, hvp_fn: HVPFn, g: Tree) -> tuple[Tree, SolveInfo]:
         info = SolveInfo(converged=False)
         x = tzeros_like(g)
         r = {k: v.clone() for k, v in g.items()}
         p = {k: v.clone() for k, v in g.items()}
         g_norm = float(tnorm(g))
+        if not math.isfinite(g_norm):
+            check_finite("g_test (the right-hand side)", g, where="given to CG.solve")
         if g_norm == 0.0:
             info.converged = True
             return x, info
@@ -172,6 +221,7 @@ class CG(InverseHessianSolver):
             ap = tadd(hvp_fn(p), p, self.damping)
             info.n_hvp += 1
             pap = tdot(p, ap)
+            self._curvature_not_finite(pap, ap, it)
             if float(pap) <= 0.0:
                 info.negative_curvature = True
                 msg = (
@@ -196,7 +246,7 @@ class CG(InverseHessianSolver):
                 break
             p = tadd(r, p, rs_new / rs)
             rs = rs_new
-        return x, info
+        return self._checked(x), info
 
     def solve_many(
         self, hvp_fn: HVPFn, gs: list[Tree], *, chunk_size: int | None = None
@@ -215,6 +265,9 @@ class CG(InverseHessianSolver):
         rs_ = [dict(g) for g in gs]  # no copies: every update below makes new tensors, gs is never modified
         ps = [dict(g) for g in gs]
         g_norms = [float(tnorm(g)) for g in gs]
+        for q, g in enumerate(gs):
+            if not math.isfinite(g_norms[q]):
+                check_finite("g_test (the right-hand side)", g, where=f"for query {q} of the solve")
         rss: list[Tensor | None] = [None] * n
         active: list[int] = []
         for q in range(n):
@@ -234,6 +287,7 @@ class CG(InverseHessianSolver):
                 ap = tadd(hp, p, self.damping)
                 info.n_hvp += 1
                 pap = tdot(p, ap)
+                self._curvature_not_finite(pap, ap, it, q)
                 if float(pap) <= 0.0:
                     info.negative_curvature = True
                     msg = (
@@ -260,7 +314,7 @@ class CG(InverseHessianSolver):
                 rss[q] = rs_new
                 still.append(q)
             active = still
-        return xs, infos
+        return [self._checked(x, query=q) for q, x in enumerate(xs)], infos
 
 
 @dataclass
@@ -276,6 +330,18 @@ class LiSSA(InverseHessianSolver):
     depth: int = 200
     tol: float = 1e-7
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_float(
+            "LiSSA scale", self.scale, minimum=0.0, inclusive=False,
+            fix="pass a scale > 0, above the largest eigenvalue of H + damping I (e.g. 10 or 100).",
+        )  # fmt: skip
+        check_int(
+            "LiSSA depth", self.depth, minimum=1, why="no iteration leaves s_test = g_test / scale",
+            fix="pass depth >= 1 (e.g. 200).",
+        )  # fmt: skip
+        check_float("LiSSA tol", self.tol, minimum=0.0, fix="pass tol >= 0 (0 = always run depth).")
+
     def solve(self, hvp_fn: HVPFn, g: Tree) -> tuple[Tree, SolveInfo]:
         info = SolveInfo(converged=False)
         h = {k: v.clone() for k, v in g.items()}
@@ -288,14 +354,20 @@ class LiSSA(InverseHessianSolver):
             h = new
             info.iterations = it + 1
             info.residuals.append(delta)
-            if not torch.isfinite(torch.tensor(delta)):
-                raise FloatingPointError(
-                    f"LiSSA diverged at iteration {it}. Fix: increase `scale` (> largest eigenvalue of H + damping I)."
+            if not math.isfinite(delta):
+                check_finite(
+                    "The LiSSA iterate", new, where=f"at iteration {it} (it diverged)",
+                    fix="increase `scale` (> largest eigenvalue of H + damping I), and check the model and the "
+                    "Hessian data for NaN/inf.",
+                )  # fmt: skip
+                raise NonFiniteError(
+                    f"LiSSA diverged at iteration {it} (the update is NaN/inf). Fix: increase `scale` (> largest "
+                    "eigenvalue of H + damping I), and check the model and the Hessian data for NaN/inf."
                 )
             if delta <= self.tol:
                 info.converged = True
                 break
-        return tscale(h, 1.0 / self.scale), info
+        return self._checked(tscale(h, 1.0 / self.scale)), info
 
 
 @dataclass
@@ -305,6 +377,11 @@ class Explicit(InverseHessianSolver):
     name: ClassVar[str] = "explicit"
     max_params: int = 20000
     chunk_size: int = 256
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("Explicit max_params", self.max_params, minimum=1)
+        check_int("Explicit chunk_size", self.chunk_size, minimum=1, why="HVP columns per batch")
 
     def matrix(self, hvp_fn: HVPFn, like: Tree) -> Tensor:
         """The dense, symmetrised Hessian ``[n, n]`` (float64) of the mean loss over the Hessian data.
@@ -338,7 +415,7 @@ class Explicit(InverseHessianSolver):
         a = h + self.damping * torch.eye(n, dtype=h.dtype)
         s = torch.linalg.solve(a, tflatten(g).double().cpu())
         info = SolveInfo(iterations=1, n_hvp=n)
-        return {k: v.to(g[k].device) for k, v in tunflatten(s, g).items()}, info
+        return self._checked({k: v.to(g[k].device) for k, v in tunflatten(s, g).items()}), info
 
     def solve_many(
         self, hvp_fn: HVPFn, gs: list[Tree], *, chunk_size: int | None = None
@@ -351,7 +428,10 @@ class Explicit(InverseHessianSolver):
         a = h + self.damping * torch.eye(n, dtype=h.dtype)
         rhs = torch.stack([tflatten(g).double().cpu() for g in gs], dim=1)
         sol = torch.linalg.solve(a, rhs)
-        outs = [{k: v.to(g[k].device) for k, v in tunflatten(sol[:, i], g).items()} for i, g in enumerate(gs)]
+        outs = [
+            self._checked({k: v.to(g[k].device) for k, v in tunflatten(sol[:, i], g).items()}, query=i)
+            for i, g in enumerate(gs)
+        ]
         infos = [SolveInfo(iterations=1, n_hvp=n if i == 0 else 0) for i in range(len(gs))]
         return outs, infos
 
@@ -364,5 +444,5 @@ def solver_from_dict(cfg: dict[str, Any]) -> InverseHessianSolver:
     cfg = dict(cfg)
     name = cfg.pop("solver", "cg")
     if name not in SOLVERS:
-        raise ValueError(f"Unknown solver {name!r}. Valid: {sorted(SOLVERS)}.")
+        raise SettingsError(f"Unknown solver {name!r}. Fix: pass one of {sorted(SOLVERS)}.")
     return SOLVERS[name](**cfg)

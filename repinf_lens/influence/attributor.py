@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,10 +28,18 @@ from tqdm.auto import tqdm
 
 from repinf_lens._cache import cache_dir as default_cache_dir
 from repinf_lens._cache import fingerprint_rows
-from repinf_lens._shards import open_manifest, shard_is_done, shard_plan, write_json_atomic, write_shard
+from repinf_lens._shards import (
+    open_manifest,
+    shard_checksum,
+    shard_is_done,
+    shard_plan,
+    write_json_atomic,
+    write_shard,
+)
 from repinf_lens.curvature.cache import STestCache, cache_key
 from repinf_lens.curvature.hvp import dataset_hvp, loss_grad
 from repinf_lens.curvature.solvers import CG, InverseHessianSolver, SolveInfo
+from repinf_lens.errors import NonFiniteError, check_finite, check_int
 from repinf_lens.influence.math import latent_influence_multi, stack_queries
 from repinf_lens.influence.result import InfluenceResult
 from repinf_lens.split import Params, SplitInputs, SplitModel
@@ -54,6 +63,32 @@ _SIGN = "positive = proponent (up-weighting the training example lowers the test
 
 def _data_hash(rows: Sequence[Mapping[str, Any]]) -> str:
     return fingerprint_rows(rows)[:24]
+
+
+def _row_id(row: Mapping[str, Any], i: int) -> str:
+    return str(row.get("id", i))
+
+
+def _check_scores(
+    example: Tensor, latent: Tensor, query_id: str, t_rows: Sequence[Mapping[str, Any]], start: int
+) -> None:
+    """Raise :class:`NonFiniteError` naming the query and the training examples whose scores are NaN/inf.
+
+    ``example`` is ``[n]``, ``latent`` ``[n, d_sae]`` for training examples ``start:start+n`` of ``t_rows``.
+    """
+    bad = ~torch.isfinite(example)
+    if latent.numel():
+        bad |= ~torch.isfinite(latent).all(-1)
+    if not bool(bad.any()):
+        return
+    idx = (bad.nonzero().squeeze(1) + start).tolist()
+    ids = [_row_id(t_rows[i], i) for i in idx[:10]]
+    more = f" and {len(idx) - 10} more" if len(idx) > 10 else ""
+    raise NonFiniteError(
+        f"Influence scores of query {query_id!r} are NaN/inf for {len(idx)} training example(s): {ids}{more}. Fix: "
+        "check those examples, the model weights and the SAE for NaN/inf (with float16/bfloat16 or amp_dtype try "
+        "float32), and raise the damping if s_test is very large."
+    )
 
 
 class InfluenceAttributor:
@@ -106,6 +141,10 @@ class InfluenceAttributor:
         query_chunk_size: int | None = 8,
         amp_dtype: torch.dtype | None = None,
     ) -> None:
+        check_int("InfluenceAttributor batch_size", batch_size, minimum=1, why="training examples per batch")
+        check_int("InfluenceAttributor swap_chunk_size", swap_chunk_size, minimum=1, allow_none=True)
+        check_int("InfluenceAttributor query_chunk_size", query_chunk_size, minimum=1, allow_none=True,
+                  fix="pass query_chunk_size >= 1, or None for all queries at once.")  # fmt: skip
         self.split = split if task is None or task is split.task else split.with_task(task)
         self.task = self.split.task
         self.solver = hessian if hessian is not None else CG()
@@ -113,8 +152,6 @@ class InfluenceAttributor:
         self.progress = progress
         self.store_token_scores = store_token_scores
         self.swap_chunk_size = swap_chunk_size
-        if query_chunk_size is not None and query_chunk_size < 1:
-            raise ValueError(f"query_chunk_size must be >= 1 or None, got {query_chunk_size}.")
         self.query_chunk_size = query_chunk_size
         self.amp_dtype = amp_dtype
         self.cache = STestCache(Path(cache_dir) if cache_dir else default_cache_dir("s_test")) if use_cache else None
@@ -126,6 +163,7 @@ class InfluenceAttributor:
     # ------------------------------------------------------------------ curvature
     def fit(self, hessian_dataset: Any, *, batch_size: int | None = None) -> InfluenceAttributor:
         """Prepare the Hessian data (upstream activations computed once, kept for every HVP)."""
+        check_int("fit batch_size", batch_size, minimum=1, allow_none=True)
         rows = as_rows(hessian_dataset, "Hessian dataset")
         bs = batch_size or self.solver.batch_size
         self._hessian_inputs = [
@@ -223,12 +261,24 @@ class InfluenceAttributor:
             for lo in range(0, len(missing), step):
                 idx = missing[lo : lo + step]
                 gs = [self.query_gradient(rows[i]) for i in idx]
+                for i, g in zip(idx, gs):
+                    check_finite(
+                        f"The test gradient g_test of query {_row_id(rows[i], i)!r}", g, where="(before the solve)",
+                        fix="check that query's loss, the model weights and the SAE for NaN/inf (with float16/"
+                        "bfloat16 try float32).",
+                    )  # fmt: skip
                 solve_many = getattr(self.solver, "solve_many", None)
-                if solve_many is not None:
-                    sols, sol_infos = solve_many(self.hvp, gs, chunk_size=self.query_chunk_size)
-                else:  # a duck-typed solver with only solve()
-                    pairs = [self.solver.solve(self.hvp, g) for g in gs]
-                    sols, sol_infos = [p[0] for p in pairs], [p[1] for p in pairs]
+                try:
+                    if solve_many is not None:
+                        sols, sol_infos = solve_many(self.hvp, gs, chunk_size=self.query_chunk_size)
+                    else:  # a duck-typed solver with only solve()
+                        pairs = [self.solver.solve(self.hvp, g) for g in gs]
+                        sols, sol_infos = [p[0] for p in pairs], [p[1] for p in pairs]
+                except NonFiniteError as err:
+                    ids = [_row_id(rows[i], i) for i in idx]
+                    raise NonFiniteError(f"Solving s_test for queries {ids} (in this order): {err}") from err
+                for i, sol in zip(idx, sols):  # duck-typed solvers are checked too
+                    check_finite(f"s_test of query {_row_id(rows[i], i)!r}", sol, where="after the solve")
                 del gs
                 for i, sol, info in zip(idx, sols, sol_infos):
                     out[i], infos[i] = (sol if keep else None), info
@@ -286,8 +336,9 @@ class InfluenceAttributor:
         s_stacks = self._stack_queries(self.s_test(q_rows))
         t_solve = time.perf_counter() - t0
         t1 = time.perf_counter()
+        q_ids = [_row_id(r, i) for i, r in enumerate(q_rows)]
         with tqdm(total=len(t_rows), desc="influence", disable=not self.progress) as bar:
-            scores = self._score_range(s_stacks, t_rows, 0, len(t_rows), bs, bar)
+            scores = self._score_range(s_stacks, t_rows, 0, len(t_rows), bs, bar, query_ids=q_ids)
         meta = self._meta(bs, t_solve, time.perf_counter() - t1, self.solve_infos)
         return self._result(q_rows, t_rows, scores, meta)
 
@@ -344,11 +395,11 @@ class InfluenceAttributor:
             ManifestMismatchError: ``out_dir`` holds shards of a run with other inputs (and not ``overwrite``).
             RuntimeError: the solver needs Hessian data and :meth:`fit` was not called.
         """
+        check_int("attribute_streaming shard_size", shard_size, minimum=1, why="training examples per shard")
+        check_int("attribute_streaming batch_size", batch_size, minimum=1, allow_none=True)
         q_rows = as_rows(queries, "query set")
         t_rows = as_rows(train, "training set")
         bs = batch_size or self.batch_size
-        if shard_size < 1 or bs < 1:
-            raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size} and {bs}.")
         if self.solver.needs_hessian and self._hessian_inputs is None:
             raise RuntimeError(
                 f"{type(self.solver).__name__} needs Hessian data. Fix: call attributor.fit(hessian_dataset) "
@@ -392,6 +443,8 @@ class InfluenceAttributor:
         todo = [s for s in shards if s["index"] not in done]
         resumed = sorted(done)
         manifest["finished"] = resumed
+        # content sha256 per finished shard (the shard headers hold the same; checked on every resume)
+        manifest["checksums"] = {s["file"]: shard_checksum(out / s["file"]) for s in shards if s["index"] in done}
         t_solve = t_inf = 0.0
         infos: list[SolveInfo] = []
         if todo:
@@ -404,8 +457,9 @@ class InfluenceAttributor:
                 total=sum(s["stop"] - s["start"] for s in todo), desc="influence", disable=not self.progress
             ) as bar:
                 for s in todo:
-                    part = self._score_range(s_stacks, t_rows, s["start"], s["stop"], bs, bar)
-                    write_shard(
+                    part = self._score_range(s_stacks, t_rows, s["start"], s["stop"], bs, bar,
+                                             query_ids=[_row_id(r, i) for i, r in enumerate(q_rows)])  # fmt: skip
+                    manifest["checksums"][s["file"]] = write_shard(
                         out / s["file"],
                         part.to_tensors(self.store_token_scores),
                         fingerprint=fp,
@@ -441,11 +495,15 @@ class InfluenceAttributor:
         stop: int,
         bs: int,
         bar: Any,
+        *,
+        query_ids: Sequence[str] | None = None,
     ) -> _Scores:
         """Scores of training examples ``start:stop``, batch by batch (the one loop behind every attribution).
 
         ``s_stacks`` are the s_test vectors stacked per query chunk (:meth:`_stack_queries`); each training
-        batch is scored for all queries of a chunk in one :func:`latent_influence_multi` call.
+        batch is scored for all queries of a chunk in one :func:`latent_influence_multi` call. NaN/inf scores
+        raise :class:`~repinf_lens.errors.NonFiniteError` at the batch that produced them, naming the query
+        (``query_ids``, else its index) and the training examples.
         """
         params = self.split.downstream_params()
         nq = sum(int(next(iter(s.values())).shape[0]) for s in s_stacks)
@@ -465,6 +523,8 @@ class InfluenceAttributor:
                 for li in multi:
                     part.example[q, sl] = li.example_scores.float().cpu()
                     part.latent[q, sl] = li.latent_scores.float().cpu()
+                    qid = query_ids[q] if query_ids is not None else f"#{q}"
+                    _check_scores(part.example[q, sl], part.latent[q, sl], qid, t_rows, lo)
                     part.diag["latent_sum"][q, sl] = li.latent_sum.float().cpu()
                     part.diag["error_term"][q, sl] = li.error_term.float().cpu()
                     part.diag["bias_term"][q, sl] = li.bias_term.float().cpu()
@@ -493,11 +553,15 @@ class InfluenceAttributor:
             "batch_size": bs,
             "query_chunk_size": self.query_chunk_size,
             "amp_dtype": None if self.amp_dtype is None else str(self.amp_dtype),
+            # what `InfluenceResult.check_split` compares before ablations / reports reuse the result
+            "split_fingerprint": self.fingerprint,
         }
 
     def _result(
         self, q_rows: Sequence[Mapping[str, Any]], t_rows: Sequence[Mapping[str, Any]], scores: _Scores, meta: dict
     ) -> InfluenceResult:
+        for q, row in enumerate(q_rows):  # before anything is ranked (results assembled from shards included)
+            _check_scores(scores.example[q], scores.latent[q], _row_id(row, q), t_rows, scores.start)
         query_tokens = [self.task.collate([row]).tokens[0].cpu() for row in q_rows]
         store = self.store_token_scores
         return InfluenceResult(
@@ -588,7 +652,7 @@ def _save_into(result: InfluenceResult, out: Path) -> None:
     ``InfluenceResult.save`` replaces its whole target folder, so the result is saved into a staging folder and
     its files are moved into ``out`` one rename each, ``result.json`` (what ``load`` looks for) last.
     """
-    staging = out / ".result-staging"
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".result-staging-"))  # unique: processes never share it
     result.save(staging)
     try:
         (out / "result.json").unlink(missing_ok=True)

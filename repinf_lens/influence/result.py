@@ -8,6 +8,7 @@ diagnostics), ``tokens.safetensors`` (token ids and sparse token-level latent sc
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +16,14 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from repinf_lens._cache import atomic_dir
+from repinf_lens.errors import CorruptFileError, NonFiniteError, SettingsError, check_int
 
-__all__ = ["InfluenceResult"]
+__all__ = ["InfluenceResult", "SplitMismatchError", "check_split_matches", "recorded_split_fingerprint"]
 
 _FORMAT_VERSION = 1
 _SIGN = "positive = proponent (up-weighting the training example lowers the test loss)"
@@ -68,6 +71,31 @@ class InfluenceResult:
     def d_sae(self) -> int:
         return int(self.latent_scores.shape[-1])
 
+    def _query_index(self, q: int) -> int:
+        if not isinstance(q, numbers.Integral) or isinstance(q, bool) or not -self.n_queries <= q < self.n_queries:
+            raise SettingsError(
+                f"Query index {q!r} is out of range: this result has {self.n_queries} queries {self.query_ids[:5]}"
+                f"{'...' if self.n_queries > 5 else ''}. Fix: pass 0 <= q < {self.n_queries} "
+                "(result.query_ids.index(query_id) finds one by id)."
+            )
+        return int(q)
+
+    def _finite(self, scores: Tensor, q: int, what: str) -> Tensor:
+        """``scores`` (``[N]`` or ``[N, d_sae]`` of query ``q``), or NonFiniteError naming the query and examples."""
+        bad = ~torch.isfinite(scores)
+        if bad.ndim > 1:
+            bad = bad.any(-1)
+        if bool(bad.any()):
+            idx = bad.nonzero().squeeze(1).tolist()
+            ids = [self.train_ids[i] if i < len(self.train_ids) else str(i) for i in idx[:10]]
+            more = f" and {len(idx) - 10} more" if len(idx) > 10 else ""
+            raise NonFiniteError(
+                f"The {what} of query {self.query_ids[q]!r} are NaN/inf for {len(idx)} training example(s): "
+                f"{ids}{more}; they cannot be ranked. Fix: recompute the attribution (check those examples, the "
+                "model weights and the SAE for NaN/inf; with float16/bfloat16 try float32)."
+            )
+        return scores
+
     # ------------------------------------------------------------------ queries
     def token_latent_scores(self, q: int, i: int, tokenizer: Any = None) -> tuple[Tensor, list[int], list[str] | None]:
         """Token-level latent scores of training example ``i`` for query ``q``.
@@ -97,7 +125,9 @@ class InfluenceResult:
         """
         import pandas as pd
 
-        scores = self.example_scores[q]
+        check_int("top_examples k", k, minimum=1)
+        q = self._query_index(q)
+        scores = self._finite(self.example_scores[q], q, "example scores")
         k = min(k, scores.numel())
         vals, idx = torch.topk(-scores if opponents else scores, k)
         vals = -vals if opponents else vals
@@ -112,7 +142,8 @@ class InfluenceResult:
 
     def latent_ranking(self, q: int) -> Float[Tensor, " d_sae"]:
         """s_k = mean over training examples of IFR[i, k] (the paper's latent ranking score) for query ``q``."""
-        return self.latent_scores[q].mean(0)
+        q = self._query_index(q)
+        return self._finite(self.latent_scores[q], q, "latent scores").mean(0)
 
     def top_latents(self, q: int, k: int = 10) -> Any:
         """The k latents with the largest mean influence over the training examples (DataFrame).
@@ -122,6 +153,8 @@ class InfluenceResult:
         """
         import pandas as pd
 
+        check_int("top_latents k", k, minimum=1)
+        q = self._query_index(q)
         s = self.latent_ranking(q)
         k = min(k, s.numel())
         vals, idx = torch.topk(s, k)
@@ -184,9 +217,9 @@ class InfluenceResult:
             raise FileNotFoundError(
                 f"{d} holds no InfluenceResult (no result.json). Fix: pass the folder given to result.save()."
             )
-        info = json.loads((d / "result.json").read_text())
-        scores = load_file(str(d / "scores.safetensors"))
-        toks = load_file(str(d / "tokens.safetensors"))
+        info = _read(d / "result.json", lambda f: json.loads(f.read_text()))
+        scores = _read(d / "scores.safetensors", lambda f: load_file(str(f)))
+        toks = _read(d / "tokens.safetensors", lambda f: load_file(str(f)))
         nq = len(info["query_ids"])
         return cls(
             example_scores=scores["example_scores"],
@@ -201,3 +234,96 @@ class InfluenceResult:
             meta=info["meta"],
             tokenizer=tokenizer,
         )
+
+
+def _read(path: Path, read: Any) -> Any:
+    """``read(path)``; a missing file raises FileNotFoundError and an unparsable one CorruptFileError, naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: the InfluenceResult in {path.parent} is incomplete. Fix: rerun the attribution "
+            "(streamed runs resume from their finished shards)."
+        )
+    try:
+        return read(path)
+    except (ValueError, SafetensorError) as err:  # JSONDecodeError, UnicodeDecodeError, a truncated file
+        reason = " ".join(str(err).split())
+        raise CorruptFileError(
+            f"{path} is corrupt or truncated ({type(err).__name__}: {reason}). Fix: rerun the attribution that "
+            "wrote it (delete the folder first if it was copied incompletely).",
+            path,
+        ) from err
+
+
+# ---------------------------------------------------------------------------------------------- provenance
+class SplitMismatchError(ValueError):
+    """A stored attribution was computed with another model, SAE or hook than the split it is used with."""
+
+
+# what identifies the model, SAE and hook in a split fingerprint (repinf_lens._fingerprint.split_fingerprint);
+# the task, theta2 selection and error-term setting may legitimately differ between attribution and analysis
+_IDENTITY = ("model", "model_weights", "tokenizer", "hook", "out_hook", "sae", "attached_saes", "lora_adapted",
+             "lora_state")  # fmt: skip
+# the context length changes no score of a prompt that fits (it only sizes the attention mask and rotary tables)
+_IGNORED = ("model.n_ctx",)
+
+
+def recorded_split_fingerprint(result: InfluenceResult, directory: str | os.PathLike | None = None) -> dict | None:
+    """The split fingerprint an attribution was computed with: ``result.meta["split_fingerprint"]``, else the
+    ``split`` entry of the streaming ``manifest.json`` in ``directory``; ``None`` when neither records one."""
+    fp = result.meta.get("split_fingerprint") if isinstance(result.meta, dict) else None
+    if fp is None and directory is not None:
+        path = Path(directory) / "manifest.json"
+        if path.is_file():
+            try:
+                fp = json.loads(path.read_text()).get("fingerprint", {}).get("split")
+            except (ValueError, AttributeError):
+                fp = None
+    return fp if isinstance(fp, dict) else None
+
+
+def check_split_matches(result: InfluenceResult, split: Any, *, directory: str | os.PathLike | None = None) -> None:
+    """Refuse to use ``result`` with a split of another model, SAE or hook than the one it was computed with.
+
+    Compares the recorded split fingerprint (:func:`recorded_split_fingerprint`) with ``split.fingerprint()`` on
+    the model (config and a digest of all weights), tokenizer, hook(s), SAE (config and all tensors) and LoRA
+    factors. A result that records no fingerprint is checked on its hook and SAE config only.
+
+    Raises:
+        SplitMismatchError: they differ; the message names the differing fields.
+    """
+    from repinf_lens._shards import diff_fields
+
+    where = f" in {directory}" if directory is not None else ""
+    now = json.loads(json.dumps(split.fingerprint(), default=str))
+    old = recorded_split_fingerprint(result, directory)
+    if old is None:
+        meta = result.meta if isinstance(result.meta, dict) else {}
+        fields = []
+        if meta.get("hook_name") not in (None, split.hook_name):
+            fields.append(f"hook ({meta.get('hook_name')!r} then, {split.hook_name!r} now)")
+        sae_now = None if split.sae is None else json.loads(json.dumps(split.sae.cfg.to_dict(), default=str))
+        if "sae" in meta and diff_fields(meta.get("sae"), sae_now):
+            fields.append("sae.cfg")
+        if fields:
+            raise SplitMismatchError(
+                f"The attribution{where} was computed with another split: it differs in {', '.join(fields)}. "
+                "Fix: pass the --model, --sae, --sae-id and --hook the attribution was run with, or rerun the "
+                "attribution for this model and SAE."
+            )
+        return
+    diff = diff_fields({k: old.get(k) for k in _IDENTITY}, {k: now.get(k) for k in _IDENTITY})
+    diff = [f for f in diff if f not in _IGNORED]
+    if not diff:
+        return
+    shown = ", ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
+    hooks = ""
+    if old.get("hook") != now.get("hook"):
+        hooks = f" (hook {old.get('hook')!r} then, {now.get('hook')!r} now)"
+    older = ""
+    if old.get("fingerprint_version") != now.get("fingerprint_version"):
+        older = " It was recorded by an older repinf_lens, whose fingerprint did not cover all weights."
+    raise SplitMismatchError(
+        f"The attribution{where} was computed with another model, SAE or hook than this split: it differs in "
+        f"{shown}{hooks}.{older} Its scores would be read against the wrong model. Fix: pass the --model, --sae, "
+        "--sae-id and --hook the attribution was run with, or rerun the attribution for this model and SAE."
+    )
