@@ -304,7 +304,9 @@ def run_demo(
         "timings": timings,
         "report": str(report),
     }
-    (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
+    from repinf_lens._shards import write_json_atomic
+
+    write_json_atomic(out / "demo.json", summary)
     write_manifest(out, "demo", cfg.to_dict(), timings=timings, report=str(report))
     log(f"[demo] report: {report}  ({timings['total_s']:.0f} s in all)")
     return DemoResult(out, report, summary)

@@ -266,7 +266,7 @@ def _from_local_dir(
             f"{path} is a directory but has no config.json; it is not a Hugging Face model "
             "folder. Fix: pass a folder written by `save_pretrained`."
         )
-    lowered = path.name.lower()
+    lowered = str(path.resolve()).lower()  # TransformerLens reads the whole path string, not only the folder name
     if "llama" in lowered or "gemma" in lowered:
         # TransformerLens would ignore config.json for such names; go through a neutral symlink.
         # The link name is a sha256 of the resolved folder: the same in every process (``hash()`` is salted per

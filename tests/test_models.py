@@ -86,3 +86,23 @@ def test_local_hf_folder_named_llama_converts_exactly(tmp_path):
     ids = tok("hello world, testing", return_tensors="pt", add_special_tokens=False).input_ids
     with torch.no_grad():
         assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_name_only_architecture_without_an_official_match_is_refused_clearly(tmp_path):
+    """TL builds Gemma configs from official names only; a local Gemma-2 folder of unknown size is refused."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from repinf_lens.models import official_name_for_config
+    from repinf_lens.testing import tiny_tokenizer
+
+    cfg = Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
+    folder = tmp_path / "tiny-g2"
+    Gemma2ForCausalLM(cfg).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    with pytest.raises(UnknownModelError, match=r"Gemma2ForCausalLM.*no official TransformerLens model.*Fix"):
+        load_model(folder, device="cpu")
+    # the real gemma-2-2b dimensions resolve to their official name, without the hub
+    real = dict(cfg.to_dict(), hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                num_key_value_heads=4, head_dim=256, vocab_size=256000)  # fmt: skip
+    assert official_name_for_config(real).startswith("google/gemma-2-2b")

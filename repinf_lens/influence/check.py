@@ -200,7 +200,7 @@ def check_split(
             return split.task.loss(logits, one.batch, reduction="sum")
 
         g = grad(loss_of)(params, r0)
-        ex_ref = float(tdot(g, s))
+        ex_ref = float(tdot(g, s).detach())
 
         def p_of_r(r: Tensor) -> Tensor:
             return tdot(grad(loss_of)(params, r), s)

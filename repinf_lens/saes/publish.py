@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from repinf_lens._shards import write_text_atomic
 from repinf_lens.saes.loading import _resolve_local_folder, load_sae, sae_hook_name
 
 __all__ = ["publish_saes", "PublishResult", "registry_block"]
@@ -337,7 +338,7 @@ def publish_saes(
         [{"id": r["id"], "path": r["id"], "l0": r["l0"], "variance_explained": r["variance_explained"]} for r in rows],
     )
     yaml_path = out / "pretrained_saes.yaml"
-    yaml_path.write_text(block)
+    write_text_atomic(yaml_path, block)
     readme = _model_card(
         repo_id=repo_id,
         release=release,
@@ -349,7 +350,7 @@ def publish_saes(
         extra_metadata=extra_metadata,
     )
     readme_path = out / "README.md"
-    readme_path.write_text(readme)
+    write_text_atomic(readme_path, readme)
 
     uploaded = False
     if not dry_run:

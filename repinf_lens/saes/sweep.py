@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from repinf_lens._cache import fingerprint_rows
+from repinf_lens._shards import write_json_atomic
 from repinf_lens.hooked import final_logits
 from repinf_lens.saes.activations import ActivationStore, collect_activations, hook_layer
 from repinf_lens.saes.training import SAETrainingConfig, train_sae
@@ -235,7 +236,7 @@ def layer_sweep(
         raise ValueError(
             f"{out} holds a sweep with other data, task or SAE settings. Fix: use another out_dir or delete it."
         )
-    fp_path.write_text(json.dumps(fingerprint, indent=2))
+    write_json_atomic(fp_path, fingerprint)
     done = _read_points(points_path)
 
     def point_name(layer: int, d: int, k: int) -> str:
@@ -328,7 +329,7 @@ def _finish(table: list[dict[str, Any]], out: Path, seconds: float) -> SweepResu
         "table": table,
         "seconds_this_run": round(seconds, 1),
     }
-    (out / "sweep.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(out / "sweep.json", summary)
     files = {"csv": out / "sweep.csv", "json": out / "sweep.json"}
     plot = _plot(table, out / "sweep.png")
     if plot is not None:
