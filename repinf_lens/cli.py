@@ -41,26 +41,25 @@ _DTYPES = {
 
 # ---------------------------------------------------------------------------------------------- argument types
 # argparse calls these on the text of an option; an ArgumentTypeError becomes "argument --x: <message>".
-def positive_int(text: str) -> int:
-    """An integer >= 1 (``--batch-size``, ``--max-iter``, ``--top-examples`` ...)."""
+def _whole_number(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}. Fix: pass a whole number of 1 or more")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}") from None
+    if value < minimum:
+        what = "1 or more" if minimum == 1 else f"{minimum} or a larger whole number"
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}. Fix: pass {what}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (``--batch-size``, ``--max-iter``, ``--top-examples`` ...)."""
+    return _whole_number(text, 1)
 
 
 def nonneg_int(text: str) -> int:
     """An integer >= 0 (``--n-boot 0`` = no bootstrap intervals, layer numbers)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}. Fix: pass 0 or a positive whole number")
-    return value
+    return _whole_number(text, 0)
 
 
 def _finite_float(text: str) -> float:

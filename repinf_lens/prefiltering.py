@@ -312,11 +312,10 @@ class GradientSketcher:
         return {k: v.detach() for k, v in out.items()}
 
     def _loop_grads(self, params: Params, inp: SplitInputs) -> dict[str, Tensor]:
-        from repinf_lens.influence.math import _slice_inputs
 
         per: list[Params] = []
         for i in range(len(inp)):
-            one = _slice_inputs(inp, i, i + 1)
+            one = inp.slice(i, i + 1)
             per.append(grad(lambda p, one=one: self.split.inputs_loss(p, one))(params))
         return {k: torch.stack([g[k].detach() for g in per]) for k in params}
 

@@ -106,6 +106,23 @@ class SplitInputs:
     def __len__(self) -> int:
         return int(self.latents.shape[0])
 
+    def slice(self, start: int, stop: int) -> SplitInputs:
+        """Examples ``start:stop`` (latents, error, base, batch and anchor sliced alike)."""
+        import dataclasses
+
+        sl = slice(start, stop)
+        kw = {}
+        for f in dataclasses.fields(self.batch):
+            v = getattr(self.batch, f.name)
+            kw[f.name] = v[sl] if isinstance(v, (Tensor, list)) else v
+        return SplitInputs(
+            latents=self.latents[sl],
+            error=None if self.error is None else self.error[sl],
+            base=self.base[sl],
+            batch=type(self.batch)(**kw),
+            anchor=None if self.anchor is None else tuple(a[sl] for a in self.anchor),  # type: ignore[arg-type]
+        )
+
 
 class SplitModel:
     """A HookedTransformer split at ``hook_name``; theta2 = the parameters downstream of the hook.

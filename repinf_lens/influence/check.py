@@ -16,7 +16,6 @@ Sign convention: POSITIVE = proponent (up-weighting the training example lowers 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,19 +124,6 @@ def reference_logits(split: SplitModel, batch: Any, value: Tensor | None, theta2
     return logits[torch.arange(logits.shape[0], device=logits.device), pos]
 
 
-def _one(inp: SplitInputs, i: int) -> SplitInputs:
-    sl = slice(i, i + 1)
-    kw = {f.name: (v[sl] if isinstance(v := getattr(inp.batch, f.name), (Tensor, list)) else v)
-          for f in dataclasses.fields(inp.batch)}  # fmt: skip
-    return SplitInputs(
-        latents=inp.latents[sl],
-        error=None if inp.error is None else inp.error[sl],
-        base=inp.base[sl],
-        batch=type(inp.batch)(**kw),
-        anchor=None if inp.anchor is None else tuple(a[sl] for a in inp.anchor),  # type: ignore[arg-type]
-    )
-
-
 def _value(split: SplitModel, r: Tensor, error: Tensor | None) -> Tensor:
     if split.sae is None:
         return r
@@ -192,7 +178,7 @@ def check_split(
     swap = latent_influence(split, s, inp, params)
     ex_rel, lat_rel, checked, rows = 0.0, 0.0, {}, []
     for i in idx:
-        one = _one(inp, i)
+        one = inp.slice(i, i + 1)
         r0 = one.latents
 
         def loss_of(p: Params, r: Tensor, one: SplitInputs = one) -> Tensor:

@@ -109,7 +109,7 @@ def latent_influence(
     params = split.downstream_params() if params is None else params
     if chunk_size is not None and chunk_size < len(inp):
         parts = [
-            latent_influence(split, s_test, _slice_inputs(inp, i, i + chunk_size), params)
+            latent_influence(split, s_test, inp.slice(i, i + chunk_size), params)
             for i in range(0, len(inp), chunk_size)
         ]
         return LatentInfluence(
@@ -224,7 +224,7 @@ def latent_influence_multi(
     if chunk_size is not None and chunk_size < len(inp):
         parts = [
             latent_influence_multi(
-                split, s_tests, _slice_inputs(inp, i, i + chunk_size), params, query_chunk_size=query_chunk_size
+                split, s_tests, inp.slice(i, i + chunk_size), params, query_chunk_size=query_chunk_size
             )
             for i in range(0, len(inp), chunk_size)
         ]
@@ -297,7 +297,7 @@ def latent_influence_reference(
     inp = as_inputs(split, batch)
     params = split.downstream_params() if params is None else params
     s = {k: s_test[k].to(params[k].dtype) for k in params}
-    one = _slice_inputs(inp, example, example + 1)
+    one = inp.slice(example, example + 1)
     r = one.latents
 
     def p_of_r(rr: Tensor) -> Tensor:
@@ -314,21 +314,3 @@ def latent_influence_reference(
         tangent[..., j] = r[..., j]
         out[int(j)] = float(jvp(p_of_r, (r,), (tangent,))[1].detach())
     return out
-
-
-def _slice_inputs(inp: SplitInputs, start: int, stop: int) -> SplitInputs:
-    """Examples ``start:stop`` of prepared inputs (latents, error, base, batch and anchor sliced alike)."""
-    import dataclasses
-
-    sl = slice(start, stop)
-    kw = {}
-    for f in dataclasses.fields(inp.batch):  # type: ignore[arg-type]
-        v = getattr(inp.batch, f.name)
-        kw[f.name] = v[sl] if isinstance(v, (Tensor, list)) else v
-    return SplitInputs(
-        latents=inp.latents[sl],
-        error=None if inp.error is None else inp.error[sl],
-        base=inp.base[sl],
-        batch=type(inp.batch)(**kw),
-        anchor=None if inp.anchor is None else tuple(a[sl] for a in inp.anchor),  # type: ignore[arg-type]
-    )
