@@ -18,6 +18,7 @@ from repinf_lens.analysis import (
 )
 from repinf_lens.curvature import CG, Explicit, Identity, InverseHessianSolver, LiSSA
 from repinf_lens.data import load_mcqa
+from repinf_lens.errors import CorruptFileError, NonFiniteError, RepinfLensError, SettingsError
 from repinf_lens.finetuning import FinetuneConfig, FinetuneResult, finetune, merge_adapter
 from repinf_lens.influence import (
     InfluenceAttributor,
@@ -27,6 +28,7 @@ from repinf_lens.influence import (
     latent_influence_multi,
     latent_influence_reference,
 )
+from repinf_lens.influence.check import SplitCheck, SplitCheckError, check_split
 from repinf_lens.lora import LoraSplit, lora_split_from_peft
 from repinf_lens.models import DEFAULT_MODEL, UnknownModelError, load_hf_model, load_model
 from repinf_lens.prefiltering import (
@@ -46,7 +48,7 @@ from repinf_lens.saes import (
     publish_saes,
     train_sae,
 )
-from repinf_lens.split import HookNameError, SAECompatibilityError, SplitInputs, SplitModel
+from repinf_lens.split import HookNameError, SAECompatibilityError, SplitConfigError, SplitInputs, SplitModel
 from repinf_lens.task import (
     MCQABatch,
     MultipleChoiceTask,
@@ -95,6 +97,14 @@ __all__ = [
     "InverseHessianSolver",
     "LiSSA",
     "SAECompatibilityError",
+    "SplitConfigError",
+    "SplitCheck",
+    "SplitCheckError",
+    "check_split",
+    "RepinfLensError",
+    "SettingsError",
+    "NonFiniteError",
+    "CorruptFileError",
     "SplitInputs",
     "SplitModel",
     "example_influence",

@@ -403,6 +403,7 @@ class SplitModel:
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new._task = task
+        new._check_task_vocab()
         return new
 
     @property
