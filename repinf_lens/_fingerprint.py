@@ -245,9 +245,9 @@ def folder_digest(folder: str | os.PathLike) -> str:
 def model_source_digest(name_or_path: str | os.PathLike | None) -> str | None:
     """:func:`folder_digest` of what :func:`repinf_lens.load_model` would read: the embedded default's folder or
     a local folder; ``None`` for a hub model name (identified by its name)."""
-    from repinf_lens.models import _is_default, default_model_dir
+    from repinf_lens.models import default_model_dir, is_default_model
 
-    if _is_default(name_or_path):
+    if is_default_model(name_or_path):
         return folder_digest(default_model_dir())
     path = Path(os.fspath(name_or_path)).expanduser()  # type: ignore[arg-type]
     return folder_digest(path) if path.is_dir() else None

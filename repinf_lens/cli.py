@@ -390,6 +390,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(mg)
     mg.add_argument("--adapter", type=Path, required=True, help="peft adapter folder (finetune's OUT/adapter)")
     mg.add_argument("--out", type=Path, required=True, help="output folder: OUT/merged is the merged HF model")
+    ex = sub.add_parser(
+        "export-adapter", help="ship a finished finetune: fp16 adapter + provenance, accuracy measured on it"
+    )
+    _common(ex)
+    ex.add_argument("--run", type=Path, required=True, help="finetune output folder (adapter/, finetune.json)")
+    ex.add_argument("--out", type=Path, required=True, help="output folder (e.g. repinf_lens/assets/finetunes/X)")
+    ex.add_argument("--dataset", default="openbookqa")
+    ex.add_argument("--eval-split", default="test")
+    ex.add_argument("--eval-limit", type=positive_int, default=None, help="only the first N evaluation questions")
+    ex.add_argument("--slice", type=positive_int, default=100, help="questions whose predictions are recorded")
     ts = sub.add_parser("train-sae", help="train one SAE (SAELens trainer, any architecture) on task activations")
     _common(ts)
     _sae_args(ts)
@@ -659,9 +669,9 @@ def _run(args: argparse.Namespace) -> int:
         ev = _split(args, args.eval_split, args.eval_limit)
         from transformers import AutoTokenizer
 
-        from repinf_lens.models import _is_default, default_model_dir
+        from repinf_lens.models import default_model_dir, is_default_model
 
-        folder = default_model_dir() if _is_default(args.model) else args.model
+        folder = default_model_dir() if is_default_model(args.model) else args.model
         task = MultipleChoiceTask(
             AutoTokenizer.from_pretrained(str(folder)), max_length=args.n_ctx, template=args.template
         )
@@ -690,6 +700,31 @@ def _run(args: argparse.Namespace) -> int:
         with _reading("the adapter", args.adapter), _reading("the model", args.model):
             model = merge_adapter(args.model, args.adapter, args.out, device=args.device, n_ctx=args.n_ctx)
         print(json.dumps({"merged": str(args.out / "merged"), "n_layers": model.cfg.n_layers}, indent=2))
+        return 0
+    if args.command == "export-adapter":
+        from transformers import AutoTokenizer
+
+        from repinf_lens.finetuning import ship_finetune
+        from repinf_lens.models import default_model_dir
+        from repinf_lens.task import MultipleChoiceTask
+
+        run_cfg = json.loads((args.run / "finetune.json").read_text())
+        tcfg = run_cfg.get("task_config") or {}
+        tok = AutoTokenizer.from_pretrained(str(default_model_dir()))
+        task = MultipleChoiceTask(tok, template=args.template or tcfg.get("template"), max_length=args.n_ctx)
+        rec = ship_finetune(
+            args.run,
+            args.out,
+            task,
+            _split(args, args.eval_split, args.eval_limit),
+            eval_name=args.eval_split,
+            slice_size=args.slice,
+            command="repinf-lens " + " ".join(sys.argv[1:]) if sys.argv[1:] else None,
+            device=args.device,
+            n_ctx=args.n_ctx,
+            progress=not args.no_progress,
+        )
+        print(json.dumps({k: rec[k] for k in ("adapter_sha256", args.eval_split) if k in rec}, indent=2))
         return 0
     if args.command == "train-sae":
         from repinf_lens.saes import collect_activations, train_sae

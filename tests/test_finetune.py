@@ -169,3 +169,32 @@ def test_merged_real_model_hooked_logits_equal_merged_hf_logits(tmp_path):
         base = ft._answer_logits(base_hf, batch)
     assert (ours - ref).abs().max().item() <= 1e-4
     assert (ref - base).abs().max().item() > 1e-2  # the adapter is not a no-op
+
+
+def test_shipped_adapter_round_trip_and_integrity(base, tmp_path):
+    """export_adapter -> load_model(folder): fp16 adapter merged into its base equals the run's own merge."""
+    from repinf_lens.errors import CorruptFileError
+
+    folder, task = base
+    rows = _rows(16)
+    kw = dict(LEARN_KW, epochs=2)
+    res = ft.finetune(folder, task, rows, out_dir=tmp_path / "run", **kw)
+    out = ft.export_adapter(res.adapter_dir, tmp_path / "ship", provenance={"note": "tiny"})
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["note"] == "tiny" and prov["adapter_dtype"] == "float16" and len(prov["adapter_sha256"]) == 64
+    from safetensors.torch import load_file
+
+    assert all(v.dtype == torch.float16 for v in load_file(str(out / "adapter_model.safetensors")).values())
+    batch = task.collate(rows[:4])
+    with torch.no_grad():
+        shipped = task.model_logits(load_model(out, device="cpu", n_ctx=256), batch)
+        own = task.model_logits(res.model, batch)
+    assert (shipped - own).abs().max() <= 1e-2 * own.abs().max()  # fp16 LoRA factors, fp32 merge
+    assert not torch.allclose(shipped, task.model_logits(load_model(folder, device="cpu", n_ctx=256), batch))
+    # a damaged adapter is refused before any merge
+    weights = out / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match="provenance.json records"):
+        load_model(out, device="cpu")
