@@ -183,10 +183,17 @@ def split_fingerprint(split: Any, *, task_config: Callable[[Any], dict[str, Any]
     task = split.task
     model_tok = getattr(model, "tokenizer", None)
     task_tok = getattr(task, "tokenizer", None)
-    attached = getattr(model, "acts_to_saes", None)
-    attached_fp = None
-    if isinstance(attached, dict) and attached:
-        attached_fp = {str(h): sae_fingerprint(s) for h, s in sorted(attached.items())}
+    from repinf_lens.hooked import attached_saes
+
+    attached_fp = {
+        a.hook_in: {
+            **sae_fingerprint(a.sae),
+            "hook_out": a.hook_out,
+            "use_error_term": a.use_error_term,
+            "exclude_special_tokens": str(a.exclude_special_tokens),
+        }  # fmt: skip
+        for a in sorted(attached_saes(model), key=lambda a: a.hook_in)
+    } or None
     cols = split.unembed_columns()
     fp = {
         "fingerprint_version": FINGERPRINT_VERSION,

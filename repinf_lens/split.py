@@ -132,8 +132,12 @@ class SplitModel:
         hook_name: TransformerLens hook point, e.g. ``"blocks.14.hook_resid_post"`` or ``"blocks.3.hook_mlp_out"``.
             Residual-stream points run the downstream part with ``start_at_layer``; other points inside block L
             run block L from its input with a forward hook that replaces the activation.
-        sae: an ``sae_lens.SAE`` with a stateless decoder (standard, topk, jumprelu, gated, ...), or ``None``
-            to attribute to the raw activation's dimensions.
+        sae: an ``sae_lens.SAE`` with a stateless decoder (standard, topk, jumprelu, gated, ...), a transcoder
+            (``Transcoder`` / ``SkipTranscoder``: latents read at its ``hook_name``, the decode written at its
+            ``hook_name_out`` = :attr:`out_hook`, theta2 = what that hook feeds), or ``None`` to attribute to the
+            raw activation's dimensions. On a ``HookedSAETransformer``, SAEs attached with ``add_sae`` upstream
+            are part of the frozen computation and those downstream stay in the model with their error terms held
+            constant; one attached at the split hook is refused (``model.reset_saes()``).
         downstream: theta2. ``None`` = every parameter the activation feeds; a list of parameter names; a regex
             (matched with ``re.search``); or a callable ``(name, param) -> bool``.
         use_error_term: hold the SAE error constant in the downstream input (exact reconstruction of the logits).

@@ -319,3 +319,18 @@ def test_nan_upstream_weight_is_refused():
         model.blocks[0].attn.W_Q[0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"blocks.0.attn.W_Q.*1 NaN"):
         SplitModel(model, "blocks.1.hook_resid_post")
+
+
+def test_attached_saes_and_their_error_term_setting_are_part_of_the_fingerprint():
+    from repinf_lens._shards import fingerprint_hash
+
+    model = _hooked_sae_model()
+    split_hook = "blocks.0.hook_resid_post"
+    sae = random_sae(model, split_hook)
+    plain = fingerprint_hash(SplitModel(model, split_hook, sae).fingerprint())
+    attached = random_sae(model, "blocks.1.hook_mlp_out", architecture="standard", seed=3)
+    model.add_sae(attached, use_error_term=True)
+    with_err = fingerprint_hash(SplitModel(model, split_hook, sae).fingerprint())
+    model.add_sae(attached, use_error_term=False)
+    without_err = fingerprint_hash(SplitModel(model, split_hook, sae).fingerprint())
+    assert len({plain, with_err, without_err}) == 3
