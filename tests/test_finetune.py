@@ -198,3 +198,24 @@ def test_shipped_adapter_round_trip_and_integrity(base, tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(CorruptFileError, match="provenance.json records"):
         load_model(out, device="cpu")
+
+
+def test_ship_finetune_records_provenance_measured_on_the_exported_adapter(base, tmp_path):
+    folder, task = base
+    rows = _rows(16)
+    res = ft.finetune(folder, task, rows, out_dir=tmp_path / "run", eval_dataset=rows[:8], **LEARN_KW)
+    rec = ft.ship_finetune(tmp_path / "run", tmp_path / "ship", task, rows, slice_size=5, progress=False)
+    saved = json.loads((tmp_path / "ship" / "provenance.json").read_text())
+    assert saved == json.loads(json.dumps(rec))
+    assert rec["base_model"] == str(folder) and len(rec["base_model_sha256"]) == 64
+    assert rec["recipe"]["lr"] == LEARN_KW["lr"] and rec["data"]["n_train"] == 16
+    assert rec["finetune_command"].startswith("repinf-lens finetune") and "--lr 0.02" in rec["finetune_command"]
+    assert rec["validation"]["accuracy_after"] == res.metadata["accuracy_after"]
+    test = rec["test"]
+    assert test["n"] == 16 and test["slice"]["ids"] == [f"r{i}" for i in range(5)]
+    # independent: the exported adapter, merged and loaded again, predicts what was recorded
+    from repinf_lens.task import predict
+
+    pred, labels = predict(load_model(tmp_path / "ship", device="cpu", n_ctx=256), task, rows, progress=False)
+    assert pred[:5].tolist() == test["slice"]["predictions"]
+    assert test["accuracy_after"] == float((pred == labels).float().mean())
