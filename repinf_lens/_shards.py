@@ -28,6 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from repinf_lens.errors import RepinfLensError
+
 __all__ = [
     "ManifestMismatchError",
     "CorruptFileWarning",
@@ -47,7 +49,7 @@ __all__ = [
 _MANIFEST = "manifest.json"
 
 
-class ManifestMismatchError(ValueError):
+class ManifestMismatchError(RepinfLensError, ValueError):
     """An output folder holds a manifest written for different inputs (model, data, settings)."""
 
 

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from repinf_lens._cache import atomic_dir, fingerprint_rows
 from repinf_lens._shards import diff_fields, fingerprint_hash, write_json_atomic
+from repinf_lens.errors import RepinfLensError
 from repinf_lens.models import (
     DEFAULT_MODEL,
     default_model_dir,
@@ -129,7 +130,7 @@ def _base_model(model_or_name: str | os.PathLike | None) -> tuple[Path, str]:
     return folder, str(folder)
 
 
-class FinetuneRunMismatchError(ValueError):
+class FinetuneRunMismatchError(RepinfLensError, ValueError):
     """``out_dir`` holds a finetune run with other inputs (base model, data, task or settings)."""
 
 

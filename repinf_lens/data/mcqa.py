@@ -50,6 +50,7 @@ import datasets
 
 from repinf_lens import _cache
 from repinf_lens._cache import OfflineAssetError, fetch_wheel
+from repinf_lens.errors import RepinfLensError
 
 __all__ = [
     "MCQA_COLUMNS",
@@ -103,7 +104,7 @@ _QUERY_SUFFIX = "\nAnswer:"
 _SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
 
 
-class MCQAFormatError(ValueError):
+class MCQAFormatError(RepinfLensError, ValueError):
     """A multiple-choice row (from a dataset file, the cache or the user) does not have the expected form."""
 
 

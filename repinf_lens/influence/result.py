@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from repinf_lens._cache import atomic_dir
-from repinf_lens.errors import CorruptFileError, NonFiniteError, SettingsError, check_int
+from repinf_lens.errors import CorruptFileError, NonFiniteError, RepinfLensError, SettingsError, check_int
 
 __all__ = ["InfluenceResult", "SplitMismatchError", "check_split_matches", "recorded_split_fingerprint"]
 
@@ -255,7 +255,7 @@ def _read(path: Path, read: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- provenance
-class SplitMismatchError(ValueError):
+class SplitMismatchError(RepinfLensError, ValueError):
     """A stored attribution was computed with another model, SAE or hook than the split it is used with."""
 
 
