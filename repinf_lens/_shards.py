@@ -57,10 +57,10 @@ class CorruptFileWarning(UserWarning):
     """A finished output or cache file failed its checksum (or could not be read); it is discarded and recomputed."""
 
 
-_CONTENT_KEY = "content_sha256"
+CONTENT_KEY = "content_sha256"
 
 
-def _discard_corrupt(path: Path, why: str) -> None:
+def discard_corrupt(path: Path, why: str) -> None:
     warnings.warn(
         f"{path} is corrupted ({why}); it is discarded and recomputed. If this repeats, check the disk.",
         CorruptFileWarning,
@@ -83,7 +83,7 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_replace(tmp: str, target: Path) -> None:
+def fsync_replace(tmp: str, target: Path) -> None:
     """Flush ``tmp`` to disk, give it the usual permissions (mkstemp makes 0600) and rename it to ``target``."""
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
@@ -99,7 +99,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(obj, fh, indent=2, default=str)
-        _fsync_replace(tmp, path)
+        fsync_replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -117,7 +117,7 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, encoding: str = "ut
     try:
         with os.fdopen(fd, "w", encoding=encoding, newline="") as fh:
             fh.write(text)
-        _fsync_replace(tmp, path)
+        fsync_replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -140,9 +140,9 @@ def write_shard(
         save_file(
             cpu,
             tmp,
-            metadata={"fingerprint": fingerprint, "start": str(start), "stop": str(stop), _CONTENT_KEY: digest},
+            metadata={"fingerprint": fingerprint, "start": str(start), "stop": str(stop), CONTENT_KEY: digest},
         )
-        _fsync_replace(tmp, path)
+        fsync_replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -161,7 +161,7 @@ def read_verified(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Te
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = dict(fh.metadata() or {})
-            want = meta.get(_CONTENT_KEY)
+            want = meta.get(CONTENT_KEY)
             if want is None:
                 return meta, None, "it records no content checksum (written by an older repinf_lens)"
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
@@ -183,7 +183,7 @@ def shard_checksum(path: str | os.PathLike) -> str | None:
     """The content sha256 recorded in a shard's header (``None`` when absent or unreadable); reads the header only."""
     try:
         with safe_open(str(path), framework="pt") as fh:
-            return (fh.metadata() or {}).get(_CONTENT_KEY)
+            return (fh.metadata() or {}).get(CONTENT_KEY)
     except Exception:
         return None
 
@@ -211,7 +211,7 @@ def shard_is_done(path: str | os.PathLike, *, fingerprint: str, start: int, stop
     if meta.get("stop", str(stop)) != str(stop):
         return False
     if problem is not None:
-        _discard_corrupt(path, problem)
+        discard_corrupt(path, problem)
         return False
     return True
 

@@ -484,11 +484,9 @@ def ship_finetune(
         "code": {"repinf_lens": __version__, "git_commit": commit},
     }
     out = export_adapter(run / "adapter", out_dir, provenance=prov)
-    from repinf_lens.models import load_model as _load
-
     rows = [dict(r) for r in eval_dataset]
-    base_pred, labels = predict(_load(base_dir, device=device, n_ctx=n_ctx), task, rows, progress=progress)
-    shipped = _load(out, device=device, n_ctx=n_ctx)
+    base_pred, labels = predict(load_model(base_dir, device=device, n_ctx=n_ctx), task, rows, progress=progress)
+    shipped = load_model(out, device=device, n_ctx=n_ctx)
     pred, _ = predict(shipped, task, rows, progress=progress)
     n = min(slice_size, len(rows))
     prov_path = out / "provenance.json"

@@ -40,7 +40,7 @@ class STestCache:
     def has(self, key: str) -> bool:
         """Whether ``key`` is cached, reading its header only (a truncated or unreadable entry is discarded
         with a warning and counts as missing; :meth:`get` also checks the tensors' checksum)."""
-        from repinf_lens._shards import _discard_corrupt
+        from repinf_lens._shards import discard_corrupt
 
         p = self.path(key)
         if not p.exists():
@@ -49,21 +49,21 @@ class STestCache:
             with safe_open(str(p), framework="pt") as fh:
                 fh.metadata()
         except Exception as e:
-            _discard_corrupt(p, f"unreadable: {type(e).__name__}: {str(e)[:200]}")
+            discard_corrupt(p, f"unreadable: {type(e).__name__}: {str(e)[:200]}")
             return False
         return True
 
     def get(self, key: str) -> dict[str, Tensor] | None:
         """The cached tensors, or ``None`` when absent or damaged (checksum mismatch, truncated: then the file is
         named in a warning and deleted, so the caller recomputes and :meth:`put` heals the entry)."""
-        from repinf_lens._shards import _discard_corrupt, read_verified
+        from repinf_lens._shards import discard_corrupt, read_verified
 
         p = self.path(key)
         if not p.exists():
             return None
         _, tensors, problem = read_verified(p)
         if problem is not None:
-            _discard_corrupt(p, problem)
+            discard_corrupt(p, problem)
             return None
         return tensors
 
@@ -71,7 +71,7 @@ class STestCache:
         """Write atomically (unique temporary file, fsync, rename), so a crash never leaves a truncated entry;
         the header records the sha256 of the tensors (checked by :meth:`get`)."""
         from repinf_lens._fingerprint import state_digest
-        from repinf_lens._shards import _CONTENT_KEY, _fsync_replace
+        from repinf_lens._shards import CONTENT_KEY, fsync_replace
 
         p = self.path(key)
         cpu = {k: v.detach().contiguous().cpu() for k, v in tree.items()}
@@ -81,9 +81,9 @@ class STestCache:
             save_file(
                 cpu,
                 tmp,
-                metadata={"meta": json.dumps(meta or {}, default=str), _CONTENT_KEY: state_digest(cpu, cache=False)},
+                metadata={"meta": json.dumps(meta or {}, default=str), CONTENT_KEY: state_digest(cpu, cache=False)},
             )
-            _fsync_replace(tmp, p)
+            fsync_replace(tmp, p)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)

@@ -102,7 +102,7 @@ def _looks_like_path(s: str) -> bool:
     )
 
 
-def _resolve_local_folder(path: Path, sae_id: str | None) -> Path:
+def resolve_local_folder(path: Path, sae_id: str | None) -> Path:
     if path.is_file():
         if path.name in (_CFG, _WEIGHTS):
             path = path.parent
@@ -367,7 +367,7 @@ def load_sae(
         if release is not None:
             sae = _load_local_release(path, release, sae_id, dev, dt)
         else:
-            folder = _resolve_local_folder(path, sae_id)
+            folder = resolve_local_folder(path, sae_id)
             sae = load_folder(folder, device=dev, dtype=dt)
     else:
         from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from repinf_lens._shards import write_text_atomic
-from repinf_lens.saes.loading import _resolve_local_folder, load_sae, sae_hook_name
+from repinf_lens.saes.loading import load_sae, resolve_local_folder, sae_hook_name
 
 __all__ = ["publish_saes", "PublishResult", "registry_block"]
 
@@ -97,7 +97,7 @@ def _unwrap(ref: Any) -> tuple[Any, Path | None, dict[str, Any]]:
     if isinstance(ref, (str, os.PathLike)):
         if not Path(ref).exists():
             raise ValueError(f"No such SAE folder: {os.fspath(ref)!r}.")
-        folder = _resolve_local_folder(Path(ref), None)
+        folder = resolve_local_folder(Path(ref), None)
         stats: dict[str, Any] = {}
         record = folder / "training.json"  # written by repinf_lens.saes.training.train_sae
         if record.is_file():
