@@ -36,6 +36,12 @@ from repinf_lens.hooked import (
     logit_softcap,
     sae_hooks,
 )
+from repinf_lens.sae_compat import (
+    HookNameError,
+    SAECompatibilityError,
+    activation_shape,
+    check_sae_compatibility,
+)
 from repinf_lens.task import task_config
 
 __all__ = [
@@ -50,36 +56,9 @@ __all__ = [
 
 Params = dict[str, Tensor]
 
-_SUPPORTED_NORMS = ("none", "expected_average_only_in", "covariance_whitening")
-
-
-class HookNameError(RepinfLensError, ValueError):
-    """The hook name is not a hook point of the model, never fires, or is not position-indexed."""
-
-
-class SAECompatibilityError(RepinfLensError, ValueError):
-    """The SAE cannot be spliced at this hook (d_in, hook name, normalisation, an SAE attached there)."""
-
 
 class SplitConfigError(RepinfLensError, ValueError):
     """The model and task cannot be split as asked (no tokenizer, token ids outside the vocabulary, ...)."""
-
-
-@torch.no_grad()
-def activation_shape(model: HookedTransformer, hook: str, n_tokens: int = 2) -> tuple[int, ...]:
-    """Shape of ``hook``'s activation for one prompt of ``n_tokens`` zeros (``[1, n_tokens, ...]`` when it is
-    position-indexed). Raises :class:`HookNameError` when the hook does not fire."""
-    m = re.match(r"blocks\.(\d+)\.", hook)
-    stop = int(m.group(1)) + 1 if m else None
-    tokens = torch.zeros((1, n_tokens), dtype=torch.long, device=model.cfg.device)
-    _, cache = model.run_with_cache(tokens, names_filter=hook, stop_at_layer=stop)
-    if hook not in cache.cache_dict:
-        raise HookNameError(
-            f"{hook!r} is a hook point of this model but did not fire in a forward pass. Fix: choose a hook that "
-            "fires (e.g. 'blocks.L.hook_resid_post'), or turn on the setting that computes it (set_use_hook_mlp_in, "
-            "set_use_split_qkv_input, set_use_attn_result)."
-        )
-    return tuple(cache[hook].shape)
 
 
 @dataclass
@@ -316,8 +295,6 @@ class SplitModel:
             )
 
     def _check_sae(self, sae: Any) -> None:
-        from repinf_lens.saes.loading import check_sae_compatibility
-
         sae_hook = sae_hooks(sae)[0]
         if sae_hook is not None and sae_hook != self.hook_name:
             raise SAECompatibilityError(
