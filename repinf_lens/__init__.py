@@ -7,7 +7,7 @@ Sign convention, everywhere in this package: a POSITIVE influence score marks a 
 the training example lowers the test loss (score = + g_test^T (H + lambda I)^-1 g_train).
 """
 
-from repinf_lens import analysis, data, saes, viz
+from repinf_lens import analysis, data, saes, testing, viz
 from repinf_lens._cache import OfflineAssetError, cache_dir
 from repinf_lens.analysis import (
     leave_one_out,
@@ -79,6 +79,7 @@ __all__ = [
     "linear_datamodeling_score",
     "necessity_sufficiency",
     "viz",
+    "testing",
     "collect_activations",
     "layer_sweep",
     "load_sae",
