@@ -250,10 +250,19 @@ def finetune(
     run_fp = _run_fingerprint(base_dir, task, data_hash, len(rows), cfg)
     run_hash = _open_run(out, run_fp)  # refuses a folder that holds another run, before any work
 
+    eval_hash = None if eval_dataset is None else fingerprint_rows([dict(r) for r in eval_dataset])
     if meta_path.exists() and (merged_dir / "config.json").exists():
         meta = json.loads(meta_path.read_text())
         if meta.get("run_fingerprint_hash") == run_hash:
-            return FinetuneResult(load_model(merged_dir, device=dev, n_ctx=n_ctx), out, merged_dir, adapter_dir, meta)
+            merged = load_model(merged_dir, device=dev, n_ctx=n_ctx)
+            if eval_hash is not None and meta.get("eval_hash") != eval_hash:
+                # the same run, asked about other evaluation data: measure it instead of returning stale numbers
+                base_model = load_model(base_dir, device=dev, n_ctx=n_ctx)
+                meta["accuracy_before"] = evaluate(base_model, task, eval_dataset, progress=progress)
+                meta["accuracy_after"] = evaluate(merged, task, eval_dataset, progress=progress)
+                meta["n_eval"], meta["eval_hash"] = len(eval_dataset), eval_hash
+                write_json_atomic(meta_path, meta)
+            return FinetuneResult(merged, out, merged_dir, adapter_dir, meta)
 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -365,6 +374,7 @@ def finetune(
         "accuracy_before": acc_before,
         "accuracy_after": acc_after,
         "n_eval": None if eval_dataset is None else len(eval_dataset),
+        "eval_hash": eval_hash,
         "timings": timings,
     }
     write_json_atomic(meta_path, meta)

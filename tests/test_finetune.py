@@ -219,3 +219,17 @@ def test_ship_finetune_records_provenance_measured_on_the_exported_adapter(base,
     pred, labels = predict(load_model(tmp_path / "ship", device="cpu", n_ctx=256), task, rows, progress=False)
     assert pred[:5].tolist() == test["slice"]["predictions"]
     assert test["accuracy_after"] == float((pred == labels).float().mean())
+
+
+def test_a_reused_run_measures_other_evaluation_data_instead_of_returning_stale_accuracies(base, tmp_path):
+    from repinf_lens import evaluate
+
+    folder, task = base
+    rows = _rows(16)
+    first = ft.finetune(folder, task, rows, out_dir=tmp_path / "run", eval_dataset=rows[:4], **LEARN_KW)
+    other = [dict(r, answer=1) for r in rows[4:12]]  # other questions, other keys
+    again = ft.finetune(folder, task, rows, out_dir=tmp_path / "run", eval_dataset=other, **LEARN_KW)
+    assert again.metadata["n_eval"] == 8 and again.metadata["loss_curve"] == first.metadata["loss_curve"]
+    assert again.metadata["accuracy_after"] == evaluate(again.model, task, other, progress=False)
+    assert again.metadata["accuracy_after"] != first.metadata["accuracy_after"]
+    assert json.loads((tmp_path / "run" / "finetune.json").read_text())["n_eval"] == 8
