@@ -379,7 +379,7 @@ def _from_adapter(adapter_dir: Path, **kwargs: Any) -> HookedTransformer:
     import hashlib
 
     weights = adapter_dir / "adapter_model.safetensors"
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    digest = file_sha256(weights)
     prov_path = adapter_dir / "provenance.json"
     prov = json.loads(prov_path.read_text()) if prov_path.exists() else {}
     want = prov.get("adapter_sha256")
