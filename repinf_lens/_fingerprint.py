@@ -30,17 +30,17 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "tensor_digest",
-    "state_digest",
-    "model_digest",
-    "sae_fingerprint",
-    "tokenizer_digest",
-    "model_config_identity",
-    "split_fingerprint",
-    "folder_digest",
-    "model_source_digest",
-    "clear_digest_cache",
     "FINGERPRINT_VERSION",
+    "clear_digest_cache",
+    "folder_digest",
+    "model_config_identity",
+    "model_digest",
+    "model_source_digest",
+    "sae_fingerprint",
+    "split_fingerprint",
+    "state_digest",
+    "tensor_digest",
+    "tokenizer_digest",
 ]
 
 #: Bumped whenever the fingerprint layout changes (old caches and run folders then no longer match).

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,22 +27,23 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from repinf_lens._io import atomic_file, write_json_atomic, write_text_atomic
 from repinf_lens.errors import RepinfLensError
 
 __all__ = [
-    "ManifestMismatchError",
     "CorruptFileWarning",
+    "ManifestMismatchError",
     "diff_fields",
-    "shard_checksum",
-    "verify_tensors_file",
-    "read_verified",
     "fingerprint_hash",
-    "write_json_atomic",
-    "write_text_atomic",
-    "write_shard",
-    "shard_is_done",
-    "open_manifest",
     "mmap_tensor",
+    "open_manifest",
+    "read_verified",
+    "shard_checksum",
+    "shard_is_done",
+    "verify_tensors_file",
+    "write_json_atomic",
+    "write_shard",
+    "write_text_atomic",
 ]
 
 _MANIFEST = "manifest.json"
@@ -77,52 +77,6 @@ def fingerprint_hash(fingerprint: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def fsync_replace(tmp: str, target: Path) -> None:
-    """Flush ``tmp`` to disk, give it the usual permissions (mkstemp makes 0600) and rename it to ``target``."""
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, target)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, default=str)
-        fsync_replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str, *, encoding: str = "utf-8") -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, fsync and one rename.
-
-    The bytes are written as given (no newline translation). A failure part-way (full disk, ``kill -9``) leaves
-    the previous file at ``path`` untouched and no temporary file behind. Parent folders are created.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding=encoding, newline="") as fh:
-            fh.write(text)
-        fsync_replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_shard(
     path: str | os.PathLike, tensors: Mapping[str, Tensor], *, fingerprint: str, start: int, stop: int
 ) -> str:
@@ -130,22 +84,14 @@ def write_shard(
     its tensors (returned)."""
     from repinf_lens._fingerprint import state_digest
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     digest = state_digest(cpu, cache=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file(
             cpu,
             tmp,
             metadata={"fingerprint": fingerprint, "start": str(start), "stop": str(stop), CONTENT_KEY: digest},
         )
-        fsync_replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return digest
 
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["tdot", "tadd", "tscale", "tnorm", "tzeros_like", "tflatten", "tunflatten", "tnumel", "tdetach"]
+__all__ = ["tadd", "tdetach", "tdot", "tflatten", "tnorm", "tnumel", "tscale", "tunflatten", "tzeros_like"]
 
 Tree = Mapping[str, Tensor]
 
@@ -24,22 +24,27 @@ def tadd(a: Tree, b: Tree, alpha: float | Tensor = 1.0) -> dict[str, Tensor]:
 
 
 def tscale(a: Tree, alpha: float | Tensor) -> dict[str, Tensor]:
+    """``alpha * a``."""
     return {k: alpha * v for k, v in a.items()}
 
 
 def tnorm(a: Tree) -> Tensor:
+    """Euclidean norm ``sqrt(<a, a>)`` (through :func:`tdot`, so accumulated in float64)."""
     return tdot(a, a).clamp_min(0).sqrt()
 
 
 def tzeros_like(a: Tree) -> dict[str, Tensor]:
+    """Zeros with the keys, shapes, dtypes and devices of ``a``."""
     return {k: torch.zeros_like(v) for k, v in a.items()}
 
 
 def tdetach(a: Tree) -> dict[str, Tensor]:
+    """Every tensor detached from the autograd graph."""
     return {k: v.detach() for k, v in a.items()}
 
 
 def tnumel(a: Tree) -> int:
+    """Total number of elements."""
     return sum(v.numel() for v in a.values())
 
 

@@ -32,159 +32,33 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from tqdm.auto import tqdm
 
-from repinf_lens._tree import tflatten, tunflatten
-from repinf_lens.split import Params
+from repinf_lens._dist import (
+    DistInfo,
+    broadcast_s_test,
+    cleanup,
+    dist_info,
+    init_from_env,
+    is_distributed,
+    shard_ranges,
+)
 
 __all__ = [
     "DistInfo",
-    "init_from_env",
-    "dist_info",
-    "is_distributed",
-    "shard_ranges",
-    "broadcast_s_test",
     "attribute_distributed",
+    "broadcast_s_test",
     "cleanup",
+    "dist_info",
+    "init_from_env",
+    "is_distributed",
     "run_selftest",
+    "shard_ranges",
 ]
-
-_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process stands: ``rank`` of ``world_size`` (``0`` of ``1`` without torch.distributed)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    backend: str | None = None
-
-    @property
-    def is_main(self) -> bool:
-        """True on rank 0 (the rank that returns the assembled result)."""
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        """True when a process group with more than one process is running."""
-        return self.world_size > 1
-
-
-def is_distributed() -> bool:
-    """True when ``torch.distributed`` is initialised with more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def dist_info() -> DistInfo:
-    """The current process group's rank, size and backend (``DistInfo()`` when none is initialised)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return DistInfo()
-    return DistInfo(
-        rank=dist.get_rank(),
-        world_size=dist.get_world_size(),
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-        backend=str(dist.get_backend()),
-    )
-
-
-def init_from_env(backend: str | None = None, *, timeout_s: float = 1800.0) -> DistInfo:
-    """Initialise the default process group from ``torchrun``'s environment variables.
-
-    A no-op (returns ``DistInfo()``: rank 0 of 1) when the process was not launched by ``torchrun``
-    (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` or ``MASTER_PORT`` unset); returns the existing group's info when
-    one is already initialised.
-
-    Args:
-        backend: ``"gloo"`` or ``"nccl"``; default nccl when CUDA and NCCL are available (each rank then uses
-            GPU ``LOCAL_RANK``), else gloo.
-        timeout_s: collective timeout (rank 0 solves the s_test vectors while the others wait at the broadcast).
-    """
-    if not dist.is_available():
-        return DistInfo()
-    if dist.is_initialized():
-        return dist_info()
-    if any(v not in os.environ for v in _TORCHRUN_VARS):
-        return DistInfo()
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
-    return dist_info()
-
-
-def cleanup() -> None:
-    """Destroy the default process group if one is initialised (call at the end of a torchrun script)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def shard_ranges(
-    n: int, batch_size: int, rank: int, world_size: int, mode: str = "contiguous"
-) -> list[tuple[int, int]]:
-    """The training-example ranges ``[(start, stop), ...]`` rank ``rank`` scores, in whole batches.
-
-    The batches are those of a single process (``range(0, n, batch_size)``), so each example is scored in the same
-    batch whatever the number of ranks. ``"contiguous"``: the batches are cut into ``world_size`` consecutive
-    blocks (sizes differ by at most one batch; one range per rank). ``"strided"``: batch ``b`` goes to rank
-    ``b % world_size`` (one range per batch; balances batches whose cost grows along the set).
-    """
-    if mode not in ("contiguous", "strided"):
-        raise ValueError(f"Unknown shard mode {mode!r}. Valid: 'contiguous', 'strided'.")
-    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"Bad sharding: batch_size={batch_size}, rank={rank}, world_size={world_size}.")
-    starts = list(range(0, n, batch_size))
-    if mode == "strided":
-        return [(lo, min(n, lo + batch_size)) for b, lo in enumerate(starts) if b % world_size == rank]
-    nb = len(starts)
-    per, extra = divmod(nb, world_size)
-    first = rank * per + min(rank, extra)
-    count = per + (1 if rank < extra else 0)
-    if count == 0:
-        return []
-    return [(starts[first], min(n, starts[first + count - 1] + batch_size))]
-
-
-def _comm_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def broadcast_s_test(s_list: Sequence[Params] | None, like: Params, n: int, src: int = 0) -> list[Params]:
-    """Broadcast ``n`` theta2-shaped vectors from rank ``src`` (one flat tensor per vector).
-
-    Args:
-        s_list: the vectors on ``src`` (ignored elsewhere).
-        like: theta2 (shapes, dtypes and the device the results are put on).
-        n: the number of vectors (known on every rank).
-        src: the sending rank.
-    """
-    dev = _comm_device()
-    numel = sum(v.numel() for v in like.values())
-    dtype = next(iter(like.values())).dtype
-    out = []
-    for q in range(n):
-        if dist.get_rank() == src:
-            assert s_list is not None
-            flat = tflatten({k: s_list[q][k].to(dtype) for k in like}).to(dev)
-        else:
-            flat = torch.empty(numel, dtype=dtype, device=dev)
-        dist.broadcast(flat, src=src)
-        out.append({k: v.to(like[k].device) for k, v in tunflatten(flat, like).items()})
-    return out
 
 
 def attribute_distributed(
@@ -196,93 +70,14 @@ def attribute_distributed(
     shard: str = "contiguous",
     src: int = 0,
 ) -> Any:
-    """:meth:`InfluenceAttributor.attribute` with the training examples sharded across ``torch.distributed`` ranks.
+    """The function form of :meth:`InfluenceAttributor.attribute_distributed` (same arguments, same result).
 
-    Every rank must call it with the same queries, training set and attributor settings. Rank ``src`` computes
-    the s_test vectors (solving them or reading its s_test cache; only it needs :meth:`fit`) and broadcasts them;
-    each rank scores the training batches :func:`shard_ranges` assigns it; rank ``src`` gathers the scores and
-    returns the assembled :class:`InfluenceResult`, identical in layout and order to a single-process
-    :meth:`attribute` (``meta["distributed"]`` records the sharding). Other ranks return ``None``.
-    Without an initialised process group of more than one process it simply calls :meth:`attribute`.
+    Training examples sharded across ``torch.distributed`` ranks: rank ``src`` solves s_test and returns the
+    assembled :class:`~repinf_lens.influence.InfluenceResult`, other ranks return ``None``; without a
+    multi-process group it is :meth:`~repinf_lens.influence.InfluenceAttributor.attribute`.
     Sign convention: POSITIVE = proponent (up-weighting the training example lowers the query's loss).
-
-    Args:
-        attributor: the :class:`InfluenceAttributor`.
-        queries: test queries (dict, list of dicts, dataset).
-        train: training examples.
-        batch_size: training examples per influence batch (default: the attributor's).
-        shard: ``"contiguous"`` or ``"strided"`` (see :func:`shard_ranges`).
-        src: the rank that solves s_test and assembles the result.
-
-    Raises:
-        RuntimeError: on every rank when rank ``src`` could not compute s_test (e.g. no :meth:`fit`).
     """
-    from repinf_lens.influence.attributor import _Scores, as_rows
-
-    if not is_distributed():
-        return attributor.attribute(queries, train, batch_size=batch_size)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    q_rows = as_rows(queries, "query set")
-    t_rows = as_rows(train, "training set")
-    bs = batch_size or attributor.batch_size
-    ranges = shard_ranges(len(t_rows), bs, rank, world, shard)
-    params = attributor.split.downstream_params()
-
-    t0 = time.perf_counter()
-    s_list, error = None, None
-    if rank == src:
-        try:
-            s_list = attributor.s_test(q_rows)
-        except Exception as exc:  # tell the other ranks instead of leaving them at the broadcast
-            error = f"{type(exc).__name__}: {exc}"
-    status = [error]
-    dist.broadcast_object_list(status, src=src)
-    if status[0] is not None:
-        if error is not None:
-            raise RuntimeError(f"s_test failed on rank {src}: {error}")
-        raise RuntimeError(f"s_test failed on rank {src}: {status[0]}")
-    s_list = broadcast_s_test(s_list, params, len(q_rows), src=src)
-    infos = attributor.solve_infos if rank == src else []
-    s_stacks = attributor._stack_queries(s_list)
-    del s_list
-    t_solve = time.perf_counter() - t0
-
-    t1 = time.perf_counter()
-    payload = []
-    with tqdm(
-        total=sum(b - a for a, b in ranges),
-        desc=f"influence (rank {rank}/{world})",
-        disable=not attributor.progress or rank != src,
-    ) as bar:
-        for lo, hi in ranges:
-            part = attributor._score_range(s_stacks, t_rows, lo, hi, bs, bar)
-            payload.append((lo, hi, part.to_tensors(attributor.store_token_scores)))
-            del part
-    t_local = time.perf_counter() - t1
-    gathered: list[Any] | None = [None] * world if rank == src else None
-    dist.gather_object((rank, t_local, payload), gathered, dst=src)
-    if rank != src:
-        return None
-    assert gathered is not None
-    nq, n = len(q_rows), len(t_rows)
-    scores = _Scores.empty(nq, n, attributor.split.d_sae, 0)
-    parts = sorted((lo, hi, t) for _, _, pl in gathered for lo, hi, t in pl)
-    covered = 0
-    for lo, hi, tensors in parts:
-        if lo != covered:
-            raise RuntimeError(f"Distributed shards do not tile the training set: gap at example {covered}.")
-        scores.fill(_Scores.from_tensors(tensors, lo, hi, nq))
-        covered = hi
-    if covered != n:
-        raise RuntimeError(f"Distributed shards cover {covered} of {n} training examples.")
-    meta = attributor._meta(bs, t_solve, time.perf_counter() - t1, infos)
-    meta["distributed"] = {
-        "world_size": world,
-        "backend": str(dist.get_backend()),
-        "shard": shard,
-        "seconds_per_rank": [round(t, 3) for _, t, _ in sorted(gathered, key=lambda x: x[0])],
-    }
-    return attributor._result(q_rows, t_rows, scores, meta)
+    return attributor.attribute_distributed(queries, train, batch_size=batch_size, shard=shard, src=src)
 
 
 # ---------------------------------------------------------------------------------------------- self-test
@@ -296,7 +91,9 @@ def _selftest_examples(n: int, seed: int) -> list[dict[str, Any]]:
 
 def _selftest_attributor() -> Any:
     """A seeded tiny model + random TopK SAE + CG attributor (identical in every process)."""
-    from repinf_lens import CG, InfluenceAttributor, SplitModel
+    from repinf_lens.curvature.solvers import CG
+    from repinf_lens.influence.attributor import InfluenceAttributor
+    from repinf_lens.split import SplitModel
     from repinf_lens.testing import random_sae, tiny_model
 
     model = tiny_model(n_layers=2, d_model=32, n_heads=4, d_mlp=64, seed=0)

@@ -17,14 +17,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "CorruptFileError",
+    "NonFiniteError",
     "RepinfLensError",
     "SettingsError",
-    "NonFiniteError",
-    "CorruptFileError",
-    "check_int",
-    "check_float",
     "check_choice",
     "check_finite",
+    "check_float",
+    "check_int",
 ]
 
 

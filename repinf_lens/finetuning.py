@@ -46,20 +46,21 @@ from repinf_lens.models import (
     is_default_model,
     load_model,
     merge_lora,
+    merge_peft,
     resolve_device,
     save_merged,
 )
-from repinf_lens.task import Task, evaluate, task_config
+from repinf_lens.task import Task, evaluate, gather_positions, require, task_config
 
 __all__ = [
+    "DEFAULT_LORA_TARGETS",
     "FinetuneConfig",
     "FinetuneResult",
     "FinetuneRunMismatchError",
+    "export_adapter",
     "finetune",
     "merge_adapter",
-    "export_adapter",
     "ship_finetune",
-    "DEFAULT_LORA_TARGETS",
 ]
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -115,10 +116,10 @@ def _hash_folder(folder: Path) -> str:
 
 
 def _answer_logits(hf_model: Any, batch: Any) -> torch.Tensor:
-    """Answer-position logits of an HF causal LM (peft-wrapped or not), unembedding one position per row."""
+    """Logits of an HF causal LM (peft-wrapped or not) at ``batch.answer_pos`` (``[B]`` or ``[B, P]``)."""
     base = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model
     hidden = base.model(input_ids=batch.tokens, attention_mask=batch.attention_mask).last_hidden_state
-    hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.answer_pos.to(hidden.device)]
+    hidden = gather_positions(hidden, batch.answer_pos.to(hidden.device))  # [B, d] or [B, P, d]
     return base.lm_head(hidden)
 
 
@@ -237,7 +238,8 @@ def finetune(
         raise ValueError("The training set is empty. Fix: pass at least one example.")
     if cfg.max_train_examples is not None:
         rows = rows[: cfg.max_train_examples]
-    too_long = [r.get("id") for r in rows if len(task.encode(r)) > cfg.max_length]  # type: ignore[attr-defined]
+    enc = require(task, "encode", needed_by="finetune's max_length filter")
+    too_long = [r.get("id") for r in rows if len(enc.encode(r)) > cfg.max_length]
     if too_long:
         warnings.warn(
             f"Skipping {len(too_long)} training examples longer than max_length={cfg.max_length} tokens "
@@ -351,7 +353,7 @@ def finetune(
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)
     model.save_pretrained(adapter_dir)
-    save_merged(model.merge_and_unload(), base_dir, merged_dir)
+    save_merged(merge_peft(model), base_dir, merged_dir)
     tl_model = load_model(merged_dir, device=dev, n_ctx=n_ctx)
     acc_after = None
     if eval_dataset is not None:
@@ -462,7 +464,7 @@ def ship_finetune(
     """
     import subprocess
 
-    from repinf_lens import __version__
+    from repinf_lens._version import __version__
     from repinf_lens.models import file_sha256
     from repinf_lens.task import predict
 

@@ -15,13 +15,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 __all__ = [
-    "final_norm",
-    "logit_softcap",
-    "final_logits",
     "AttachedSAE",
     "attached_saes",
+    "final_logits",
+    "final_norm",
     "hook_firing_order",
     "is_transcoder",
+    "logit_softcap",
     "sae_hooks",
 ]
 

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from repinf_lens.split import Params, SplitModel
 
-__all__ = ["LoraSplit", "lora_delta", "lora_split_from_peft", "PEFT_TO_TL"]
+__all__ = ["PEFT_TO_TL", "LoraSplit", "lora_delta", "lora_split_from_peft"]
 
 PEFT_TO_TL: dict[str, str] = {
     "self_attn.q_proj": "attn.W_Q",

@@ -35,19 +35,20 @@ from repinf_lens.errors import CorruptFileError, RepinfLensError
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_N_CTX",
-    "load_model",
-    "load_hf_model",
-    "default_model_dir",
-    "is_default_model",
     "SHIPPED_FINETUNES",
-    "shipped_finetune_dir",
-    "merge_lora",
-    "save_merged",
+    "UnknownModelError",
+    "default_model_dir",
     "file_sha256",
     "gemma3_270m_dir",
+    "is_default_model",
+    "load_hf_model",
+    "load_model",
+    "merge_lora",
+    "merge_peft",
     "official_name_for_config",
     "resolve_device",
-    "UnknownModelError",
+    "save_merged",
+    "shipped_finetune_dir",
 ]
 
 #: Name of the embedded default model.
@@ -350,13 +351,60 @@ def save_merged(merged: Any, base_dir: Path, merged_dir: Path, extra: dict[str, 
     return merged_dir
 
 
+#: Version of :func:`merge_peft`'s arithmetic; part of the cache key of merged shipped/adapter models.
+MERGE_VERSION = 2
+
+
+def merge_peft(peft_model: Any) -> Any:
+    """Merge every LoRA layer of a peft model into its base weights, bit-reproducibly, and return the plain model.
+
+    ``delta = scaling * B @ A`` is accumulated rank by rank in float64 with elementwise operations (each one
+    IEEE-rounded, so the same bits on every CPU and GPU), added to the float64 base weight and rounded ONCE to the
+    base weight's dtype. peft's own ``merge_and_unload`` uses a matmul, whose summation order depends on the BLAS
+    kernel (the last bit can differ between machines), and for an fp16 adapter rounds the delta to fp16 before
+    adding it. A merged model whose bits depend on the machine would change its fingerprint and make every cache
+    built elsewhere (e.g. a shipped prefilter index) refuse it. Layer types other than ``Linear`` fall back to
+    peft's merge, with a warning.
+    """
+    import warnings
+
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter in list(module.active_adapters):
+            if adapter not in module.lora_A:
+                continue
+            if not isinstance(module, LoraLinear) or module.use_dora.get(adapter, False):
+                warnings.warn(
+                    f"{name}: {type(module).__name__} LoRA layers are merged by peft (not bit-reproducible across "
+                    "machines).",
+                    stacklevel=2,
+                )
+                module.merge(adapter_names=[adapter])
+                continue
+            a = module.lora_A[adapter].weight.detach().to("cpu", torch.float64)
+            b = module.lora_B[adapter].weight.detach().to("cpu", torch.float64)
+            delta = torch.zeros(b.shape[0], a.shape[1], dtype=torch.float64)
+            for k in range(a.shape[0]):  # fixed order, elementwise: no BLAS-dependent rounding
+                delta += b[:, k : k + 1] * a[k : k + 1, :]
+            delta *= float(module.scaling[adapter])
+            if module.fan_in_fan_out:
+                delta = delta.T
+            w = module.get_base_layer().weight
+            w.data = (w.detach().to("cpu", torch.float64) + delta).to(w.dtype).to(w.device)
+    return peft_model.unload()
+
+
 def merge_lora(base_dir: Path, adapter_dir: Path, merged_dir: Path, extra: dict[str, Any] | None = None) -> Path:
-    """Merge a peft LoRA adapter into its base HF model (fp32) and save the plain model to ``merged_dir``."""
+    """Merge a peft LoRA adapter into its base HF model (fp32, :func:`merge_peft`) and save it to ``merged_dir``."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    merged = PeftModel.from_pretrained(hf, str(adapter_dir), autocast_adapter_dtype=False).merge_and_unload()
+    merged = merge_peft(PeftModel.from_pretrained(hf, str(adapter_dir), autocast_adapter_dtype=False))
     return save_merged(merged, base_dir, merged_dir, extra)
 
 
@@ -392,7 +440,9 @@ def _from_adapter(adapter_dir: Path, **kwargs: Any) -> HookedTransformer:
     base = _adapter_base(adapter_dir)
     if kwargs.get("default_prepend_bos") is None and base == default_model_dir():
         kwargs["default_prepend_bos"] = False  # as load_model() does for the default model
-    key = hashlib.sha256(f"{digest}|{file_sha256(base / 'model.safetensors')}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"{digest}|{file_sha256(base / 'model.safetensors')}|merge-v{MERGE_VERSION}".encode()
+    ).hexdigest()[:16]
     merged = cache_dir("models") / f"merged-{key}"
     if not (merged / "config.json").exists():
         merge_lora(base, adapter_dir, merged, {"adapter_sha256": digest, "base": str(base), "provenance": prov})

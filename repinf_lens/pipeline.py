@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from repinf_lens._shards import write_json_atomic
-from repinf_lens.curvature.solvers import SOLVERS, solver_from_dict
-from repinf_lens.errors import SettingsError, check_choice, check_float, check_int
+from repinf_lens.curvature.solvers import InverseHessianSolver, build_solver, get_solver_class
+from repinf_lens.errors import SettingsError, check_float, check_int
 from repinf_lens.influence.attributor import InfluenceAttributor, as_rows
 from repinf_lens.influence.result import InfluenceResult
 from repinf_lens.split import SplitModel
@@ -27,8 +27,8 @@ from repinf_lens.split import SplitModel
 __all__ = [
     "AttributionConfig",
     "build_attributor",
-    "prefilter_candidates",
     "make_report",
+    "prefilter_candidates",
     "run_ablation",
     "run_attribution",
     "write_manifest",
@@ -39,7 +39,7 @@ def write_manifest(folder: str | os.PathLike, stage: str, args: dict[str, Any], 
     """Write ``folder/manifest.json``: which stage, with which arguments, produced the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    from repinf_lens import __version__
+    from repinf_lens._version import __version__
 
     rec = {"stage": stage, "repinf_lens": __version__, "args": args, **extra}
     write_json_atomic(folder / "manifest.json", rec)
@@ -55,6 +55,9 @@ class AttributionConfig:
     model is indefinite and CG meets negative curvature within a few iterations; then use it with damping ~1);
     ``hessian_examples`` training examples define H. With ``prefilter_fraction`` / ``prefilter_top_k`` the
     candidates are the union over queries of each query's most gradient-similar training examples.
+    ``sketches``: a prebuilt sketch store (a folder, or the name of an index shipped in the package, e.g.
+    ``"smollm2-135m-openbookqa-L22"``) used read-only instead of sketching the training set (checked against
+    the split and the training rows before use).
 
     Impossible values (``max_iter=0``, a negative ``damping``, ``batch_size=0``, a ``prefilter_fraction``
     outside (0, 1], both prefilter knobs at once, ...) raise :class:`~repinf_lens.errors.SettingsError` here,
@@ -69,12 +72,13 @@ class AttributionConfig:
     prefilter_fraction: float | None = None
     prefilter_top_k: int | None = None
     sketch_dim: int = 4096
+    sketches: str | None = None
     batch_size: int = 8
     shard_size: int = 256
     query_chunk_size: int | None = 8
 
     def __post_init__(self) -> None:
-        check_choice("AttributionConfig solver", self.solver, sorted(SOLVERS))
+        get_solver_class(self.solver, setting="AttributionConfig solver")  # any solver registered by now
         check_float(
             "AttributionConfig damping", self.damping, minimum=0.0,
             fix="pass damping >= 0 (the paper: 1e-3; about 1 with gauss_newton=True).",
@@ -104,16 +108,13 @@ class AttributionConfig:
                   fix="pass query_chunk_size >= 1, or None for all queries at once.")  # fmt: skip
 
 
-def _solver(cfg: AttributionConfig) -> Any:
-    spec: dict[str, Any] = {"solver": cfg.solver}
-    if cfg.solver != "identity":
-        spec["damping"] = cfg.damping
-        spec["gauss_newton"] = cfg.gauss_newton
-    if cfg.solver == "cg":
-        spec.update(max_iter=cfg.max_iter, batch_size=cfg.batch_size)
-    if cfg.solver == "lissa":
-        spec.update(depth=cfg.max_iter)
-    return solver_from_dict(spec)
+def _solver(cfg: AttributionConfig) -> InverseHessianSolver:
+    """The registered solver ``cfg.solver`` built from the config's generic knobs (each solver takes its own:
+    ``config_knobs``, e.g. LiSSA reads ``max_iter`` as its depth, Identity reads none)."""
+    return build_solver(
+        cfg.solver, damping=cfg.damping, gauss_newton=cfg.gauss_newton, max_iter=cfg.max_iter,
+        batch_size=cfg.batch_size,
+    )  # fmt: skip
 
 
 def build_attributor(
@@ -147,17 +148,29 @@ def prefilter_candidates(
     sketch_dir: str | os.PathLike,
     timings: dict[str, float] | None = None,
     progress: bool = True,
+    sketches: Any = None,
 ) -> Any:
     """Each query's most gradient-similar training examples per ``config`` (``prefilter_top_k`` /
     ``prefilter_fraction``), from sketches of ``train`` built once in ``sketch_dir``; ``None`` when the config
-    asks for no prefilter. Adds ``sketches_s`` / ``prefilter_s`` to ``timings`` when given."""
+    asks for no prefilter. Adds ``sketches_s`` / ``prefilter_s`` to ``timings`` when given.
+
+    ``sketches``: a prebuilt :class:`~repinf_lens.prefiltering.SketchStore` (or its folder, e.g. a shipped index)
+    used read-only instead of building one in ``sketch_dir``. It must have been built for this split and exactly
+    these training rows; otherwise a ``ValueError`` says what differs, before any gradient is taken.
+    """
     if config.prefilter_fraction is None and config.prefilter_top_k is None:
         return None
-    from repinf_lens.prefiltering import build_sketches, prefilter
+    from repinf_lens.prefiltering import build_sketches, open_store, prefilter
 
     t = time.perf_counter()
-    store = build_sketches(split, split.task, as_rows(train, "training set"), out_dir=sketch_dir,
-                           dim=config.sketch_dim, batch_size=config.batch_size, progress=progress)  # fmt: skip
+    rows = as_rows(train, "training set")
+    sketches = config.sketches if sketches is None else sketches
+    if sketches is not None:
+        store = open_store(sketches)
+        store.check_rows(rows)
+    else:
+        store = build_sketches(split, split.task, rows, out_dir=sketch_dir, dim=config.sketch_dim,
+                               batch_size=config.batch_size, progress=progress)  # fmt: skip
     t1 = time.perf_counter()
     pf = prefilter(queries, store, split=split, top_fraction=config.prefilter_fraction, top_k=config.prefilter_top_k,
                    batch_size=config.batch_size)  # fmt: skip
@@ -176,6 +189,7 @@ def run_attribution(
     config: AttributionConfig | None = None,
     progress: bool = True,
     attributor: InfluenceAttributor | None = None,
+    sketches: Any = None,
 ) -> tuple[InfluenceResult, list[dict[str, Any]]]:
     """Prefilter (optional), solve s_test, score every candidate (streamed, resumable) and save the result.
 
@@ -183,6 +197,7 @@ def run_attribution(
     ``out_dir/result`` (the :class:`InfluenceResult`, loadable with ``InfluenceResult.load``),
     ``out_dir/manifest.json``. Returns the result and the candidate training rows (in result order).
     ``attributor``: one from :func:`build_attributor` (to reuse its s_test afterwards); default: built here.
+    ``sketches``: a prebuilt sketch store of ``train`` (see :func:`prefilter_candidates`), used read-only.
     """
     cfg = config or AttributionConfig()
     out = Path(out_dir)
@@ -192,7 +207,7 @@ def run_attribution(
     candidates = t_rows
     prefilter_info: dict[str, Any] | None = None
     pf = prefilter_candidates(split, q_rows, t_rows, cfg, sketch_dir=out / "sketches", timings=timings,
-                              progress=progress)  # fmt: skip
+                              progress=progress, sketches=sketches)  # fmt: skip
     if pf is not None:
         keep = sorted({int(i) for i in pf.indices.flatten()})
         candidates = [t_rows[i] for i in keep]
@@ -271,6 +286,7 @@ def make_report(
 ) -> Path:
     """One self-contained HTML page: per query the question, predictions, the test input's token heatmap, the
     top training examples with heatmaps and the top latents; then plots (ablation, sweep) and tables."""
+    from repinf_lens.task import supports
     from repinf_lens.viz.report import (
         attribution_section,
         build_report,
@@ -293,10 +309,16 @@ def make_report(
             continue
         batch = task.collate([row]).to(split.device)
         with torch.no_grad():
-            after = int(task.predictions(task.model_logits(split.model, batch), batch)[0])  # type: ignore[attr-defined]
+            logits = task.model_logits(split.model, batch)
+        after: Any = None
+        if supports(task, "predictions"):
+            after = int(task.predictions(logits, batch)[0])
+        elif supports(task, "correct"):
+            after = "correct" if bool(task.correct(logits, batch)[0]) else "wrong"
         before = (predictions_before or {}).get(qid)
         sections.append(question_section(row, title=f"Test question {qid}", prediction_before=before,
-                                         prediction_after=after))  # fmt: skip
+                                         prediction_after=after, prompt_field=getattr(task, "prompt_field", "prompt"),
+                                         target_field=getattr(task, "target_field", "target")))  # fmt: skip
         sections.append(attribution_section(f"Test input tokens ({qid})", query_token_attribution(split, task, row)))
         sections.append(top_examples_section(result, q, k=top_examples, train_rows=train_rows,
                                              tokenizer=getattr(task, "tokenizer", None)))  # fmt: skip

@@ -76,15 +76,18 @@ from repinf_lens.errors import SettingsError, check_choice, check_float, check_i
 from repinf_lens.split import Params, SplitInputs, SplitModel
 
 __all__ = [
-    "ManifestMismatchError",
     "GradientSketcher",
-    "SketchStore",
+    "ManifestMismatchError",
     "PrefilterResult",
+    "SketchStore",
     "build_sketches",
     "compact_grads",
     "grad_dots",
     "grad_norms",
+    "open_store",
     "prefilter",
+    "shipped_index_dir",
+    "shipped_indexes",
     "sketch_overlap",
     "top_count",
 ]
@@ -469,6 +472,21 @@ class SketchStore:
     def fingerprint(self) -> dict[str, Any]:
         return self.manifest["fingerprint"]
 
+    def check_rows(self, rows: Any) -> None:
+        """Raise ``ValueError`` unless the store was built over exactly ``rows`` (same ids, texts and order)."""
+        rows = _rows(rows, "training set")
+        want = self.fingerprint.get("train")
+        got = json.loads(json.dumps(fingerprint_rows(rows), default=str))
+        if want != got:
+            ids = [str(r.get("id", i)) for i, r in enumerate(rows)]
+            same_ids = ids == self.ids
+            raise ValueError(
+                f"The sketch store at {self.directory} was built over {self.n} other training rows than the "
+                f"{len(rows)} given ({'same ids, other contents' if same_ids else 'other ids or order'}): its "
+                "indices would name the wrong examples. Fix: pass the training rows the store was built with, or "
+                "build a store for these rows with build_sketches(...)."
+            )
+
     @property
     def config(self) -> dict[str, Any]:
         """The sketcher settings the store was built with (dim, seed, projection, ...)."""
@@ -540,7 +558,7 @@ class SketchStore:
         of the rank / linear correlation of sketched and exact cosines over all N examples), ``max_abs_error``
         (largest |sketched - exact| cosine), and the sizes.
         """
-        from repinf_lens.analysis.lds import spearman
+        from repinf_lens._stats import spearman
 
         exact, sketched = self.check_cosines()
         q = exact.shape[0]
@@ -616,6 +634,7 @@ def build_sketches(
     overwrite: bool = False,
     progress: bool = True,
     check_queries: Any | None = None,
+    storage_dtype: Literal["float32", "float16"] = "float32",
 ) -> SketchStore:
     """Sketch the per-example theta2 gradients of a whole training set ONCE and store them on disk.
 
@@ -641,6 +660,9 @@ def build_sketches(
             ``check_dots`` in the shards and the queries' sketches in ``check.safetensors``, and
             :meth:`SketchStore.check_report` then says how well the sketch preserves the exact ranking (top-k
             overlap, rank correlation) on your own data at no extra gradient pass.
+        storage_dtype: ``"float16"`` halves the store on disk (e.g. an index shipped with a package); the
+            rounding (relative 5e-4 per coordinate) is far below the projection's own error at any practical
+            ``dim``. Matching always runs in float32.
 
     Returns:
         The :class:`SketchStore`. Cosines between its sketches are POSITIVE for first-order proponents.
@@ -651,6 +673,7 @@ def build_sketches(
     """
     check_int("build_sketches batch_size", batch_size, minimum=1)
     check_int("build_sketches shard_size", shard_size, minimum=1)
+    check_choice("build_sketches storage_dtype", storage_dtype, ("float32", "float16"))
     rows = _rows(train, "training set")
     sketcher = GradientSketcher(
         attributor_or_split,
@@ -673,6 +696,7 @@ def build_sketches(
                 "sketch": sketcher.config,
                 "shard_size": shard_size,
                 **({} if check_rows is None else {"check": fingerprint_rows(check_rows)}),
+                **({} if storage_dtype == "float32" else {"storage_dtype": storage_dtype}),
             },
             default=str,
         )
@@ -716,6 +740,7 @@ def build_sketches(
     with tqdm(total=sum(s["stop"] - s["start"] for s in todo), desc="sketches", disable=not progress) as bar:
         for s in todo:
             tensors = _sketch_shard(sketcher, rows[s["start"] : s["stop"]], batch_size, bar, check)
+            tensors["sketches"] = tensors["sketches"].to(getattr(torch, storage_dtype))
             manifest["checksums"][s["file"]] = write_shard(
                 out / s["file"], tensors, fingerprint=fp, start=s["start"], stop=s["stop"]
             )
@@ -728,6 +753,38 @@ def build_sketches(
     )
     write_json_atomic(out / "manifest.json", manifest)
     return SketchStore.load(out)
+
+
+def shipped_index_dir(name: str) -> Path:
+    """The package folder of a sketch index shipped with repinf_lens (``repinf_lens/assets/prefilter/<name>``)."""
+    from importlib.resources import files
+
+    return Path(str(files("repinf_lens.assets").joinpath("prefilter", name)))
+
+
+def shipped_indexes() -> list[str]:
+    """Names of the sketch indexes shipped with repinf_lens."""
+    root = shipped_index_dir(".")
+    return sorted(p.parent.name for p in root.glob("*/manifest.json"))
+
+
+def open_store(spec: SketchStore | str | os.PathLike) -> SketchStore:
+    """A :class:`SketchStore` from itself, its folder, or the name of a shipped index (:func:`shipped_indexes`).
+
+    Raises:
+        FileNotFoundError: ``spec`` is neither a store folder nor a shipped index (the message lists them).
+    """
+    if isinstance(spec, SketchStore):
+        return spec
+    path = Path(os.fspath(spec)).expanduser()
+    if (path / "manifest.json").exists():
+        return SketchStore.load(path)
+    if isinstance(spec, str) and (shipped_index_dir(spec) / "manifest.json").exists():
+        return SketchStore.load(shipped_index_dir(spec))
+    raise FileNotFoundError(
+        f"{os.fspath(spec)!r} is neither a sketch store folder (with manifest.json) nor a shipped index "
+        f"({shipped_indexes() or 'none shipped'}). Fix: pass the out_dir of build_sketches(...) or a shipped name."
+    )
 
 
 # ---------------------------------------------------------------------------------------------- querying

@@ -22,8 +22,8 @@ __all__ = [
     "HookNameError",
     "SAECompatibilityError",
     "activation_shape",
-    "sae_hook_name",
     "check_sae_compatibility",
+    "sae_hook_name",
 ]
 
 SUPPORTED_NORMS = ("none", "expected_average_only_in", "covariance_whitening")

@@ -42,15 +42,15 @@ from repinf_lens.sae_compat import (
     activation_shape,
     check_sae_compatibility,
 )
-from repinf_lens.task import task_config
+from repinf_lens.task import check_batch, gather_positions, task_config
 
 __all__ = [
-    "SplitModel",
-    "SplitInputs",
     "HookNameError",
+    "Params",
     "SAECompatibilityError",
     "SplitConfigError",
-    "Params",
+    "SplitInputs",
+    "SplitModel",
     "activation_shape",
 ]
 
@@ -69,7 +69,7 @@ class SplitInputs:
         latents: ``[B, T, d_sae]`` SAE latents r (the activation itself when there is no SAE).
         error: ``[B, T, d_in]`` SAE error e held constant, or ``None`` (no SAE, or ``use_error_term=False``).
         base: input of the first downstream block (the residual stream entering it).
-        batch: the task batch (tokens, answer positions, labels).
+        batch: the task batch (a :class:`~repinf_lens.task.TaskBatch`: tokens, the positions the loss reads, ...).
         anchor: ``(x, decode(r), e)`` at the prepared latents. With it the downstream input is computed as
             ``x + (decode(r') - decode(r)) + (e' - e)``: the same function of ``r'`` and ``e'`` as
             ``decode(r') + e'`` (same derivatives), but exactly ``x`` at ``r' = r, e' = e``, so the spliced model
@@ -392,17 +392,6 @@ class SplitModel:
         """Shape of the spliced activation after ``[batch, pos]`` (``(d_model,)``, ``(n_heads, d_head)``, ...)."""
         return tuple(self._act_shape_tail)
 
-    def check(self, batch: Any, s_test: Params | None = None, **kwargs: Any) -> Any:
-        """Self-check against TransformerLens' own forward (:func:`repinf_lens.influence.check.check_split`).
-
-        Compares the spliced logits with ``model(tokens)``, example scores with a reverse-mode gradient and the
-        swap's latent scores with per-latent JVPs through ``functional_call`` on the whole model; raises
-        :class:`~repinf_lens.influence.check.SplitCheckError` on a mismatch, else returns the report.
-        """
-        from repinf_lens.influence.check import check_split
-
-        return check_split(self, batch, s_test, **kwargs)
-
     @property
     def d_sae(self) -> int:
         """Number of latents (the SAE's d_sae, or the activation width without an SAE)."""
@@ -476,6 +465,7 @@ class SplitModel:
         For a transcoder the latents are read at its input hook and the error is the true activation at its output
         hook minus the decoded latents (a skip transcoder's ``W_skip x`` term is part of that held error).
         """
+        check_batch(batch, self._task)
         batch = batch.to(self.device)
         self.check_tokens(batch.tokens)
         x_in, y, base = self._upstream(batch.tokens)
@@ -585,18 +575,21 @@ class SplitModel:
         rest = {k: v for k, v in params.items() if k not in trimmed} if params else {}
 
         def run() -> Tensor:
-            resid = body()
-            resid = resid[torch.arange(resid.shape[0], device=resid.device), answer_pos.to(resid.device)]
+            # the positions the loss reads: answer_pos [B] -> [B, d_model], [B, P] -> [B, P, d_model]
+            resid = gather_positions(body(), answer_pos)
+            one = resid.ndim == 2
             # every step HookedTransformer.forward applies after the last block (repinf_lens.hooked.final_logits)
-            h = final_norm(model, resid[:, None, :])
-            logits = logit_softcap(model, model.unembed(h))[:, 0, :]
+            h = final_norm(model, resid[:, None, :] if one else resid)
+            logits = logit_softcap(model, model.unembed(h))
+            logits = logits[:, 0, :] if one else logits
             if not trimmed:
                 return logits
             # theta2 holds the loss's vocabulary columns only: recompute those from it (the other columns are
             # the model's own values, constant in theta2)
             w = trimmed["unembed.W_U"] if "unembed.W_U" in trimmed else model.unembed.W_U.index_select(1, cols)
             b = trimmed["unembed.b_U"] if "unembed.b_U" in trimmed else model.unembed.b_U.index_select(0, cols)
-            return logits.index_copy(1, cols, logit_softcap(model, h[:, 0, :] @ w + b))
+            kept = logit_softcap(model, (h[:, 0, :] if one else h) @ w + b)
+            return logits.index_copy(logits.ndim - 1, cols, kept)
 
         return _call_with_params(model, rest, run) if rest else run()
 
@@ -608,8 +601,10 @@ class SplitModel:
         error: Tensor | None = None,
         base: Tensor | None = None,
         anchor: tuple[Tensor, Tensor, Tensor] | None = None,
-    ) -> Float[Tensor, "batch d_vocab"]:
-        """Answer-position logits of the downstream computation from latents ``r``.
+    ) -> Tensor:
+        """Logits at the loss positions ``batch.answer_pos`` of the downstream computation from latents ``r``.
+
+        ``[B, d_vocab]`` for ``answer_pos [B]`` (one position per example), ``[B, P, d_vocab]`` for ``[B, P]``.
 
         ``params`` replaces theta2 (any subset of the model's parameters) when given; the result is
         differentiable in ``r``, ``error`` and ``params``. ``base`` (the downstream block's input, needed for
@@ -638,8 +633,8 @@ class SplitModel:
         return self.loss(inp.latents, inp.batch, params, inp.error, inp.base, reduction=reduction, anchor=inp.anchor)
 
     @torch.no_grad()
-    def original_logits(self, batch: Any) -> Float[Tensor, "batch d_vocab"]:
-        """Answer-position logits of the unmodified model (for checking the splice)."""
+    def original_logits(self, batch: Any) -> Tensor:
+        """Loss-position logits of the unmodified model (for checking the splice; shaped as :meth:`logits`)."""
         return self.task.model_logits(self.model, batch.to(self.device))
 
 

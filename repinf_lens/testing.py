@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-__all__ = ["tiny_tokenizer", "tiny_model", "tiny_hf_llama", "random_sae", "toy_mcqa_rows", "TINY_CHAT_TEMPLATE"]
+__all__ = ["TINY_CHAT_TEMPLATE", "random_sae", "tiny_hf_llama", "tiny_model", "tiny_tokenizer", "toy_mcqa_rows"]
 
 TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "

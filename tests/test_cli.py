@@ -54,9 +54,10 @@ def test_finetune_cli_tiny(tmp_path, monkeypatch, capsys):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-TINY_DEMO = dict(n_eval=4, n_finetune=8, finetune_batch_size=4, finetune_micro_batch_size=4, d_sae=16, k=3,
-                 n_sae_prompts=16, sae_epochs=2.0, n_queries=1, prefilter_top_k=4, cg_iters=2, hessian_examples=4,
-                 ks=[2, 4], n_boot=20, ortho_tokens=128)  # fmt: skip
+TINY_DEMO = dict(retrain=True, n_eval=4, n_train=8, finetune_epochs=1.0, finetune_batch_size=4,
+                 finetune_micro_batch_size=4, d_sae=16, k=3, n_sae_prompts=16, sae_epochs=2.0, n_queries=1,
+                 prefilter_top_k=4, sketch_dim=128, cg_iters=2, hessian_examples=4, ks=[2, 4], n_boot=20,
+                 ortho_tokens=128)  # fmt: skip
 
 
 def test_demo_cli_tiny_with_a_config_file(tmp_path, monkeypatch, capsys):
@@ -76,13 +77,21 @@ def test_demo_cli_tiny_with_a_config_file(tmp_path, monkeypatch, capsys):
 @pytest.mark.integration
 def test_demo_on_the_real_default_model_and_data(tmp_path, capsys):
     """The main job on the embedded SmolLM2 and real OpenBookQA, at tiny sizes (the full demo is `make demo`)."""
+    from repinf_lens.demo import DEFAULT_INDEX, DEFAULT_SAE_ID, DEFAULT_SAE_RELEASE
+
     config = tmp_path / "demo.json"
-    config.write_text(json.dumps({**TINY_DEMO, "d_sae": 256, "k": 16, "ks": [10, 50], "n_sae_prompts": 64}))
+    small = dict(n_eval=12, n_queries=1, prefilter_top_k=4, cg_iters=1, hessian_examples=2, ks=[10, 50], n_boot=20,
+                 ortho_tokens=128, rankings=["influence", "random"])  # fmt: skip
+    config.write_text(json.dumps(small))
     out = tmp_path / "demo"
     assert main(["demo", "--offline", "--config", str(config), "--no-progress", "--out", str(out)]) == 0
     summary = json.loads((out / "demo.json").read_text())
-    assert summary["hook_name"] == "blocks.22.hook_resid_post" and summary["n_eval"] == 4
-    assert summary["selected_sae"] == "L22_d256_k16" and summary["n_candidates"] == 4
+    assert summary["hook_name"] == DEFAULT_SAE_ID and summary["n_eval"] == 12
+    # the shipped finetune, SAE and index of all 4957 training questions, no training here
+    assert summary["sae"] == f"{DEFAULT_SAE_RELEASE}/{DEFAULT_SAE_ID}" and summary["prefilter_index"] == DEFAULT_INDEX
+    assert summary["n_train"] == 4957 and summary["n_candidates"] == 4
+    assert summary["queries"][0]["why chosen"] == "wrong before, right after"
+    assert summary["accuracy_finetuned"] > summary["accuracy_zero_shot"]
     html = (out / "report.html").read_text()
     assert f"Test question {summary['queries'][0]['query']}" in html
     assert not re.search(r"""(src|href)=["']https?://""", html)

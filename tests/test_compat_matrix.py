@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from repinf_lens.influence.check import SplitCheckError
+from repinf_lens.influence.check import SplitCheckError, check_split
 from repinf_lens.split import HookNameError, SAECompatibilityError, SplitConfigError, SplitModel
 from repinf_lens.task import MultipleChoiceTask
 from repinf_lens.testing import random_sae, tiny_model, tiny_tokenizer, toy_mcqa_rows
@@ -108,7 +108,7 @@ def _assert_matches_tl(split: SplitModel, batch) -> None:
             want = _answer(model.run_with_hooks(batch.tokens, fwd_hooks=[(split.out_hook, lambda a, hook: written)]),
                            batch)  # fmt: skip
     assert (got - want).abs().max() <= LOGITS_TOL, float((got - want).abs().max())
-    report = split.check(batch, logits_tol=LOGITS_TOL, rel_tol=REL_TOL)
+    report = check_split(split, batch, logits_tol=LOGITS_TOL, rel_tol=REL_TOL)
     assert report.ok and sum(len(v) for v in report.latents_checked.values()) >= 2, report.summary()
 
 
@@ -206,7 +206,7 @@ def test_softcap_is_applied_and_the_check_would_catch_it(monkeypatch):
 
     monkeypatch.setattr(split_mod, "logit_softcap", lambda model, x: x)  # the bug: softcap skipped downstream
     with pytest.raises(SplitCheckError, match="disagrees with TransformerLens' own forward"):
-        split.check(batch)
+        check_split(split, batch)
     monkeypatch.setattr(hooked, "logit_softcap", lambda model, x: x)  # ... also in task.model_logits
     assert not torch.allclose(split.original_logits(batch), logits)
 
@@ -240,10 +240,10 @@ def test_attached_error_term_is_held_constant_in_forward_mode(monkeypatch):
     model.add_sae(random_sae(model, "blocks.1.hook_mlp_out", architecture="standard", seed=3), use_error_term=True)
     split = SplitModel(model, "blocks.0.hook_resid_post", random_sae(model, "blocks.0.hook_resid_post"))
     batch = _batch(model)
-    split.check(batch, logits_tol=LOGITS_TOL, rel_tol=REL_TOL)
+    check_split(split, batch, logits_tol=LOGITS_TOL, rel_tol=REL_TOL)
     monkeypatch.setattr(split_mod, "_detach", lambda act, hook: act)
     with pytest.raises(SplitCheckError):
-        split.check(batch)
+        check_split(split, batch)
 
 
 def test_sae_attached_at_the_split_hook_is_named():

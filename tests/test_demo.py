@@ -30,7 +30,7 @@ def test_demo_config_files(tmp_path):
     path = tmp_path / "demo.yaml"
     path.write_text("n_eval: 7\nks: [3, 5]\n")
     cfg = DemoConfig.from_file(path, quick=True)
-    assert cfg.n_eval == 7 and cfg.ks == (3, 5) and cfg.n_finetune == DemoConfig.quick().n_finetune
+    assert cfg.n_eval == 7 and cfg.ks == (3, 5) and cfg.n_queries == DemoConfig.quick().n_queries == 2
     (tmp_path / "bad.json").write_text(json.dumps({"n_evals": 3}))
     with pytest.raises(ValueError, match="n_evals"):
         DemoConfig.from_file(tmp_path / "bad.json")
@@ -42,9 +42,10 @@ def tiny_demo(tmp_path_factory):
     folder = tmp / "tiny"
     tiny_hf_llama(folder, initializer_range=0.2)
     rows = toy_mcqa_rows(40)
-    cfg = DemoConfig.quick(n_eval=8, n_finetune=12, finetune_batch_size=4, finetune_micro_batch_size=4, d_sae=16,
-                           k=3, n_sae_prompts=24, sae_epochs=2.0, prefilter_top_k=5, cg_iters=2,
-                           hessian_examples=4, ks=(2, 4, 64), n_boot=20, ortho_tokens=256)  # fmt: skip
+    cfg = DemoConfig.quick(retrain=True, n_eval=8, n_train=12, finetune_epochs=1.0, finetune_lr=4e-4,
+                           finetune_batch_size=4, finetune_micro_batch_size=4, d_sae=16, k=3, n_sae_prompts=24,
+                           sae_epochs=2.0, prefilter_top_k=5, sketch_dim=256, cg_iters=2, hessian_examples=4,
+                           ks=(2, 4, 64), n_boot=20, ortho_tokens=256)  # fmt: skip
     logs: list[str] = []
     kwargs = dict(model=folder, train=rows[:24], test=rows[24:], progress=False)
     res = run_demo(tmp / "demo", cfg, log=logs.append, **kwargs)
@@ -56,14 +57,35 @@ def test_run_demo_tiny_end_to_end(tiny_demo):
     summary = json.loads((out / "demo.json").read_text())
     assert summary["hook_name"] == "blocks.1.hook_resid_post" and summary["n_eval"] == 8
     assert len(summary["queries"]) == 2
-    assert 5 <= summary["n_candidates"] <= 10  # union of each query's top 5 of the 12 finetuning examples
+    assert 5 <= summary["n_candidates"] <= 10  # union of each query's top 5 of the 12 attributed examples
+    assert summary["n_train"] == 12
     result = InfluenceResult.load(out / "attribution" / "result")
     assert result.query_ids == [q["query"] for q in summary["queries"]] and result.n_train == summary["n_candidates"]
     ablation = (out / "ablation" / "ablation_per_query.csv").read_text().splitlines()
-    assert len(ablation) - 1 == 4 * 2 * 2 * 2 * 2  # rankings x ks (64 > d_sae is dropped) x modes x error x queries
+    n_rankings = len(DemoConfig.quick().rankings)
+    assert len(ablation) - 1 == n_rankings * 2 * 2 * 2 * 2  # rankings x ks (64 > d_sae dropped) x modes x error x q
     html = res.report.read_text()
-    for needle in ("Test question", "Accuracy", "Layer sweep", "Orthogonality", "Necessity and sufficiency"):
+    for needle in (
+        "Test question",
+        "Accuracy",
+        "Layer sweep",
+        "Orthogonality",
+        "Necessity and sufficiency",
+        "Completeness",
+        "Ablation verdicts",
+        "respond to",
+        "peak memory per stage",
+    ):
         assert needle in html
+    # every stage has its time and its own peak RSS (a positive number of MB, at least the loaded model's size)
+    stages = summary["stages"]
+    assert {"zero_shot_eval", "finetuned_model", "sae", "attribution", "ablation", "report"} <= set(stages)
+    assert all(s["peak_rss_mb"] > 50 and s["seconds"] >= 0 for s in stages.values())
+    assert summary["peak_rss_mb"] == max(s["peak_rss_mb"] for s in stages.values())
+    # completeness rows: example score = latent sum + error term + the rest, per pair
+    for row in summary["completeness"]:
+        total = row["latent sum"] + row["error term"] + row["rest"]
+        assert abs(total - row["example score"]) <= 1e-6 * max(1.0, abs(row["example score"]))
     assert not re.search(r"""(src|href)=["']https?://""", html)  # self-contained: nothing fetched
     assert any("report:" in line for line in logs)
 
@@ -77,7 +99,7 @@ def test_run_demo_rerun_reuses_every_stage(tiny_demo):
     assert {p.name: p.stat().st_mtime_ns for p in [*shards, out / "finetune" / "finetune.json"]} == stamps
     again = json.loads((out / "demo.json").read_text())
     assert again["queries"] == summary["queries"] and again["accuracy_finetuned"] == summary["accuracy_finetuned"]
-    assert again["timings"]["finetune_s"] < summary["timings"]["finetune_s"]
+    assert again["timings"]["finetuned_model_s"] < summary["timings"]["finetuned_model_s"]
 
 
 def test_run_demo_with_an_adapter_trained_elsewhere_merges_it_instead_of_finetuning(tiny_demo, tmp_path):
@@ -114,3 +136,13 @@ def test_demo_report_screenshot_in_headless_chromium_offline(tiny_demo, tmp_path
     saturation = img.max(-1) - img.min(-1)
     assert (saturation > 60).sum() > 500  # coloured heatmap cells and plots, not a blank or grey page
     assert img.std() > 10
+
+
+def test_run_demo_refuses_settings_the_shipped_assets_cannot_serve_before_any_work(tmp_path):
+    from repinf_lens.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="--retrain"):
+        run_demo(tmp_path / "d", DemoConfig.quick(), model=tmp_path / "some-other-model", log=lambda _: None)
+    with pytest.raises(SettingsError, match="template"):
+        run_demo(tmp_path / "d", DemoConfig.quick(template="chat"), log=lambda _: None)
+    assert not (tmp_path / "d").exists()

@@ -233,3 +233,38 @@ def test_a_reused_run_measures_other_evaluation_data_instead_of_returning_stale_
     assert again.metadata["accuracy_after"] == evaluate(again.model, task, other, progress=False)
     assert again.metadata["accuracy_after"] != first.metadata["accuracy_after"]
     assert json.loads((tmp_path / "run" / "finetune.json").read_text())["n_eval"] == 8
+
+
+def test_merge_peft_is_the_exact_float64_merge_and_bit_reproducible(base):
+    """merge_peft == W + scaling * B @ A computed densely in float64 and rounded once (an independent matmul), and
+    two merges are bit-identical; peft's own fp32 merge agrees to float32 rounding."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from repinf_lens.models import merge_peft
+
+    folder, _ = base
+
+    def peft_model():
+        torch.manual_seed(0)
+        hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+        return get_peft_model(hf, cfg)
+
+    pm = peft_model()
+    lora = {n: m for n, m in pm.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert lora, "no LoRA layers"
+    want = {}
+    for n, m in lora.items():
+        a, b = m.lora_A["default"].weight.double(), m.lora_B["default"].weight.double()
+        w = m.get_base_layer().weight.double()
+        want[n.removeprefix("base_model.model.") + ".weight"] = (w + m.scaling["default"] * (b @ a)).float()
+    merged = dict(merge_peft(pm).named_parameters())
+    for name, w in want.items():
+        assert torch.equal(merged[name], w) or (merged[name] - w).abs().max() <= 1e-7 * w.abs().max(), name
+    again = dict(merge_peft(peft_model()).named_parameters())
+    assert all(torch.equal(merged[k], again[k]) for k in merged)
+    theirs = dict(peft_model().merge_and_unload().named_parameters())
+    assert isinstance(pm, PeftModel)
+    for name in want:
+        assert (theirs[name] - merged[name]).abs().max() <= 1e-5 * merged[name].abs().max()

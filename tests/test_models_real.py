@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from repinf_lens.influence.check import check_split
 from repinf_lens.models import gemma3_270m_dir, load_model, official_name_for_config
 from repinf_lens.split import SplitModel
 from repinf_lens.task import MultipleChoiceTask
@@ -23,7 +24,7 @@ def _check_real_split(model, hook: str) -> None:
     task = MultipleChoiceTask.from_model(model, template="plain")
     batch = task.collate(toy_mcqa_rows(1, seed=2))
     split = SplitModel(model, hook, random_sae(model, hook, d_sae=128, k=16), task=task)
-    report = split.check(batch, n_latents=2, logits_tol=1e-4, rel_tol=1e-3)
+    report = check_split(split, batch, n_latents=2, logits_tol=1e-4, rel_tol=1e-3)
     assert report.ok and report.latents_checked[0], report.summary()
 
 

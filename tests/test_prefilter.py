@@ -297,3 +297,22 @@ def test_projection_skips_untouched_coordinates_exactly(split, projection):
         got = sk.project({name: grads.view(3, *shape), **zeros})
         torch.testing.assert_close(got, grads @ S, rtol=1e-5, atol=1e-5)
     assert not sk.project({name: torch.zeros(3, *shape), **zeros}).any()
+
+
+def test_float16_storage_halves_the_store_and_keeps_the_ranking(split, tmp_path):
+    """storage_dtype='float16': the same sketches rounded once (fp32 matching), half the bytes, its own fingerprint."""
+    train, queries = _examples(40, seed=5), _examples(3, seed=6)
+    full = build_sketches(split, None, train, out_dir=tmp_path / "f32", dim=512, batch_size=8, progress=False)
+    half = build_sketches(split, None, train, out_dir=tmp_path / "f16", dim=512, batch_size=8, progress=False,
+                          storage_dtype="float16")  # fmt: skip
+    assert half.sketches.dtype == torch.float16 and torch.equal(half.sketches, full.sketches.half())
+    size = {k: sum(p.stat().st_size for p in (tmp_path / k / "shards").iterdir()) for k in ("f32", "f16")}
+    assert size["f16"] < 0.6 * size["f32"]
+    a, b = prefilter(queries, full, split=split, top_k=40), prefilter(queries, half, split=split, top_k=40)
+    assert (a.all_scores - b.all_scores).abs().max() < 2e-3
+    assert half.fingerprint["storage_dtype"] == "float16" and "storage_dtype" not in full.fingerprint
+    with pytest.raises(ManifestMismatchError):  # a float32 folder is not silently reused for float16
+        build_sketches(split, None, train, out_dir=tmp_path / "f32", dim=512, batch_size=8, progress=False,
+                       storage_dtype="float16")  # fmt: skip
+    with pytest.raises(ValueError, match="storage_dtype"):
+        build_sketches(split, None, train, out_dir=tmp_path / "x", storage_dtype="int8", progress=False)

@@ -45,18 +45,19 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from repinf_lens._io import write_text_atomic
 from repinf_lens.analysis.rankings import LatentRanking, RankingContext, get_ranking, with_error_term
 
 __all__ = [
-    "PAPER_KS",
     "DEFAULT_RANKINGS",
     "METRICS",
     "MODES",
-    "necessity_sufficiency",
+    "PAPER_KS",
     "aggregate",
-    "save_ablation",
-    "plot_ablation",
     "masked_logits",
+    "necessity_sufficiency",
+    "plot_ablation",
+    "save_ablation",
 ]
 
 PAPER_KS: tuple[int, ...] = (10, 25, 50, 75, 100, 125, 150, 175, 200)
@@ -286,14 +287,13 @@ def necessity_sufficiency(
     import pandas as pd
 
     from repinf_lens.influence.attributor import as_rows
+    from repinf_lens.task import require
 
     base_split = split if task is None or task is split.task else split.with_task(task)
     task = base_split.task
-    if not hasattr(task, "option_logits"):
-        raise TypeError(
-            f"{type(task).__name__} has no option_logits(); the ablation metrics need a multiple-choice task "
-            "(e.g. MultipleChoiceTask)."
-        )
+    # the metrics (correct-option logit, prediction flips) need a multiple-choice task; MissingCapabilityError
+    # is a TypeError
+    require(task, "option_logits", needed_by="necessity_sufficiency (correct-option logit, prediction flips)")
     esplit = with_error_term(base_split)
     rows = as_rows(queries, "query set")
     variants = _as_variants(use_error_term)
@@ -491,12 +491,6 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    from repinf_lens._shards import write_text_atomic
-
-    write_text_atomic(path, text)  # unique temporary file + fsync + rename
-
-
 def save_ablation(df: Any, out_dir: str | os.PathLike, agg: Any = None, *, prefix: str = "ablation") -> dict[str, Path]:
     """Write the per-query table and its aggregate as tidy CSV and one JSON file.
 
@@ -515,14 +509,14 @@ def save_ablation(df: Any, out_dir: str | os.PathLike, agg: Any = None, *, prefi
         "summary": out / f"{prefix}_summary.csv",
         "json": out / f"{prefix}.json",
     }
-    _write_atomic(paths["per_query"], df.to_csv(index=False))
-    _write_atomic(paths["summary"], agg.to_csv(index=False))
+    write_text_atomic(paths["per_query"], df.to_csv(index=False))
+    write_text_atomic(paths["summary"], agg.to_csv(index=False))
     payload = {
         "meta": _jsonable(dict(df.attrs)),
         "summary": _jsonable(agg.to_dict(orient="records")),
         "per_query": _jsonable(df.to_dict(orient="records")),
     }
-    _write_atomic(paths["json"], json.dumps(payload, indent=1, default=str))
+    write_text_atomic(paths["json"], json.dumps(payload, indent=1, default=str))
     return paths
 
 

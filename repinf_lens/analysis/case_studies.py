@@ -14,7 +14,6 @@ Sign convention: POSITIVE influence = proponent (up-weighting the training examp
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from repinf_lens._io import cached_json, write_json_atomic
 from repinf_lens.errors import check_int
 
 __all__ = [
@@ -85,18 +85,11 @@ def cached_predictions(
     path: str | os.PathLike, key: Mapping[str, Any], compute: Callable[[], dict[str, Any]]
 ) -> dict[str, Any]:
     """Read ``path`` when it was written for the same ``key`` (model, template, question ids...), else compute
-    the record with ``compute()`` and write it atomically."""
-    path = Path(path)
-    key = json.loads(json.dumps(dict(key), default=str))
-    if path.exists():
-        rec = json.loads(path.read_text())
-        if rec.get("key") == key:
-            return rec
-    from repinf_lens._shards import write_json_atomic
+    the record with ``compute()`` and write it atomically.
 
-    rec = {"key": key, **compute()}
-    write_json_atomic(path, rec)  # a unique temporary file: concurrent runs never share one
-    return rec
+    The prediction records' name for :func:`repinf_lens._io.cached_json` (the generic compute-or-read cache).
+    """
+    return cached_json(path, key, compute)
 
 
 def default_rationale(row: Mapping[str, Any], letters: str = "ABCDEFGHIJ") -> str:
@@ -292,8 +285,6 @@ def run_case_studies(
         "report": str(report),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    from repinf_lens._shards import write_json_atomic
-
     write_json_atomic(out / "case_studies.json", summary)
     write_manifest(out, "case-studies", {"n_cases": n_cases, **vars(cfg)}, seconds=summary["seconds"])
     return summary

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from repinf_lens._shards import write_json_atomic, write_text_atomic
+from repinf_lens._io import write_json_atomic, write_text_atomic
 from repinf_lens.errors import check_int
 
 __all__ = ["BETTER", "compare_rankings", "run_faithfulness"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,8 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from repinf_lens.curvature.solvers import CG, Identity, InverseHessianSolver, LiSSA
+from repinf_lens._stats import spearman  # re-exported: it lives below the analyses (the prefilter uses it)
+from repinf_lens.curvature.solvers import InverseHessianSolver, get_solver_class
 from repinf_lens.influence.attributor import InfluenceAttributor, as_rows
 from repinf_lens.split import Params, SplitModel
 
@@ -45,22 +46,20 @@ __all__ = [
 ]
 
 
-def spearman(a: Float[Tensor, " n"], b: Float[Tensor, " n"]) -> float:
-    """Spearman rank correlation (Pearson correlation of the ranks; ties broken by position)."""
-    if a.numel() < 2:
-        return float("nan")
-    ra = a.double().argsort().argsort().double()
-    rb = b.double().argsort().argsort().double()
-    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+def default_solvers(
+    damping: float, names: Sequence[str] = ("cg", "lissa", "identity")
+) -> dict[str, InverseHessianSolver]:
+    """The registered solvers ``names`` (default CG, LiSSA and Identity) with the retraining objective's damping.
 
-
-def default_solvers(damping: float) -> dict[str, InverseHessianSolver]:
-    """CG, LiSSA and Identity with the retraining objective's damping."""
-    return {
-        "cg": CG(damping=damping, max_iter=100, tol=1e-8),
-        "lissa": LiSSA(damping=damping, scale=50.0, depth=400),
-        "identity": Identity(),
-    }
+    Each is built by its class's ``from_config(damping=damping, **accurate_settings)``: the near-exact settings
+    the class declares (CG: 100 iterations, tol 1e-8; LiSSA: depth 400, scale 50), so a solver added with
+    :func:`~repinf_lens.curvature.solvers.register_solver` can be checked here too.
+    """
+    out: dict[str, InverseHessianSolver] = {}
+    for name in names:
+        cls = get_solver_class(name)
+        out[name] = cls.from_config(damping=damping, **cls.accurate_settings)
+    return out
 
 
 @dataclass

@@ -49,11 +49,11 @@ from torch import Tensor
 
 __all__ = [
     "SPACES",
-    "orthogonality",
     "collect_representations",
-    "orthogonality_table",
     "dense_autoencoder_baseline",
     "ortho_penalty_loss",
+    "orthogonality",
+    "orthogonality_table",
 ]
 
 #: Names of the three spaces compared in paper Section 5.2 (Table 3), in the table's order.

@@ -49,18 +49,18 @@ from torch import Tensor
 
 __all__ = [
     "RANKINGS",
-    "RankingContext",
-    "LatentRanking",
-    "InfluenceRanking",
     "ActivationRanking",
     "FrequencyRanking",
-    "RandomRanking",
-    "GradXActRanking",
     "FunctionRanking",
-    "register_ranking",
+    "GradXActRanking",
+    "InfluenceRanking",
+    "LatentRanking",
+    "RandomRanking",
+    "RankingContext",
     "get_ranking",
-    "rank_by_scores",
     "latents_of_tokens",
+    "rank_by_scores",
+    "register_ranking",
     "with_error_term",
 ]
 
@@ -332,7 +332,8 @@ class ActivationRanking(LatentRanking):
 
     Args:
         reduce: ``"sum"`` (default), ``"max"``, ``"mean"`` over the real tokens, or ``"last"`` (the answer
-            position only).
+            position only; for a task with several loss positions, such as a completion, the first of them:
+            the last prompt token).
     """
 
     name = "activation"
@@ -347,7 +348,7 @@ class ActivationRanking(LatentRanking):
     def scores(self, ctx: RankingContext) -> Float[Tensor, " d_sae"]:
         if self.reduce == "last":
             inp = ctx.query_inputs()
-            pos = int(inp.batch.answer_pos[0])
+            pos = int(inp.batch.answer_pos[0].reshape(-1)[0])  # the first position the loss reads
             return inp.latents[0, pos].abs().double().cpu()
         a = ctx.query_latents().abs().double()
         out = {"sum": a.sum(0), "max": a.max(0).values, "mean": a.mean(0)}[self.reduce]

@@ -4,6 +4,7 @@ from repinf_lens.curvature.cache import STestCache, cache_key
 from repinf_lens.curvature.hvp import dataset_grad, dataset_hvp, gnhvp, hvp, loss_grad
 from repinf_lens.curvature.solvers import (
     CG,
+    GENERIC_KNOBS,
     SOLVERS,
     Explicit,
     Identity,
@@ -12,11 +13,17 @@ from repinf_lens.curvature.solvers import (
     NegativeCurvatureWarning,
     SolveInfo,
     batched_hvp,
+    build_solver,
+    get_solver_class,
+    list_solvers,
+    register_solver,
     solver_from_dict,
+    unregister_solver,
 )
 
 __all__ = [
     "CG",
+    "GENERIC_KNOBS",
     "SOLVERS",
     "Explicit",
     "Identity",
@@ -26,11 +33,16 @@ __all__ = [
     "STestCache",
     "SolveInfo",
     "batched_hvp",
+    "build_solver",
     "cache_key",
     "dataset_grad",
     "dataset_hvp",
+    "get_solver_class",
     "gnhvp",
     "hvp",
+    "list_solvers",
     "loss_grad",
+    "register_solver",
     "solver_from_dict",
+    "unregister_solver",
 ]

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-__all__ = ["cache_key", "STestCache"]
+__all__ = ["STestCache", "cache_key"]
 
 
 def cache_key(**parts: Any) -> str:
@@ -71,20 +69,15 @@ class STestCache:
         """Write atomically (unique temporary file, fsync, rename), so a crash never leaves a truncated entry;
         the header records the sha256 of the tensors (checked by :meth:`get`)."""
         from repinf_lens._fingerprint import state_digest
-        from repinf_lens._shards import CONTENT_KEY, fsync_replace
+        from repinf_lens._io import atomic_file
+        from repinf_lens._shards import CONTENT_KEY
 
         p = self.path(key)
         cpu = {k: v.detach().contiguous().cpu() for k, v in tree.items()}
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{key}-", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_file(p) as tmp:
             save_file(
                 cpu,
                 tmp,
                 metadata={"meta": json.dumps(meta or {}, default=str), CONTENT_KEY: state_digest(cpu, cache=False)},
             )
-            fsync_replace(tmp, p)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         return p

@@ -15,7 +15,7 @@ from torch.func import grad, jvp, vjp
 
 from repinf_lens.split import Params, SplitInputs, SplitModel
 
-__all__ = ["loss_grad", "hvp", "gnhvp", "dataset_grad", "dataset_hvp"]
+__all__ = ["dataset_grad", "dataset_hvp", "gnhvp", "hvp", "loss_grad"]
 
 
 def loss_grad(split: SplitModel, params: Params, inp: SplitInputs) -> Params:

@@ -4,6 +4,25 @@ Each solver is a small config dataclass with a ``solve(hvp_fn, g)`` method (one 
 class registry, as SAELens does for SAE architectures). ``hvp_fn(v)`` returns ``H v`` for the MEAN loss over
 the whole Hessian dataset (one pass over it per call); damping is added by the solver.
 
+The registry: :func:`register_solver` (a decorator or a call) adds a solver under a name; :func:`get_solver_class`,
+:func:`list_solvers` and :func:`build_solver` read it, and ``AttributionConfig(solver=...)``, ``repinf-lens
+attribute --solver`` and :func:`solver_from_dict` accept every registered name. Each class says which of the
+generic knobs (:data:`GENERIC_KNOBS`: damping, gauss_newton, max_iter, batch_size) it takes, and as which of its
+fields, in ``config_knobs``; :meth:`InverseHessianSolver.from_config` builds it from them. Adding a solver::
+
+    @register_solver("scaled_identity")
+    @dataclass
+    class ScaledIdentity(InverseHessianSolver):
+        c: float = 1.0
+        config_knobs: ClassVar[dict[str, str]] = {"damping": "damping"}
+
+        @property
+        def needs_hessian(self) -> bool:
+            return False
+
+        def solve(self, hvp_fn, g):
+            return {k: v / (self.c + self.damping) for k, v in g.items()}, SolveInfo()
+
 ``solve_many(hvp_fn, gs)`` solves for several right-hand sides (one per test query) together. CG runs the queries
 in lockstep: the HVPs of all still-running queries come from ONE pass over the Hessian data (``torch.func.vmap``
 over ``hvp_fn``: the primal forward/backward is shared, the tangents are batched), and each query stops once its
@@ -13,11 +32,13 @@ own :meth:`CG.solve`. The base class loops over :meth:`solve`.
 
 from __future__ import annotations
 
+import difflib
 import math
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from types import MappingProxyType
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
@@ -26,20 +47,31 @@ from repinf_lens._tree import tadd, tdot, tflatten, tnorm, tnumel, tscale, tunfl
 from repinf_lens.errors import NonFiniteError, SettingsError, check_choice, check_finite, check_float, check_int
 
 __all__ = [
-    "InverseHessianSolver",
     "CG",
-    "Explicit",
-    "LiSSA",
-    "Identity",
-    "SolveInfo",
-    "NegativeCurvatureWarning",
-    "batched_hvp",
+    "GENERIC_KNOBS",
     "SOLVERS",
+    "Explicit",
+    "Identity",
+    "InverseHessianSolver",
+    "LiSSA",
+    "NegativeCurvatureWarning",
+    "SolveInfo",
+    "batched_hvp",
+    "build_solver",
+    "get_solver_class",
+    "list_solvers",
+    "register_solver",
     "solver_from_dict",
+    "unregister_solver",
 ]
 
 Tree = dict[str, Tensor]
 HVPFn = Callable[[Tree], Tree]
+_S = TypeVar("_S", bound="InverseHessianSolver")
+
+#: The solver knobs of ``AttributionConfig`` and ``repinf-lens attribute`` (``--damping``, ``--gauss-newton``,
+#: ``--max-iter``, ``--batch-size``): each solver takes some of them (its ``config_knobs``) and ignores the others.
+GENERIC_KNOBS: tuple[str, ...] = ("damping", "gauss_newton", "max_iter", "batch_size")
 
 
 class NegativeCurvatureWarning(RuntimeWarning):
@@ -96,9 +128,36 @@ class InverseHessianSolver:
     """Base class: ``damping`` (lambda), ``batch_size`` (Hessian batches), ``gauss_newton`` (PSD curvature)."""
 
     name: ClassVar[str] = "base"
+    #: Which generic knobs (:data:`GENERIC_KNOBS`) this solver takes, as ``{generic knob: field of this class}``;
+    #: :meth:`from_config` ignores the knobs not listed. CG takes ``max_iter`` and ``batch_size``, LiSSA takes
+    #: ``max_iter`` as its ``depth``, Identity takes none.
+    config_knobs: ClassVar[Mapping[str, str]] = {"damping": "damping", "gauss_newton": "gauss_newton"}
+    #: :meth:`from_config` keyword arguments for a near-exact solve, added to the damping by
+    #: :func:`~repinf_lens.analysis.lds.default_solvers` (the retraining checks, LDS / leave-one-out).
+    accurate_settings: ClassVar[Mapping[str, Any]] = {}
     damping: float = 1e-3
     batch_size: int = 8
     gauss_newton: bool = False
+
+    @classmethod
+    def from_config(
+        cls: type[_S],
+        *,
+        damping: float | None = None,
+        gauss_newton: bool | None = None,
+        max_iter: int | None = None,
+        batch_size: int | None = None,
+        **settings: Any,
+    ) -> _S:
+        """This solver built from the generic knobs (``None``: not given, the field keeps its default).
+
+        Each knob listed in :attr:`config_knobs` goes to its field, the others are ignored; ``settings`` are
+        fields of this class set as given (``scale=50.0`` for LiSSA) and win over the knobs. What
+        ``AttributionConfig`` and ``repinf-lens attribute --solver NAME`` call (through :func:`build_solver`).
+        """
+        knobs = {"damping": damping, "gauss_newton": gauss_newton, "max_iter": max_iter, "batch_size": batch_size}
+        kwargs = {cls.config_knobs[k]: v for k, v in knobs.items() if v is not None and k in cls.config_knobs}
+        return cls(**{**kwargs, **settings})
 
     def __post_init__(self) -> None:
         """Refuse impossible settings at construction (:class:`~repinf_lens.errors.SettingsError`), before any HVP."""
@@ -154,6 +213,7 @@ class Identity(InverseHessianSolver):
     """No curvature: s = g (gradient dot product, TracIn-style). ``damping`` is ignored."""
 
     name: ClassVar[str] = "identity"
+    config_knobs: ClassVar[Mapping[str, str]] = {}
     damping: float = 0.0
 
     @property
@@ -179,6 +239,10 @@ class CG(InverseHessianSolver):
     """
 
     name: ClassVar[str] = "cg"
+    config_knobs: ClassVar[Mapping[str, str]] = {
+        "damping": "damping", "gauss_newton": "gauss_newton", "max_iter": "max_iter", "batch_size": "batch_size",
+    }  # fmt: skip
+    accurate_settings: ClassVar[Mapping[str, Any]] = {"max_iter": 100, "tol": 1e-8}
     max_iter: int = 20
     tol: float = 1e-6
     on_negative_curvature: str = "warn"
@@ -326,6 +390,12 @@ class LiSSA(InverseHessianSolver):
     """
 
     name: ClassVar[str] = "lissa"
+    config_knobs: ClassVar[Mapping[str, str]] = {
+        "damping": "damping",
+        "gauss_newton": "gauss_newton",
+        "max_iter": "depth",
+    }
+    accurate_settings: ClassVar[Mapping[str, Any]] = {"max_iter": 400, "scale": 50.0}
     scale: float = 10.0
     depth: int = 200
     tol: float = 1e-7
@@ -436,13 +506,149 @@ class Explicit(InverseHessianSolver):
         return outs, infos
 
 
-SOLVERS: dict[str, type[InverseHessianSolver]] = {c.name: c for c in (CG, LiSSA, Explicit, Identity)}
+# ---------------------------------------------------------------------------------------------------------------
+# the registry
+_REGISTRY: dict[str, type[InverseHessianSolver]] = {}
+
+#: The registered solvers, ``name -> class`` (a read-only, live view: register with :func:`register_solver`).
+SOLVERS: Mapping[str, type[InverseHessianSolver]] = MappingProxyType(_REGISTRY)
 
 
-def solver_from_dict(cfg: dict[str, Any]) -> InverseHessianSolver:
-    """Rebuild a solver from :meth:`InverseHessianSolver.to_dict` (what configs and result folders store)."""
+def _check_registrable(name: str, cls: Any) -> None:
+    """Raise unless ``cls`` is an :class:`InverseHessianSolver` subclass."""
+    if not (isinstance(cls, type) and issubclass(cls, InverseHessianSolver)):
+        raise TypeError(
+            f"register_solver({name!r}, {cls!r}): not an InverseHessianSolver subclass. Fix: register a "
+            "@dataclass subclass of repinf_lens.InverseHessianSolver that implements solve(hvp_fn, g)."
+        )
+
+
+def _check_declarations(name: str, cls: type[InverseHessianSolver]) -> None:
+    """Raise unless ``cls``'s declared ``name`` is ``name`` (or absent) and its ``config_knobs`` name real fields."""
+    declared = cls.__dict__.get("name")
+    if declared is not None and declared != name:
+        raise SettingsError(
+            f"register_solver({name!r}, {cls.__name__}): the class declares name = {declared!r}, so its to_dict() "
+            f"would record a solver {declared!r}. Fix: register it as {declared!r}, or set name = {name!r} in the "
+            "class (or leave `name` out: register_solver sets it)."
+        )
+    init_fields = {f.name for f in fields(cls) if f.init} if is_dataclass(cls) else set()
+    bad_knobs = sorted(set(cls.config_knobs) - set(GENERIC_KNOBS))
+    bad_fields = sorted(f for f in cls.config_knobs.values() if f not in init_fields)
+    if bad_knobs or bad_fields:
+        raise SettingsError(
+            f"{cls.__name__}.config_knobs = {dict(cls.config_knobs)}: "
+            + (f"{bad_knobs} are not generic knobs {list(GENERIC_KNOBS)}" if bad_knobs else "")
+            + ("; " if bad_knobs and bad_fields else "")
+            + (f"{bad_fields} are not dataclass fields of {cls.__name__}" if bad_fields else "")
+            + f". Fix: map generic knobs {list(GENERIC_KNOBS)} to fields of the class "
+            "(is it decorated with @dataclass?)."
+        )
+
+
+def register_solver(name: str, cls: type[_S] | None = None, *, overwrite: bool = False) -> Any:
+    """Register the solver class ``cls`` under ``name``; usable as a decorator (``@register_solver("mine")``).
+
+    Then ``AttributionConfig(solver=name)``, ``repinf-lens attribute --solver name`` (register it before
+    ``repinf_lens.cli.main`` runs), :func:`build_solver` and :func:`solver_from_dict` build it. The class gets
+    ``name`` as its ``name`` (what :meth:`InverseHessianSolver.to_dict` records) unless it declares it itself.
+
+    Args:
+        name: the registry key (no whitespace; it is a CLI value).
+        cls: a ``@dataclass`` subclass of :class:`InverseHessianSolver`; its ``config_knobs`` say which generic
+            knobs it takes (default: ``damping`` and ``gauss_newton``).
+        overwrite: replace an existing entry (built-ins included) instead of raising.
+
+    Returns:
+        ``cls`` itself (so the decorator leaves the class unchanged), or the decorator when ``cls`` is None.
+
+    Raises:
+        SettingsError: ``name`` is taken (and ``overwrite`` is False), is not a usable name, differs from the
+            class's declared ``name``, or ``config_knobs`` names something that does not exist.
+        TypeError: ``cls`` is not an :class:`InverseHessianSolver` subclass.
+    """
+    if not isinstance(name, str) or not name or any(ch.isspace() for ch in name) or name.startswith("-"):
+        raise SettingsError(
+            f"register_solver: {name!r} is not a usable solver name. Fix: pass a non-empty string without "
+            "whitespace that does not start with '-' (it is a value of --solver), e.g. 'my_solver'."
+        )
+
+    def deco(c: type[_S]) -> type[_S]:
+        _check_registrable(name, c)
+        old = _REGISTRY.get(name)
+        if old is not None and old is not c and not overwrite:
+            raise SettingsError(
+                f"A solver named {name!r} is already registered ({old.__module__}.{old.__qualname__}). Fix: pick "
+                f"another name, or pass overwrite=True to replace it."
+            )
+        _check_declarations(name, c)
+        if "name" not in c.__dict__:
+            c.name = name
+        _REGISTRY[name] = c
+        return c
+
+    return deco if cls is None else deco(cls)
+
+
+def unregister_solver(name: str) -> type[InverseHessianSolver]:
+    """Remove ``name`` from the registry (built-ins included) and return its class; unknown names raise."""
+    cls = get_solver_class(name)
+    del _REGISTRY[name]
+    return cls
+
+
+def list_solvers() -> list[str]:
+    """The registered solver names, sorted (the values ``--solver`` and ``AttributionConfig.solver`` accept)."""
+    return sorted(_REGISTRY)
+
+
+def get_solver_class(name: str, *, setting: str | None = None) -> type[InverseHessianSolver]:
+    """The solver class registered as ``name``; an unknown name raises :class:`SettingsError` with the closest.
+
+    ``setting`` names where the name came from (``"AttributionConfig solver"``) for the message.
+    """
+    if isinstance(name, str) and name in _REGISTRY:
+        return _REGISTRY[name]
+    close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3, cutoff=0.5)
+    hint = "" if not close else f" Did you mean {close[0]!r}?" if len(close) == 1 else f" Did you mean one of {close}?"
+    problem = (
+        f"Unknown solver {name!r}.{hint} Registered solvers: {list_solvers()}."
+        if setting is None
+        else f"{setting} must be one of the registered solvers {list_solvers()}, got {name!r}.{hint}"
+    )
+    raise SettingsError(
+        f"{problem} Fix: pass one of these, or register yours first with repinf_lens.register_solver(name, cls)."
+    )
+
+
+def build_solver(name: str, **knobs: Any) -> InverseHessianSolver:
+    """``get_solver_class(name).from_config(**knobs)``: the solver ``name`` built from the generic knobs.
+
+    ``build_solver("lissa", damping=1e-3, max_iter=200, batch_size=4)`` is ``LiSSA(damping=1e-3, depth=200)``
+    (LiSSA takes ``max_iter`` as its depth and ignores ``batch_size``); see
+    :meth:`InverseHessianSolver.from_config`.
+    """
+    return get_solver_class(name).from_config(**knobs)
+
+
+def solver_from_dict(cfg: Mapping[str, Any]) -> InverseHessianSolver:
+    """Rebuild a solver from :meth:`InverseHessianSolver.to_dict` (what configs and result folders store).
+
+    Any registered solver; ``"solver"`` names it (default ``"cg"``), the other keys are its fields.
+    """
     cfg = dict(cfg)
     name = cfg.pop("solver", "cg")
-    if name not in SOLVERS:
-        raise SettingsError(f"Unknown solver {name!r}. Fix: pass one of {sorted(SOLVERS)}.")
-    return SOLVERS[name](**cfg)
+    cls = get_solver_class(name)
+    if is_dataclass(cls):
+        valid = [f.name for f in fields(cls) if f.init]
+        unknown = sorted(set(cfg) - set(valid))
+        if unknown:
+            raise SettingsError(
+                f"Solver {name!r} ({cls.__name__}) has no setting {unknown}. Fix: pass only its fields {valid}."
+            )
+    return cls(**cfg)
+
+
+for _builtin in (CG, LiSSA, Explicit, Identity):
+    register_solver(_builtin.name, _builtin)
+del _builtin

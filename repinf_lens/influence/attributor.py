@@ -22,20 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from repinf_lens._cache import cache_dir as default_cache_dir
 from repinf_lens._cache import fingerprint_rows
-from repinf_lens._shards import (
-    open_manifest,
-    shard_checksum,
-    shard_is_done,
-    shard_plan,
-    write_json_atomic,
-    write_shard,
-)
+from repinf_lens._dist import broadcast_s_test, is_distributed, shard_ranges
+from repinf_lens._io import as_rows as io_rows
+from repinf_lens._io import write_json_atomic
+from repinf_lens._shards import open_manifest, shard_checksum, shard_is_done, shard_plan, write_shard
 from repinf_lens.curvature.cache import STestCache, cache_key
 from repinf_lens.curvature.hvp import dataset_hvp, loss_grad
 from repinf_lens.curvature.solvers import CG, InverseHessianSolver, SolveInfo
@@ -43,18 +40,15 @@ from repinf_lens.errors import NonFiniteError, check_finite, check_int
 from repinf_lens.influence.math import latent_influence_multi, stack_queries
 from repinf_lens.influence.result import InfluenceResult
 from repinf_lens.split import Params, SplitInputs, SplitModel
-from repinf_lens.task import as_rows as task_rows
 
 __all__ = ["InfluenceAttributor", "as_rows"]
 
 
 def as_rows(data: Any, what: str = "dataset") -> list[dict[str, Any]]:
-    """A ``datasets.Dataset``, a list of dicts, a dict of columns or a single example -> list of dicts."""
-    single = isinstance(data, Mapping) and isinstance(data.get("question"), str)
-    rows = [dict(data)] if single else task_rows(data)
-    if not rows:
-        raise ValueError(f"The {what} is empty. Fix: pass at least one example.")
-    return rows
+    """A ``datasets.Dataset``, a list of dicts, a dict of columns or a single example (of any task: a mapping
+    with a scalar field, :func:`repinf_lens._io.is_example`) -> list of dicts; no examples is a ``ValueError``
+    naming ``what`` (:func:`repinf_lens._io.as_rows`)."""
+    return io_rows(data, what)
 
 
 _STREAM_KIND = "repinf_lens.influence_shards"
@@ -343,20 +337,93 @@ class InfluenceAttributor:
         return self._result(q_rows, t_rows, scores, meta)
 
     def attribute_distributed(
-        self, queries: Any, train: Any, *, batch_size: int | None = None, shard: str = "contiguous"
+        self,
+        queries: Any,
+        train: Any,
+        *,
+        batch_size: int | None = None,
+        shard: str = "contiguous",
+        src: int = 0,
     ) -> InfluenceResult | None:
         """:meth:`attribute` with the training examples sharded across ``torch.distributed`` ranks (``torchrun``).
 
-        Call it on every rank after :func:`repinf_lens.distributed.init_from_env`. Rank 0 computes s_test (only
-        it needs :meth:`fit`) and broadcasts it, each rank scores its training batches (``shard``:
-        ``"contiguous"`` blocks of batches or ``"strided"``, batch ``b`` on rank ``b % world_size``), and rank 0
-        returns the gathered result, equal to :meth:`attribute`'s (same batches, same order); other ranks
-        return ``None``. Without a multi-process group it is :meth:`attribute`. See :mod:`repinf_lens.distributed`.
+        Call it on every rank, with the same queries, training set and attributor settings, after
+        :func:`repinf_lens.distributed.init_from_env`. Rank ``src`` computes the s_test vectors (solving them or
+        reading its s_test cache; only it needs :meth:`fit`) and broadcasts them; each rank scores the training
+        batches :func:`~repinf_lens.distributed.shard_ranges` assigns it (``shard``: ``"contiguous"`` blocks of
+        batches or ``"strided"``, batch ``b`` on rank ``b % world_size``); rank ``src`` gathers the scores and
+        returns the assembled result, equal to :meth:`attribute`'s (same batches, same order;
+        ``meta["distributed"]`` records the sharding); other ranks return ``None``. Without an initialised
+        process group of more than one process it is :meth:`attribute`. See :mod:`repinf_lens.distributed`.
         POSITIVE = proponent (up-weighting the training example lowers the query's loss).
-        """
-        from repinf_lens.distributed import attribute_distributed
 
-        return attribute_distributed(self, queries, train, batch_size=batch_size, shard=shard)
+        Raises:
+            RuntimeError: on every rank when rank ``src`` could not compute s_test (e.g. no :meth:`fit`).
+        """
+        if not is_distributed():
+            return self.attribute(queries, train, batch_size=batch_size)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        q_rows = as_rows(queries, "query set")
+        t_rows = as_rows(train, "training set")
+        bs = batch_size or self.batch_size
+        ranges = shard_ranges(len(t_rows), bs, rank, world, shard)
+        params = self.split.downstream_params()
+
+        t0 = time.perf_counter()
+        s_list, error = None, None
+        if rank == src:
+            try:
+                s_list = self.s_test(q_rows)
+            except Exception as exc:  # tell the other ranks instead of leaving them at the broadcast
+                error = f"{type(exc).__name__}: {exc}"
+        status = [error]
+        dist.broadcast_object_list(status, src=src)
+        if status[0] is not None:
+            if error is not None:
+                raise RuntimeError(f"s_test failed on rank {src}: {error}")
+            raise RuntimeError(f"s_test failed on rank {src}: {status[0]}")
+        s_list = broadcast_s_test(s_list, params, len(q_rows), src=src)
+        infos = self.solve_infos if rank == src else []
+        s_stacks = self._stack_queries(s_list)
+        del s_list
+        t_solve = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        payload = []
+        with tqdm(
+            total=sum(b - a for a, b in ranges),
+            desc=f"influence (rank {rank}/{world})",
+            disable=not self.progress or rank != src,
+        ) as bar:
+            for lo, hi in ranges:
+                part = self._score_range(s_stacks, t_rows, lo, hi, bs, bar)
+                payload.append((lo, hi, part.to_tensors(self.store_token_scores)))
+                del part
+        t_local = time.perf_counter() - t1
+        gathered: list[Any] | None = [None] * world if rank == src else None
+        dist.gather_object((rank, t_local, payload), gathered, dst=src)
+        if rank != src:
+            return None
+        assert gathered is not None
+        nq, n = len(q_rows), len(t_rows)
+        scores = _Scores.empty(nq, n, self.split.d_sae, 0)
+        parts = sorted((lo, hi, t) for _, _, pl in gathered for lo, hi, t in pl)
+        covered = 0
+        for lo, hi, tensors in parts:
+            if lo != covered:
+                raise RuntimeError(f"Distributed shards do not tile the training set: gap at example {covered}.")
+            scores.fill(_Scores.from_tensors(tensors, lo, hi, nq))
+            covered = hi
+        if covered != n:
+            raise RuntimeError(f"Distributed shards cover {covered} of {n} training examples.")
+        meta = self._meta(bs, t_solve, time.perf_counter() - t1, infos)
+        meta["distributed"] = {
+            "world_size": world,
+            "backend": str(dist.get_backend()),
+            "shard": shard,
+            "seconds_per_rank": [round(t, 3) for _, t, _ in sorted(gathered, key=lambda x: x[0])],
+        }
+        return self._result(q_rows, t_rows, scores, meta)
 
     def attribute_streaming(
         self,

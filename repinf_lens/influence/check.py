@@ -1,6 +1,6 @@
 """Self-check of a split against TransformerLens' own forward: can these scores be trusted on this setup?
 
-:func:`check_split` (also ``split.check(batch)``) recomputes, for a few examples, everything the engine computes
+:func:`check_split` (``rl.check_split(split, batch)``) recomputes, for a few examples, everything the engine computes
 through a path that shares none of the split's downstream code: ``torch.func.functional_call`` on the WHOLE
 model with a forward hook that writes ``decode(r) + e`` at the splice point (the model's own embedding, blocks,
 final norm, unembedding and logit softcap; SAEs attached to a ``HookedSAETransformer`` included, their error
@@ -27,8 +27,9 @@ from torch.func import functional_call, grad, jvp
 from repinf_lens._tree import tdot
 from repinf_lens.errors import RepinfLensError
 from repinf_lens.split import Params, SplitInputs, SplitModel
+from repinf_lens.task import gather_positions
 
-__all__ = ["SplitCheck", "SplitCheckError", "check_split", "reference_logits", "random_direction"]
+__all__ = ["SplitCheck", "SplitCheckError", "check_split", "random_direction", "reference_logits"]
 
 
 class SplitCheckError(RepinfLensError, AssertionError):
@@ -105,8 +106,9 @@ def _constant(value: Tensor) -> Any:
 
 
 def reference_logits(split: SplitModel, batch: Any, value: Tensor | None, theta2: Params | None = None) -> Tensor:
-    """Answer-position logits of TransformerLens' own forward on ``batch.tokens``, with ``value`` written at the
-    splice point (``None``: the model's own activation) and theta2 replaced by ``theta2``.
+    """Loss-position logits (at ``batch.answer_pos``: ``[B, V]`` or ``[B, P, V]``) of TransformerLens' own forward
+    on ``batch.tokens``, with ``value`` written at the splice point (``None``: the model's own activation) and
+    theta2 replaced by ``theta2``.
 
     Runs ``functional_call`` on the whole model; SAEs attached downstream keep their error terms at their values.
     """
@@ -120,8 +122,7 @@ def reference_logits(split: SplitModel, batch: Any, value: Tensor | None, theta2
     params = _full_params(split, theta2 if theta2 is not None else split.downstream_params())
     with model.hooks(fwd_hooks=hooks):
         logits = functional_call(model, params, (tokens,))
-    pos = batch.answer_pos.to(logits.device)
-    return logits[torch.arange(logits.shape[0], device=logits.device), pos]
+    return gather_positions(logits, batch.answer_pos)
 
 
 def _value(split: SplitModel, r: Tensor, error: Tensor | None) -> Tensor:
@@ -197,7 +198,7 @@ def check_split(
         for j in lat:
             tangent = torch.zeros_like(r0)
             tangent[..., j] = r0[..., j]
-            refs[j] = float(jvp(p_of_r, (r0,), (tangent,))[1])
+            refs[j] = float(jvp(p_of_r, (r0,), (tangent,))[1].detach())
         got_lat = {j: float(swap.latent_scores[i, j]) for j in lat}
         # relative to the example's largest reference score: an example score is a sum of latent-level parts,
         # and float32 cancellation among them must not read as a mismatch

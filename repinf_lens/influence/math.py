@@ -33,12 +33,12 @@ from repinf_lens.split import Params, SplitInputs, SplitModel
 
 __all__ = [
     "LatentInfluence",
+    "as_inputs",
     "example_influence",
     "latent_influence",
     "latent_influence_multi",
     "latent_influence_reference",
     "stack_queries",
-    "as_inputs",
 ]
 
 

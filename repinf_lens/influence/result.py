@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from repinf_lens._cache import atomic_dir
+from repinf_lens._io import atomic_dir
 from repinf_lens.errors import CorruptFileError, NonFiniteError, RepinfLensError, SettingsError, check_int
 
 __all__ = ["InfluenceResult", "SplitMismatchError", "check_split_matches", "recorded_split_fingerprint"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from repinf_lens._shards import write_json_atomic
+from repinf_lens._io import atomic_file, write_json_atomic
 from repinf_lens.split import HookNameError
 from repinf_lens.task import Task, as_rows, check_fits
 
@@ -60,14 +59,8 @@ class ActivationStore:
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"acts.{h}": a.contiguous() for h, a in self.acts.items()}
         tensors.update(token_ids=self.token_ids, example_index=self.example_index, position=self.position)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".activations-", suffix=".tmp")  # unique per process
-        os.close(fd)
-        try:
+        with atomic_file(folder / "activations.safetensors") as tmp:  # a unique temporary file per process
             save_file(tensors, tmp)
-            os.replace(tmp, folder / "activations.safetensors")
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         write_json_atomic(folder / "activations.json", self.meta)
         return folder
 

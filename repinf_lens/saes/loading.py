@@ -32,7 +32,14 @@ from transformer_lens import HookedTransformer
 from repinf_lens.errors import CorruptFileError
 from repinf_lens.sae_compat import check_sae_compatibility, sae_hook_name
 
-__all__ = ["load_sae", "load_folder", "sae_hook_name", "check_sae_compatibility", "find_sae_folders"]
+__all__ = [
+    "check_sae_compatibility",
+    "find_sae_folders",
+    "load_folder",
+    "load_sae",
+    "sae_hook_name",
+    "shipped_sae_releases",
+]
 
 _CFG = "cfg.json"
 _WEIGHTS = "sae_weights.safetensors"
@@ -255,6 +262,23 @@ def _read_registry(path: Path) -> dict[str, Any]:
     return data
 
 
+def shipped_sae_releases() -> dict[str, Path]:
+    """SAE releases shipped inside the package: ``{release: folder}``.
+
+    Each ``repinf_lens/assets/saes/<folder>`` is what :func:`repinf_lens.publish_saes` writes (a
+    ``pretrained_saes.yaml`` block, the model card and one SAELens folder per ``sae_id``), so
+    ``load_sae("<release>", "<sae_id>")`` works offline and the same block can be submitted to SAELens' registry.
+    """
+    from importlib.resources import files
+
+    root = Path(str(files("repinf_lens.assets").joinpath("saes")))
+    out: dict[str, Path] = {}
+    for folder in sorted(p.parent for p in root.glob(f"*/{_REGISTRY_YAML}")):
+        for release in _read_registry(folder):
+            out[str(release)] = folder
+    return out
+
+
 def _local_release(path: Path, sae_id: str | None) -> dict[str, Any] | None:
     """The release entry of a local HF-repo-like folder with a ``pretrained_saes.yaml``, else ``None``."""
     if not path.is_dir() or not (path / _REGISTRY_YAML).is_file():
@@ -318,8 +342,8 @@ def load_sae(
 
     Args:
         release_or_path: a local SAE folder (``cfg.json`` + ``sae_weights.safetensors``, or a folder with SAEs in
-            subfolders), a SAELens release name (``pretrained_saes.yaml``), or a Hugging Face repo id
-            ``owner/name`` in SAELens layout.
+            subfolders), a release shipped with repinf_lens (:func:`shipped_sae_releases`, offline), a SAELens
+            release name (``pretrained_saes.yaml``), or a Hugging Face repo id ``owner/name`` in SAELens layout.
         sae_id: the SAE inside the release (required), the subfolder of the repo (required), or the subfolder
             of a local folder holding several SAEs.
         model: when given, the SAE is checked against it with :func:`check_sae_compatibility`.
@@ -352,6 +376,8 @@ def load_sae(
         else:
             folder = resolve_local_folder(path, sae_id)
             sae = load_folder(folder, device=dev, dtype=dt)
+    elif raw in (shipped := shipped_sae_releases()):
+        sae = _load_local_release(shipped[raw], _read_registry(shipped[raw])[raw], sae_id, dev, dt)
     else:
         from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
@@ -377,7 +403,7 @@ def load_sae(
                 )
             sae = _load_from_hub(raw, sae_id, dev, dt)
         else:
-            close = difflib.get_close_matches(raw, list(directory), n=5, cutoff=0.6)
+            close = difflib.get_close_matches(raw, [*shipped, *directory], n=5, cutoff=0.6)
             raise ValueError(
                 f"{raw!r} is not an existing SAE folder, a SAELens release or a Hugging Face repo id. "
                 + (f"Did you mean the release(s) {close}? " if close else "")

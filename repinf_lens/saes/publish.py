@@ -27,10 +27,10 @@ from typing import Any
 
 import yaml
 
-from repinf_lens._shards import write_text_atomic
+from repinf_lens._io import write_text_atomic
 from repinf_lens.saes.loading import load_sae, resolve_local_folder, sae_hook_name
 
-__all__ = ["publish_saes", "PublishResult", "registry_block"]
+__all__ = ["PublishResult", "publish_saes", "registry_block"]
 
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 _EXTRA_FILES = ("sparsity.safetensors",)

@@ -32,13 +32,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from repinf_lens._cache import fingerprint_rows
-from repinf_lens._shards import write_json_atomic
+from repinf_lens._io import write_json_atomic
 from repinf_lens.hooked import final_logits
 from repinf_lens.saes.activations import ActivationStore, collect_activations, hook_layer
 from repinf_lens.saes.training import SAETrainingConfig, train_sae
-from repinf_lens.task import Task, as_rows, check_fits, task_config
+from repinf_lens.task import SupportsOptionLogits, Task, as_rows, check_fits, require, task_config
 
-__all__ = ["SweepResult", "layer_sweep", "middle_layers", "spliced_accuracy", "PAPER_GRID"]
+__all__ = ["PAPER_GRID", "SweepResult", "layer_sweep", "middle_layers", "spliced_accuracy"]
 
 PAPER_GRID: tuple[tuple[int, int], ...] = tuple((d, k) for d in (2048, 1024, 512) for k in (256, 128, 64))
 """The paper's (d_sae, k) grid."""
@@ -78,14 +78,14 @@ def _resid_post_layer(hook_name: str) -> int | None:
 
 @torch.no_grad()
 def _answer_option_logits_from(
-    model: Any, task: Task, batch: Any, resid: Float[Tensor, "b t d"], start_layer: int
+    model: Any, task: SupportsOptionLogits, batch: Any, resid: Float[Tensor, "b t d"], start_layer: int
 ) -> Float[Tensor, "b n_options"]:
     """Option logits from a residual stream given at the input of block ``start_layer``."""
     if start_layer < model.cfg.n_layers:
         resid = model(resid, start_at_layer=start_layer, stop_at_layer=model.cfg.n_layers)
     resid = resid[torch.arange(resid.shape[0], device=resid.device), batch.answer_pos.to(resid.device)]
     logits = final_logits(model, resid[:, None, :])[:, 0, :]
-    return task.option_logits(logits, batch)  # type: ignore[attr-defined]
+    return task.option_logits(logits, batch)
 
 
 def _splice(sae: Any, x: Tensor, use_error_term: bool) -> Tensor:
@@ -114,6 +114,7 @@ def spliced_accuracy(
     "max_abs_logit_diff_with_error": ..}}``. Residual-stream hooks (``blocks.L.hook_resid_post``) re-enter the
     model at block ``L + 1`` from one cached upstream pass; other hooks run the whole model with a hook.
     """
+    clf: SupportsOptionLogits = require(task, "option_logits", needed_by="spliced_accuracy (option-letter accuracy)")
     rows = as_rows(dataset)
     if not rows:
         raise ValueError("The evaluation set is empty. Fix: pass at least one example.")
@@ -127,7 +128,7 @@ def spliced_accuracy(
         batch = task.collate(rows[i : i + batch_size]).to(model.cfg.device)
         check_fits(model, batch.tokens)
         labels = batch.labels
-        base = task.option_logits(task.model_logits(model, batch), batch)  # type: ignore[attr-defined]
+        base = clf.option_logits(task.model_logits(model, batch), batch)
         n_base += int((base.argmax(-1) == labels).sum())
         n_total += len(labels)
         cache = {}
@@ -138,7 +139,7 @@ def spliced_accuracy(
                 layer = _resid_post_layer(hook)
                 if layer is not None:
                     x = _splice(sae, cache[hook], use_err)
-                    logits = _answer_option_logits_from(model, task, batch, x, layer + 1)
+                    logits = _answer_option_logits_from(model, clf, batch, x, layer + 1)
                 else:
 
                     def hook_fn(act: Tensor, hook: Any, _sae: Any = sae, _e: bool = use_err) -> Tensor:
@@ -146,7 +147,7 @@ def spliced_accuracy(
 
                     with model.hooks(fwd_hooks=[(hook, hook_fn)]):
                         full = task.model_logits(model, batch)
-                    logits = task.option_logits(full, batch)  # type: ignore[attr-defined]
+                    logits = clf.option_logits(full, batch)
                 correct[name][variant] += int((logits.argmax(-1) == labels).sum())
                 if use_err:
                     max_diff[name] = max(max_diff[name], float((logits - base).abs().max()))
@@ -209,6 +210,7 @@ def layer_sweep(
     higher explained variance). Resumable: finished points are read from ``points.jsonl`` and trained SAEs
     from their folders.
     """
+    require(task, "option_logits", needed_by="layer_sweep (the accuracy each SAE costs)")  # before any training
     L = int(model.cfg.n_layers)
     mid = middle_layers(L)
     chosen = list(layers) if layers is not None else middle_layers(L, n_layers)

@@ -31,10 +31,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from repinf_lens._cache import atomic_dir
+from repinf_lens._io import atomic_dir
 from repinf_lens.saes.activations import ActivationStore
 
-__all__ = ["SAETrainingConfig", "TrainedSAE", "train_sae", "sae_stats"]
+__all__ = ["SAETrainingConfig", "TrainedSAE", "sae_stats", "train_sae"]
 
 
 @dataclass

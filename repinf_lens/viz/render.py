@@ -41,23 +41,23 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from repinf_lens._shards import write_text_atomic
+from repinf_lens._io import write_text_atomic
 from repinf_lens.viz.tokens import TokenAttribution
 
 __all__ = [
+    "BASE_CSS",
+    "COMPONENT_CSS",
+    "CSP",
     "CircuitsVisHTML",
     "StaticHTML",
     "circuitsvis_js",
-    "token_heatmap",
-    "latent_switcher",
-    "example_browser",
-    "dominant_latent_heatmap",
-    "page",
     "content_security_policy",
+    "dominant_latent_heatmap",
+    "example_browser",
+    "latent_switcher",
+    "page",
     "script_hash",
-    "CSP",
-    "BASE_CSS",
-    "COMPONENT_CSS",
+    "token_heatmap",
 ]
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from repinf_lens._shards import write_text_atomic
+from repinf_lens._io import write_text_atomic
 from repinf_lens.viz.render import (
     CircuitsVisHTML,
     StaticHTML,
@@ -47,18 +47,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Section",
-    "build_report",
-    "html_table",
-    "text_section",
-    "html_section",
-    "question_section",
     "attribution_section",
+    "build_report",
+    "html_section",
+    "html_table",
+    "image_data_uri",
+    "image_section",
+    "question_section",
+    "table_section",
+    "text_section",
     "top_examples_section",
     "top_latents_section",
-    "image_section",
-    "table_section",
     "visualization_section",
-    "image_data_uri",
 ]
 
 Part = str | CircuitsVisHTML | StaticHTML
@@ -158,16 +158,22 @@ def question_section(
     prediction_before: Any = None,
     prediction_after: Any = None,
     extra: Mapping[str, Any] | None = None,
+    prompt_field: str = "prompt",
+    target_field: str = "target",
 ) -> Section:
     """The test question, its options, the key and the model's prediction before / after finetuning.
 
     Args:
-        query: ``{question, choices, answer, id?}``.
+        query: ``{question, choices, answer, id?}`` (multiple choice), or a completion row
+            ``{prompt, target, id?}`` (no ``question``: its prompt and target text are shown; predictions, if
+            given, as they are, e.g. ``"correct"`` / a greedy decoding).
         title: the heading.
         letters: option letters.
         prediction_before: the base model's prediction (option index or letter), if known.
         prediction_after: the finetuned model's prediction (option index or letter), if known.
         extra: more ``label -> value`` rows for the summary table (e.g. loss, correct-option probability).
+        prompt_field: the prompt field of a completion row (``CompletionTask.prompt_field``).
+        target_field: the target field of a completion row (``CompletionTask.target_field``).
 
     Returns:
         A :class:`Section`.
@@ -181,10 +187,22 @@ def question_section(
             return f"{letters[i]}" if 0 <= i < len(letters) else str(i)
         return str(p)
 
+    if "question" not in query and prompt_field in query:  # a completion row: prompt -> target text
+        target = str(query.get(target_field, ""))
+        rows = [
+            {"": "id", "value": str(query.get("id", "-"))},
+            {"": "target", "value": target},
+            {"": "prediction before", "value": "-" if prediction_before is None else str(prediction_before)},
+            {"": "prediction after", "value": "-" if prediction_after is None else str(prediction_after)},
+        ]
+        rows += [{"": str(k), "value": v} for k, v in (extra or {}).items()]
+        prompt = html.escape(str(query[prompt_field]))
+        body = f'<pre class="rl-q">{prompt}<b>{html.escape(target)}</b></pre>'
+        return Section(title, [body, html_table(rows)])
     choices = list(query.get("choices", []))
     opts = "\n".join(f"{letters[i]}. {c}" for i, c in enumerate(choices))
     answer = query.get("answer")
-    rows: list[dict[str, Any]] = [
+    rows = [
         {"": "id", "value": str(query.get("id", "-"))},
         {"": "correct answer", "value": letter(answer)},
         {"": "prediction before", "value": letter(prediction_before)},
@@ -238,6 +256,9 @@ def attribution_section(
 def _row_text(row: Mapping[str, Any] | None, width: int = 160) -> str:
     if row is None:
         return ""
+    if "question" not in row and "prompt" in row:  # a completion row
+        text = f"{row['prompt']} \u2192 {row.get('target', '')}"
+        return text if len(text) <= width else text[: width - 1] + "\u2026"
     text = str(row.get("question", ""))
     if row.get("choices"):
         text += " | " + " / ".join(map(str, row["choices"]))

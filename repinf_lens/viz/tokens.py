@@ -40,11 +40,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TokenAttribution",
+    "dominant_latents",
     "example_token_attribution",
+    "normalize_per_sentence",
     "query_token_attribution",
     "token_strings",
-    "normalize_per_sentence",
-    "dominant_latents",
 ]
 
 _SHOW = {"\n": "\u21b5\n", "\r": "\u240d", "\t": "\u21e5"}
@@ -317,14 +317,17 @@ def query_token_attribution(
     Args:
         split: the :class:`~repinf_lens.split.SplitModel` (hook and SAE).
         task: the task whose loss is attributed (``None``: the split's task).
-        query_row: one example ``{question, choices, answer, ...}``.
+        query_row: one example of the task (``{question, choices, answer, ...}``, ``{prompt, target, ...}``).
         tokenizer: decodes the tokens (default: the task's tokenizer).
 
     Returns:
         A :class:`TokenAttribution` with ``kind="query"``, ``total`` = the query's loss and ``meta`` holding the
-        predicted and correct option indices.
+        predicted and correct option indices (tasks with the ``predictions`` capability and ``labels``) and
+        whether the model answers correctly (tasks with ``correct``).
     """
     from torch.func import grad
+
+    from repinf_lens.task import supports
 
     sp = split if task is None or task is split.task else split.with_task(task)
     batch = sp.task.collate([dict(query_row)])
@@ -340,7 +343,8 @@ def query_token_attribution(
     with torch.no_grad():
         logits = sp.logits(r, inp.batch, params, inp.error, inp.base, inp.anchor)
         loss = float(sp.task.loss(logits, inp.batch, reduction="sum"))
-        pred = sp.task.predictions(logits, inp.batch) if hasattr(sp.task, "predictions") else None
+        pred = sp.task.predictions(logits, inp.batch) if supports(sp.task, "predictions") else None
+        right = sp.task.correct(logits, inp.batch) if supports(sp.task, "correct") else None
     n_tok = int(batch.attention_mask[0].sum()) if hasattr(batch, "attention_mask") else int(batch.tokens.shape[1])
     ids = batch.tokens[0, :n_tok].tolist()
     scores = scores[:n_tok]
@@ -351,5 +355,7 @@ def query_token_attribution(
         meta["prediction"] = int(pred[0])
     if hasattr(batch, "labels"):
         meta["answer"] = int(batch.labels[0])
+    if right is not None:
+        meta["correct"] = bool(right[0])
     tok = tokenizer if tokenizer is not None else getattr(sp.task, "tokenizer", None)
     return _build(sparse, ids, tok, "query", str(query_row.get("id", "query")), loss, meta)

@@ -1,0 +1,190 @@
+"""Every published number, re-runnable from a fresh clone: ``make reproduce`` lists them, ``make reproduce
+RUN=<name>`` runs one (``python benchmarks/reproduce.py --list`` / ``python benchmarks/reproduce.py <name>``).
+
+Each entry names the table it produces (a section of ``docs/results.md``), its command(s), and the approximate
+run time measured on the 2-core CPU machines this project is built on. The commands use only what a clone holds:
+the embedded base model and data, and the shipped finetune / SAEs / sketch index in ``repinf_lens/assets``.
+Outputs go to ``runs/<name>`` (``runs/`` is git-ignored). ``--dry-run`` prints the commands without running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FT = "smollm2-135m-openbookqa"
+SAE = "--sae repinf-lens-smollm2-135m-openbookqa --sae-id blocks.22.hook_resid_post"
+INDEX = "--sketches smollm2-135m-openbookqa-L22"  # the shipped sketch index of all 4957 training examples
+RL = "repinf-lens"
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    table: str  # the docs/results.md section it fills
+    minutes: float  # approximate wall time on 2 CPU cores (other core idle unless noted)
+    commands: tuple[str, ...]
+    gpu: bool = False
+
+
+ENTRIES: tuple[Entry, ...] = (
+    Entry("demo", "make demo", 10, ("make demo",)),
+    Entry("demo-quick", "make demo", 3, ("make demo DEMO_ARGS=--quick",)),
+    Entry(
+        "zero-shot",
+        "Zero-shot baseline",
+        4,
+        (f"{RL} evaluate --offline --template plain --split test --out runs/zero-shot.json",),
+    ),
+    Entry(
+        "finetuned-accuracy",
+        "LoRA finetuning",
+        4,
+        (f"{RL} evaluate --offline --model {FT} --template plain --split test --out runs/finetuned-accuracy.json",),
+    ),
+    Entry(
+        "finetune",
+        "LoRA finetuning",
+        110,
+        (
+            "python benchmarks/build_assets.py finetune --run runs/ft_default_cpu",
+            "python benchmarks/build_assets.py export --run runs/ft_default_cpu",
+        ),
+    ),
+    Entry(
+        "finetune-grid-gpu",
+        "LoRA finetuning",
+        10,
+        ("python benchmarks/finetune_grid.py --out runs/grid --device cuda --parallel 8",),
+        gpu=True,
+    ),
+    Entry(
+        "sweep-finetuned",
+        "SAE layer sweeps",
+        12,
+        ("python benchmarks/build_assets.py saes --sweep-out runs/sweep_shipped",),
+    ),
+    Entry(
+        "sweep-base",
+        "SAE layer sweeps",
+        11,
+        (
+            f"{RL} sweep --offline --template plain --layers 8 15 22 --sizes 2048x64 512x64 --train-limit 500 "
+            "--eval-limit 100 --batch-size 16 --out runs/sweep_base",
+        ),
+    ),
+    Entry(
+        "index",
+        "Scale",
+        35,
+        (
+            "python benchmarks/build_assets.py index --work runs/index_build",
+            "python benchmarks/build_assets.py verify --n 8",
+        ),
+    ),
+    Entry(
+        "orthogonality-finetuned",
+        "Analysis",
+        1,
+        (
+            f"{RL} orthogonality --offline --model {FT} --template plain {SAE} --limit 200 --max-tokens 4096 "
+            "--batch-size 16 --out runs/orthogonality_shipped_L22.json",
+        ),
+    ),
+    Entry(
+        "orthogonality-base",
+        "Analysis",
+        2,
+        (
+            f"{RL} sweep --offline --template plain --layers 8 --sizes 2048x64 --train-limit 500 --eval-limit 100 "
+            "--batch-size 16 --out runs/sweep_base_L8",
+            f"{RL} orthogonality --offline --template plain --sae runs/sweep_base_L8/saes/L8_d2048_k64 --limit 200 "
+            "--max-tokens 4096 --batch-size 16 --out runs/orthogonality_base_L8.json",
+        ),
+    ),
+    Entry(
+        "case-studies",
+        "Analysis",
+        6,
+        (
+            f"{RL} case-studies --offline --model {FT} --template plain {SAE} --eval-limit 200 {INDEX} "
+            "--prefilter-top-k 8 --solver cg --max-iter 5 --hessian-examples 4 --batch-size 8 --query-chunk-size 1 "
+            "--n-cases 3 --out runs/case_studies_shipped_L22",
+        ),
+    ),
+    Entry(
+        "faithfulness",
+        "Analysis",
+        30,
+        (
+            f"{RL} faithfulness --offline --model {FT} --template plain {SAE} --query-limit 50 {INDEX} "
+            "--prefilter-top-k 8 --solver cg --max-iter 5 --hessian-examples 4 --batch-size 8 --query-chunk-size 2 "
+            "--out runs/faithfulness_shipped_L22",
+        ),
+    ),
+    Entry(
+        "lds",
+        "Analysis",
+        25,
+        (
+            f"python benchmarks/bench_lds.py --model {FT} --n-train 64 --queries 8 --subsets 16 --loo 6 "
+            "--solvers cg identity --threads 1 --out runs/lds_shipped.json",
+        ),
+    ),
+    Entry("bench-prefilter", "Scale", 45, ("python benchmarks/bench_prefilter.py --threads 1",)),
+    Entry(
+        "bench-scale",
+        "Scale",
+        15,
+        (
+            "python benchmarks/bench_scale.py --threads 1 --amp bf16 --sections multi",
+            "python benchmarks/bench_scale.py --threads 1 --sections cg",
+        ),
+    ),
+    Entry("bench-engine", "Engine performance", 20, ("python benchmarks/bench_engine.py",)),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", nargs="?", help="the entry to run")
+    p.add_argument("--list", action="store_true", help="list every entry with its table and time")
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    a = p.parse_args(argv)
+    by_name = {e.name: e for e in ENTRIES}
+    if a.list or a.name is None:
+        print(f"{'name':26s} {'~min':>5s}  {'docs/results.md section':24s} command")
+        for e in ENTRIES:
+            gpu = " (GPU)" if e.gpu else ""
+            print(f"{e.name:26s} {e.minutes:5.0f}  {e.table:24s} {e.commands[0]}{gpu}")
+            for c in e.commands[1:]:
+                print(f"{'':58s} {c}")
+        return 0
+    if a.name not in by_name:
+        import difflib
+
+        close = difflib.get_close_matches(a.name, list(by_name), n=3)
+        print(f"Unknown entry {a.name!r}.{' Did you mean ' + ', '.join(close) + '?' if close else ''} "
+              "Fix: python benchmarks/reproduce.py --list", file=sys.stderr)  # fmt: skip
+        return 2
+    entry = by_name[a.name]
+    (ROOT / "runs").mkdir(exist_ok=True)
+    for cmd in entry.commands:
+        print(f"$ {cmd}", flush=True)
+        if not a.dry_run:
+            parts = shlex.split(cmd)
+            if parts[0] == RL:
+                parts = [sys.executable, "-m", "repinf_lens", *parts[1:]]
+            elif parts[0] == "python":
+                parts[0] = sys.executable
+            subprocess.run(parts, check=True, cwd=ROOT)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
