@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from repinf_lens._io import write_json_atomic
 
 
 class Recorder:
@@ -29,9 +30,6 @@ class Recorder:
         old = json.loads(self.path.read_text()) if self.resume and self.path.exists() else {}
         self.data = {**old, **self.mine}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}-", suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(self.data, fh, indent=2, default=str)
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, self.data)
         if self.echo:
             print(json.dumps(values, default=str), flush=True)

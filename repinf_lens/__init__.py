@@ -5,133 +5,86 @@ answer (arXiv 2605.12809, "Correcting Influence", RepInfLLM).
 
 Sign convention, everywhere in this package: a POSITIVE influence score marks a proponent, i.e. up-weighting
 the training example lowers the test loss (score = + g_test^T (H + lambda I)^-1 g_train).
+
+API map. The top level holds the main path of a notebook, one name per step (like TransformerLens'
+``HookedTransformer`` or Kronfluence's ``Analyzer`` / ``Task``); everything else lives in the module of its
+family, reached as ``rl.<module>.<name>`` (``import repinf_lens as rl``):
+
+* ``load_model``: a ``HookedTransformer`` (the embedded default, a shipped finetune, a TL name, a local folder);
+* ``finetune``: the paper's LoRA finetune, merged and loaded back (its config and result:
+  ``repinf_lens.finetuning``);
+* ``load_mcqa``: OpenBookQA / CommonsenseQA / MedQA, online or offline;
+* ``load_sae`` / ``train_sae``: SAELens SAEs from a folder, release or HF repo / trained on collected activations;
+* ``Task`` (the contract to implement), ``MultipleChoiceTask`` (the paper's), ``CompletionTask``; ``evaluate``:
+  a model's accuracy on a task (``predict``, batches and task errors: ``repinf_lens.task``);
+* ``SplitModel``: the model cut at a hook with the SAE spliced in (theta2 downstream); ``check_split``: the split
+  against TransformerLens' own forward (inputs and errors: ``repinf_lens.split``; LoRA theta2:
+  ``repinf_lens.lora``);
+* ``CG`` (the default solver), ``Identity`` (gradient dot product, TracIn-style), ``register_solver`` (your own);
+* ``InfluenceAttributor``: fit, s_test, attribute; ``InfluenceResult``: top examples, latents, tokens; save/load;
+* ``build_sketches`` / ``prefilter``: the gradient-similarity prefilter over a large training set;
+* ``RepinfLensError``: the base class of every error the package raises on purpose;
+* ``__version__``.
+
+The modules, for everything past the main path:
+
+* ``analysis``: orthogonality (``orthogonality_table``), latent rankings and ablations (``necessity_sufficiency``),
+  retraining checks (``leave_one_out``, ``linear_datamodeling_score``);
+* ``curvature``: the other solvers (``LiSSA``, ``Explicit``), their base class ``InverseHessianSolver``, HVPs;
+* ``data``: dataset helpers (``available_mcqa``, ``from_records``, ``MCQAFormatError``, ...);
+* ``errors``: ``SettingsError``, ``NonFiniteError``, ``CorruptFileError``, ``OfflineAssetError`` (and where the
+  stage-specific errors live);
+* ``influence``: the engine (``latent_influence``, ``example_influence``, ``latent_influence_reference``, ...);
+* ``models``: ``DEFAULT_MODEL``, ``load_hf_model``, ``SHIPPED_FINETUNES``, ``UnknownModelError``;
+* ``prefiltering``: ``GradientSketcher``, ``SketchStore``, ``PrefilterResult``, ``sketch_overlap``;
+* ``saes``: ``collect_activations``, ``layer_sweep``, ``SAETrainingConfig``, ``publish_saes``;
+* ``testing``: tiny offline models, tokenizers, SAEs and data (``rl.testing.random_sae``);
+* ``viz``: token heatmaps, the example browser, HTML reports (``build_report``).
+
+The stage runners behind the ``repinf-lens`` command are in ``repinf_lens.pipeline``.
 """
 
-from repinf_lens import analysis, data, saes, testing, viz
-from repinf_lens._cache import OfflineAssetError, cache_dir
+from repinf_lens import analysis, curvature, data, errors, influence, models, prefiltering, saes, testing, viz
 from repinf_lens._version import __version__
-from repinf_lens.analysis import (
-    leave_one_out,
-    linear_datamodeling_score,
-    necessity_sufficiency,
-    orthogonality,
-    orthogonality_table,
-)
-from repinf_lens.curvature import CG, Explicit, Identity, InverseHessianSolver, LiSSA, register_solver
+from repinf_lens.curvature import CG, Identity, register_solver
 from repinf_lens.data import load_mcqa
-from repinf_lens.errors import CorruptFileError, NonFiniteError, RepinfLensError, SettingsError
-from repinf_lens.finetuning import FinetuneConfig, FinetuneResult, finetune, merge_adapter
-from repinf_lens.influence import (
-    InfluenceAttributor,
-    InfluenceResult,
-    example_influence,
-    latent_influence,
-    latent_influence_multi,
-    latent_influence_reference,
-)
-from repinf_lens.influence.check import SplitCheck, SplitCheckError, check_split
-from repinf_lens.lora import LoraSplit, lora_split_from_peft
-from repinf_lens.models import DEFAULT_MODEL, UnknownModelError, load_hf_model, load_model
-from repinf_lens.prefiltering import (
-    GradientSketcher,
-    ManifestMismatchError,
-    PrefilterResult,
-    SketchStore,
-    build_sketches,
-    prefilter,
-    sketch_overlap,
-)
-from repinf_lens.saes import (
-    SAETrainingConfig,
-    collect_activations,
-    layer_sweep,
-    load_sae,
-    publish_saes,
-    train_sae,
-)
-from repinf_lens.split import HookNameError, SAECompatibilityError, SplitConfigError, SplitInputs, SplitModel
-from repinf_lens.task import (
-    CompletionTask,
-    MCQABatch,
-    MissingCapabilityError,
-    MultipleChoiceTask,
-    PromptTooLongError,
-    Task,
-    evaluate,
-    mcqa_to_completion,
-    parse_option,
-    predict,
-)
+from repinf_lens.errors import RepinfLensError
+from repinf_lens.finetuning import finetune
+from repinf_lens.influence import InfluenceAttributor, InfluenceResult, check_split
+from repinf_lens.models import load_model
+from repinf_lens.prefiltering import build_sketches, prefilter
+from repinf_lens.saes import load_sae, train_sae
+from repinf_lens.split import SplitModel
+from repinf_lens.task import CompletionTask, MultipleChoiceTask, Task, evaluate
 
 __all__ = [
     "CG",
-    "DEFAULT_MODEL",
     "CompletionTask",
-    "CorruptFileError",
-    "Explicit",
-    "FinetuneConfig",
-    "FinetuneResult",
-    "GradientSketcher",
-    "HookNameError",
     "Identity",
     "InfluenceAttributor",
     "InfluenceResult",
-    "InverseHessianSolver",
-    "LiSSA",
-    "LoraSplit",
-    "MCQABatch",
-    "ManifestMismatchError",
-    "MissingCapabilityError",
     "MultipleChoiceTask",
-    "NonFiniteError",
-    "OfflineAssetError",
-    "PrefilterResult",
-    "PromptTooLongError",
     "RepinfLensError",
-    "SAECompatibilityError",
-    "SAETrainingConfig",
-    "SettingsError",
-    "SketchStore",
-    "SplitCheck",
-    "SplitCheckError",
-    "SplitConfigError",
-    "SplitInputs",
     "SplitModel",
     "Task",
-    "UnknownModelError",
     "__version__",
     "analysis",
     "build_sketches",
-    "cache_dir",
     "check_split",
-    "collect_activations",
+    "curvature",
     "data",
+    "errors",
     "evaluate",
-    "example_influence",
     "finetune",
-    "latent_influence",
-    "latent_influence_multi",
-    "latent_influence_reference",
-    "layer_sweep",
-    "leave_one_out",
-    "linear_datamodeling_score",
-    "load_hf_model",
+    "influence",
     "load_mcqa",
     "load_model",
     "load_sae",
-    "lora_split_from_peft",
-    "mcqa_to_completion",
-    "merge_adapter",
-    "necessity_sufficiency",
-    "orthogonality",
-    "orthogonality_table",
-    "parse_option",
-    "predict",
+    "models",
     "prefilter",
-    "publish_saes",
+    "prefiltering",
     "register_solver",
     "saes",
-    "sketch_overlap",
     "testing",
     "train_sae",
     "viz",

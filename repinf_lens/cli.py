@@ -21,13 +21,14 @@ import re
 import sys
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from repinf_lens._io import write_json_atomic
 from repinf_lens.errors import CorruptFileError, RepinfLensError, SettingsError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 _DTYPES = {
     "float32": "float32",
@@ -329,7 +330,10 @@ def _task(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
 
 
 def _attribution_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--solver", default="cg", choices=["cg", "lissa", "explicit", "identity"])
+    from repinf_lens.curvature.solvers import list_solvers  # read when the parser is built: registered solvers count
+
+    p.add_argument("--solver", default="cg", choices=list_solvers(),
+                   help="inverse-HVP solver (repinf_lens.register_solver adds one)")  # fmt: skip
     p.add_argument("--damping", type=nonneg_float, default=1e-3)
     p.add_argument("--gauss-newton", action="store_true", help="PSD Gauss-Newton curvature instead of the Hessian")
     p.add_argument("--max-iter", type=positive_int, default=20, help="CG iterations / LiSSA depth")
@@ -338,6 +342,8 @@ def _attribution_args(p: argparse.ArgumentParser) -> None:
     pf.add_argument("--prefilter-fraction", type=fraction, default=None, help="keep this share per query (0.01-0.1)")
     pf.add_argument("--prefilter-top-k", type=positive_int, default=None, help="keep this many per query")
     p.add_argument("--sketch-dim", type=positive_int, default=4096)
+    p.add_argument("--sketches", default=None,
+                   help="prebuilt sketch store: a folder or a shipped index (smollm2-135m-openbookqa-L22)")  # fmt: skip
     p.add_argument("--shard-size", type=positive_int, default=256)
     p.add_argument("--query-chunk-size", type=positive_int, default=8,
                    help="queries solved / scored together (memory grows)")  # fmt: skip
@@ -350,7 +356,7 @@ def _attribution_config(args: argparse.Namespace):  # noqa: ANN202
         solver=args.solver, damping=args.damping, gauss_newton=args.gauss_newton, max_iter=args.max_iter,
         hessian_examples=args.hessian_examples,
         prefilter_fraction=args.prefilter_fraction, prefilter_top_k=args.prefilter_top_k,
-        sketch_dim=args.sketch_dim, batch_size=args.batch_size, shard_size=args.shard_size,
+        sketch_dim=args.sketch_dim, sketches=args.sketches, batch_size=args.batch_size, shard_size=args.shard_size,
         query_chunk_size=args.query_chunk_size,
     )  # fmt: skip
 
@@ -363,6 +369,7 @@ def _split(args: argparse.Namespace, split: str, limit: int | None):  # noqa: AN
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``repinf-lens`` argument parser: one subcommand per pipeline stage (see ``docs/cli.md``)."""
     parser = _Parser(prog="repinf-lens", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -505,7 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(demo)
     demo.add_argument("--quick", action="store_true", help="the quick preset (a few minutes on 2 CPU cores)")
     demo.add_argument("--config", type=Path, default=None, help="JSON/YAML file of DemoConfig fields")
-    demo.add_argument("--adapter", type=Path, default=None, help="a LoRA adapter trained elsewhere: skips the finetune")
+    demo.add_argument("--adapter", type=Path, default=None, help="a LoRA adapter trained elsewhere (not the shipped)")
+    demo.add_argument(
+        "--retrain", action="store_true",
+        help="redo the shipped assets: the finetune (shipped recipe), the layer sweep and the sketch index (hours)",
+    )  # fmt: skip
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
     for p in sub.choices.values():  # --debug also after the subcommand (SUPPRESS: keeps a --debug given before it)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="print the full traceback")
@@ -549,8 +560,6 @@ def _evaluate(args: argparse.Namespace, dataset: str, split: str, limit: int | N
         "seconds_evaluate": round(time.perf_counter() - t1, 2),
     }
     if out is not None:
-        from repinf_lens._shards import write_json_atomic
-
         write_json_atomic(out, record)
     return record
 
@@ -653,302 +662,360 @@ def _report(err: Exception, *, debug: bool) -> int:
     return 1
 
 
-def _run(args: argparse.Namespace) -> int:
-    if args.command == "evaluate":
-        rec = _evaluate(args, args.dataset, args.split, args.limit, args.out)
-        print(json.dumps(rec, indent=2))
-        return 0
-    if args.command == "finetune":
-        import torch
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    """``repinf-lens evaluate``: a model's accuracy on a split (JSON on stdout; ``--out`` also writes it)."""
+    rec = _evaluate(args, args.dataset, args.split, args.limit, args.out)
+    print(json.dumps(rec, indent=2))
+    return 0
 
-        from repinf_lens.finetuning import finetune
-        from repinf_lens.task import MultipleChoiceTask
 
-        torch.manual_seed(args.seed)
-        train = _split(args, args.train_split, args.train_limit)
-        ev = _split(args, args.eval_split, args.eval_limit)
-        from transformers import AutoTokenizer
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    """``repinf-lens finetune``: LoRA-finetune on a split; prints the run's metadata (no loss curve)."""
+    import torch
 
-        from repinf_lens.models import default_model_dir, is_default_model
+    from repinf_lens.finetuning import finetune
+    from repinf_lens.task import MultipleChoiceTask
 
-        folder = default_model_dir() if is_default_model(args.model) else args.model
-        task = MultipleChoiceTask(
-            AutoTokenizer.from_pretrained(str(folder)), max_length=args.n_ctx, template=args.template
-        )
-        res = finetune(
-            args.model,
-            task,
-            train,
-            out_dir=args.out,
-            eval_dataset=ev,
-            device=args.device,
-            n_ctx=args.n_ctx,
-            progress=not args.no_progress,
-            epochs=args.epochs,
-            lr=args.lr,
-            batch_size=args.effective_batch_size,
-            micro_batch_size=args.batch_size,
-            lora_r=args.lora_r,
-            seed=args.seed,
-        )
-        meta = {k: v for k, v in res.metadata.items() if k != "loss_curve"}
-        print(json.dumps(meta, indent=2))
-        return 0
-    if args.command == "merge-adapter":
-        from repinf_lens.finetuning import merge_adapter
+    torch.manual_seed(args.seed)
+    train = _split(args, args.train_split, args.train_limit)
+    ev = _split(args, args.eval_split, args.eval_limit)
+    from transformers import AutoTokenizer
 
-        with _reading("the adapter", args.adapter), _reading("the model", args.model):
-            model = merge_adapter(args.model, args.adapter, args.out, device=args.device, n_ctx=args.n_ctx)
-        print(json.dumps({"merged": str(args.out / "merged"), "n_layers": model.cfg.n_layers}, indent=2))
-        return 0
-    if args.command == "export-adapter":
-        from transformers import AutoTokenizer
+    from repinf_lens.models import default_model_dir, is_default_model
 
-        from repinf_lens.finetuning import ship_finetune
-        from repinf_lens.models import default_model_dir
-        from repinf_lens.task import MultipleChoiceTask
+    folder = default_model_dir() if is_default_model(args.model) else args.model
+    task = MultipleChoiceTask(AutoTokenizer.from_pretrained(str(folder)), max_length=args.n_ctx, template=args.template)
+    res = finetune(
+        args.model,
+        task,
+        train,
+        out_dir=args.out,
+        eval_dataset=ev,
+        device=args.device,
+        n_ctx=args.n_ctx,
+        progress=not args.no_progress,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.effective_batch_size,
+        micro_batch_size=args.batch_size,
+        lora_r=args.lora_r,
+        seed=args.seed,
+    )
+    meta = {k: v for k, v in res.metadata.items() if k != "loss_curve"}
+    print(json.dumps(meta, indent=2))
+    return 0
 
-        run_cfg = json.loads((args.run / "finetune.json").read_text())
-        tcfg = run_cfg.get("task_config") or {}
-        tok = AutoTokenizer.from_pretrained(str(default_model_dir()))
-        task = MultipleChoiceTask(tok, template=args.template or tcfg.get("template"), max_length=args.n_ctx)
-        rec = ship_finetune(
-            args.run,
-            args.out,
-            task,
-            _split(args, args.eval_split, args.eval_limit),
-            eval_name=args.eval_split,
-            slice_size=args.slice,
-            command="repinf-lens " + " ".join(sys.argv[1:]) if sys.argv[1:] else None,
-            device=args.device,
-            n_ctx=args.n_ctx,
-            progress=not args.no_progress,
-        )
-        print(json.dumps({k: rec[k] for k in ("adapter_sha256", args.eval_split) if k in rec}, indent=2))
-        return 0
-    if args.command == "train-sae":
-        from repinf_lens.saes import collect_activations, train_sae
 
-        model = _load(args)
-        task = _task(args, model)
-        store = collect_activations(
-            model,
-            task,
-            _split(args, args.train_split, args.train_limit),
-            [args.hook],
-            batch_size=args.batch_size,
-            progress=not args.no_progress,
-        )
-        res = train_sae(
-            store,
-            args.hook,
-            out_dir=args.out,
-            config=_sae_config(args),
-            d_sae=args.d_sae,
-            k=args.k,
-            metadata={"dataset": args.dataset, "model_path": str(args.model)},
-            progress=not args.no_progress,
-        )
-        print(json.dumps({"path": str(res.path), "reused": res.reused, **res.stats}, indent=2))
-        return 0
-    if args.command == "sweep":
-        from repinf_lens.saes import layer_sweep
+def _cmd_merge_adapter(args: argparse.Namespace) -> int:
+    """``repinf-lens merge-adapter``: merge a LoRA adapter into its base model and save the merged model."""
+    from repinf_lens.finetuning import merge_adapter
 
-        sizes = list(args.sizes)  # (d_sae, k) pairs, checked by sae_size when parsed
-        model = _load(args)
-        res = layer_sweep(
-            model,
-            _task(args, model),
-            _split(args, args.train_split, args.train_limit),
-            _split(args, args.eval_split, args.eval_limit),
-            out_dir=args.out,
-            layers=args.layers,
-            n_layers=args.n_layers,
-            sizes=sizes,
-            hook_template=args.hook_template,
-            sae_config=_sae_config(args),
-            max_train_examples=None,
-            max_eval_examples=None,
-            batch_size=args.batch_size,
-            metadata={"dataset": args.dataset, "model_path": str(args.model)},
-            progress=not args.no_progress,
-        )
-        cols = ("point", "in_middle_half", "accuracy_change_no_error", "accuracy_change_with_error")
-        for row in res.table:
-            print("  ".join(f"{c}={row[c]:.4f}" if isinstance(row[c], float) else f"{c}={row[c]}" for c in cols))
-        print(f"selected: {res.selected['point']}  best overall: {res.best_overall['point']}  files: {res.out_dir}")
-        return 0
-    if args.command == "orthogonality":
-        from repinf_lens.analysis import orthogonality_table
-        from repinf_lens.saes import load_sae
+    with _reading("the adapter", args.adapter), _reading("the model", args.model):
+        model = merge_adapter(args.model, args.adapter, args.out, device=args.device, n_ctx=args.n_ctx)
+    print(json.dumps({"merged": str(args.out / "merged"), "n_layers": model.cfg.n_layers}, indent=2))
+    return 0
 
-        model = _load(args)
-        with _reading("the SAE", args.sae):
-            sae = load_sae(args.sae, args.sae_id, model=model)
-        task = _task(args, model)
-        rows = _split(args, args.split, args.limit)
-        batch = task.collate(list(rows))
-        table = orthogonality_table(
-            model,
-            sae,
-            batch.tokens,
-            attention_mask=batch.attention_mask,
-            max_tokens=args.max_tokens,
-            batch_size=args.batch_size,
-        )
-        if args.out is not None:
-            from repinf_lens._shards import write_json_atomic
 
-            write_json_atomic(args.out, table)
-        print(json.dumps(table, indent=2))
-        return 0
-    if args.command == "attribute":
-        from repinf_lens.pipeline import run_attribution
+def _cmd_export_adapter(args: argparse.Namespace) -> int:
+    """``repinf-lens export-adapter``: ship a finetune run's adapter (with its evaluation) into a folder."""
+    from transformers import AutoTokenizer
 
-        split = _split_model(args)
-        queries = list(_split(args, args.query_split, None if args.query_ids else args.query_limit))
-        if args.query_ids:
-            by_id = {str(r["id"]): dict(r) for r in queries}
-            unknown = [q for q in args.query_ids if q not in by_id]
-            if unknown:
-                raise SettingsError(
-                    f"Unknown query ids {unknown[:5]} in {args.dataset}/{args.query_split}. Fix: pass ids of that "
-                    "split (its `id` column), or --query-limit N for the first N questions."
-                )
-            queries = [by_id[q] for q in args.query_ids]
-        result, _ = run_attribution(
-            split, queries, _split(args, args.train_split, args.train_limit), out_dir=args.out,
-            config=_attribution_config(args), progress=not args.no_progress,
-        )  # fmt: skip
-        for q, qid in enumerate(result.query_ids):
-            top = result.top_examples(q, k=3)
-            print(f"query {qid}: top proponents {top}")
-        print(f"result: {args.out / 'result'}")
-        return 0
-    if args.command == "faithfulness":
-        from repinf_lens.analysis.faithfulness import run_faithfulness
+    from repinf_lens.finetuning import ship_finetune
+    from repinf_lens.models import default_model_dir
+    from repinf_lens.task import MultipleChoiceTask
 
-        split = _split_model(args)
-        summary = run_faithfulness(
-            split, list(_split(args, args.query_split, args.query_limit)),
-            _split(args, args.train_split, args.train_limit), out_dir=args.out, config=_attribution_config(args),
-            rankings=args.rankings, ks=args.ks, n_boot=args.n_boot, seed=args.seed, progress=not args.no_progress,
-            shard=args.shard,
-        )  # fmt: skip
-        if summary.get("pending"):
-            print(f"shard done; {len(summary['pending'])} questions pending in other processes (the last aggregates)")
-        for v in summary["verdicts"]:
-            counts = ", ".join(f"{k} {v.get(k, 0)}" for k in ("better", "tie", "worse"))
-            err = "with" if v["error_term"] else "without"
-            print(f"influence vs {v['baseline']}, {v['mode']} {v['metric']} ({err} error term): {counts} (of ks)")
-        print(f"files: {args.out}")
-        return 0
-    if args.command == "case-studies":
-        from repinf_lens.analysis.case_studies import cached_predictions, prediction_record, run_case_studies
-        from repinf_lens.models import load_model
+    run_cfg = json.loads((args.run / "finetune.json").read_text())
+    tcfg = run_cfg.get("task_config") or {}
+    tok = AutoTokenizer.from_pretrained(str(default_model_dir()))
+    task = MultipleChoiceTask(tok, template=args.template or tcfg.get("template"), max_length=args.n_ctx)
+    rec = ship_finetune(
+        args.run,
+        args.out,
+        task,
+        _split(args, args.eval_split, args.eval_limit),
+        eval_name=args.eval_split,
+        slice_size=args.slice,
+        command="repinf-lens " + " ".join(sys.argv[1:]) if sys.argv[1:] else None,
+        device=args.device,
+        n_ctx=args.n_ctx,
+        progress=not args.no_progress,
+    )
+    print(json.dumps({k: rec[k] for k in ("adapter_sha256", args.eval_split) if k in rec}, indent=2))
+    return 0
 
-        split = _split_model(args)
-        rows = [dict(r) for r in _split(args, args.eval_split, args.eval_limit)]
-        key = {"template": split.task.template, "ids": [str(r["id"]) for r in rows]}
-        progress = not args.no_progress
 
-        def base_record() -> dict:
-            with _reading("the base model", args.base_model):
-                base = load_model(args.base_model, device=args.device, n_ctx=args.n_ctx)
-            return prediction_record(base, split.task, rows, batch_size=args.batch_size, progress=progress)
+def _cmd_train_sae(args: argparse.Namespace) -> int:
+    """``repinf-lens train-sae``: collect activations at one hook and train an SAE on them."""
+    from repinf_lens.saes import collect_activations, train_sae
 
-        from repinf_lens._fingerprint import model_source_digest
-        from repinf_lens.influence.result import InfluenceResult, check_split_matches
+    model = _load(args)
+    task = _task(args, model)
+    store = collect_activations(
+        model,
+        task,
+        _split(args, args.train_split, args.train_limit),
+        [args.hook],
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    res = train_sae(
+        store,
+        args.hook,
+        out_dir=args.out,
+        config=_sae_config(args),
+        d_sae=args.d_sae,
+        k=args.k,
+        metadata={"dataset": args.dataset, "model_path": str(args.model)},
+        progress=not args.no_progress,
+    )
+    print(json.dumps({"path": str(res.path), "reused": res.reused, **res.stats}, indent=2))
+    return 0
 
-        previous = args.out / "attribution" / "result"
-        if (previous / "result.json").is_file():  # a rerun into a folder that holds an attribution
-            check_split_matches(InfluenceResult.load(previous), split, directory=previous)
-        before = cached_predictions(
-            args.out / "eval_base.json",
-            {**key, "model": str(args.base_model), "weights": model_source_digest(args.base_model)},
-            base_record,
-        )
-        after = cached_predictions(
-            args.out / "eval_finetuned.json",
-            {**key, "model": str(args.model), "weights": split.fingerprint()["model_weights"]},
-            lambda: prediction_record(split.model, split.task, rows, batch_size=args.batch_size, progress=progress),
-        )
-        summary = run_case_studies(
-            split, rows, _split(args, args.train_split, args.train_limit), out_dir=args.out,
-            predictions_before=before, predictions_after=after, n_cases=args.n_cases,
-            config=_attribution_config(args), top_examples=args.top_examples, top_latents=args.top_latents,
-            progress=progress,
-        )  # fmt: skip
-        print(
-            f"accuracy on {len(rows)} questions: {100 * before['accuracy']:.1f} % before -> "
-            f"{100 * after['accuracy']:.1f} % after finetuning"
-        )
-        for c in summary["cases"]:
-            aug = c["augmentation"]
-            print(
-                f"case {c['query']} ({c['why']}): top example {c['top_examples'][0]['id']} "
-                f"{c['top_examples'][0]['score']:+.4g}; with a rationale {aug['score']:+.4g} -> "
-                f"{aug['score_with_rationale']:+.4g}"
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    """``repinf-lens sweep``: train SAEs over a layer sweep and print the table and the selected hook point."""
+    from repinf_lens.saes import layer_sweep
+
+    sizes = list(args.sizes)  # (d_sae, k) pairs, checked by sae_size when parsed
+    model = _load(args)
+    res = layer_sweep(
+        model,
+        _task(args, model),
+        _split(args, args.train_split, args.train_limit),
+        _split(args, args.eval_split, args.eval_limit),
+        out_dir=args.out,
+        layers=args.layers,
+        n_layers=args.n_layers,
+        sizes=sizes,
+        hook_template=args.hook_template,
+        sae_config=_sae_config(args),
+        max_train_examples=None,
+        max_eval_examples=None,
+        batch_size=args.batch_size,
+        metadata={"dataset": args.dataset, "model_path": str(args.model)},
+        progress=not args.no_progress,
+    )
+    cols = ("point", "in_middle_half", "accuracy_change_no_error", "accuracy_change_with_error")
+    for row in res.table:
+        print("  ".join(f"{c}={row[c]:.4f}" if isinstance(row[c], float) else f"{c}={row[c]}" for c in cols))
+    print(f"selected: {res.selected['point']}  best overall: {res.best_overall['point']}  files: {res.out_dir}")
+    return 0
+
+
+def _cmd_orthogonality(args: argparse.Namespace) -> int:
+    """``repinf-lens orthogonality``: an SAE's orthogonality table (JSON on stdout; ``--out`` also writes it)."""
+    from repinf_lens.analysis import orthogonality_table
+    from repinf_lens.saes import load_sae
+
+    model = _load(args)
+    with _reading("the SAE", args.sae):
+        sae = load_sae(args.sae, args.sae_id, model=model)
+    task = _task(args, model)
+    rows = _split(args, args.split, args.limit)
+    batch = task.collate(list(rows))
+    table = orthogonality_table(
+        model,
+        sae,
+        batch.tokens,
+        attention_mask=batch.attention_mask,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+    )
+    if args.out is not None:
+        write_json_atomic(args.out, table)
+    print(json.dumps(table, indent=2))
+    return 0
+
+
+def _cmd_attribute(args: argparse.Namespace) -> int:
+    """``repinf-lens attribute``: attribute queries to training examples (prefilter, s_test, resumable shards)."""
+    from repinf_lens.pipeline import run_attribution
+
+    split = _split_model(args)
+    queries = list(_split(args, args.query_split, None if args.query_ids else args.query_limit))
+    if args.query_ids:
+        by_id = {str(r["id"]): dict(r) for r in queries}
+        unknown = [q for q in args.query_ids if q not in by_id]
+        if unknown:
+            raise SettingsError(
+                f"Unknown query ids {unknown[:5]} in {args.dataset}/{args.query_split}. Fix: pass ids of that "
+                "split (its `id` column), or --query-limit N for the first N questions."
             )
-        print(f"report: {summary['report']}")
-        return 0
-    if args.command == "ablate":
-        from repinf_lens.influence.result import check_split_matches
-        from repinf_lens.pipeline import run_ablation
+        queries = [by_id[q] for q in args.query_ids]
+    result, _ = run_attribution(
+        split, queries, _split(args, args.train_split, args.train_limit), out_dir=args.out,
+        config=_attribution_config(args), progress=not args.no_progress,
+    )  # fmt: skip
+    for q, qid in enumerate(result.query_ids):
+        top = result.top_examples(q, k=3)
+        print(f"query {qid}: top proponents {top}")
+    print(f"result: {args.out / 'result'}")
+    return 0
 
-        split = _split_model(args)
-        result, queries = _queries_of(args, args.attribution)
-        check_split_matches(result, split, directory=args.attribution / "result")
-        _, agg, files = run_ablation(
-            split, queries, result, out_dir=args.out, rankings=list(args.rankings), ks=args.ks, n_boot=args.n_boot,
-            seed=args.seed, progress=not args.no_progress,
-        )  # fmt: skip
-        print(f"{len(agg)} aggregate rows; files: {', '.join(str(p) for p in files.values())}")
-        return 0
-    if args.command == "report":
-        from repinf_lens.influence.result import check_split_matches
-        from repinf_lens.pipeline import make_report
 
-        split = _split_model(args)
-        result, queries = _queries_of(args, args.attribution)
-        check_split_matches(result, split, directory=args.attribution / "result")
-        tables = {}
-        for title, path in args.table:
-            with _reading("the --table file", path):
-                tables[title] = json.loads(Path(path).read_text())
-        path = make_report(
-            args.out, split=split, queries=queries, result=result,
-            ablation_plot=args.ablation / "ablation.png" if args.ablation else None,
-            sweep_plot=args.sweep / "sweep.png" if args.sweep else None,
-            tables=tables, top_examples=args.top_examples, top_latents=args.top_latents,
-        )  # fmt: skip
-        print(f"report: {path}")
-        return 0
-    if args.command == "demo":
-        from repinf_lens.demo import DemoConfig, run_demo
+def _cmd_faithfulness(args: argparse.Namespace) -> int:
+    """``repinf-lens faithfulness``: compare influence rankings against baselines (paired bootstrap verdicts)."""
+    from repinf_lens.analysis.faithfulness import run_faithfulness
 
-        if args.config is not None:
-            with _reading("the --config file", args.config):
-                cfg = DemoConfig.from_file(args.config, quick=args.quick)
-        else:
-            cfg = DemoConfig.quick() if args.quick else DemoConfig()
-        cfg = dataclasses.replace(cfg, seed=args.seed, batch_size=args.batch_size)
-        if args.template is not None:
-            cfg = dataclasses.replace(cfg, template=args.template)
-        if args.adapter is not None:
-            cfg = dataclasses.replace(cfg, adapter=str(args.adapter))
-        res = run_demo(
-            args.out, cfg, model=args.model, offline=True if args.offline else None, device=args.device,
-            n_ctx=args.n_ctx, progress=not args.no_progress,
-        )  # fmt: skip
-        s = res.summary
+    split = _split_model(args)
+    summary = run_faithfulness(
+        split, list(_split(args, args.query_split, args.query_limit)),
+        _split(args, args.train_split, args.train_limit), out_dir=args.out, config=_attribution_config(args),
+        rankings=args.rankings, ks=args.ks, n_boot=args.n_boot, seed=args.seed, progress=not args.no_progress,
+        shard=args.shard,
+    )  # fmt: skip
+    if summary.get("pending"):
+        print(f"shard done; {len(summary['pending'])} questions pending in other processes (the last aggregates)")
+    for v in summary["verdicts"]:
+        counts = ", ".join(f"{k} {v.get(k, 0)}" for k in ("better", "tie", "worse"))
+        err = "with" if v["error_term"] else "without"
+        print(f"influence vs {v['baseline']}, {v['mode']} {v['metric']} ({err} error term): {counts} (of ks)")
+    print(f"files: {args.out}")
+    return 0
+
+
+def _cmd_case_studies(args: argparse.Namespace) -> int:
+    """``repinf-lens case-studies``: why finetuning fixed these answers (predictions, attribution, report)."""
+    from repinf_lens.analysis.case_studies import cached_predictions, prediction_record, run_case_studies
+    from repinf_lens.models import load_model
+
+    split = _split_model(args)
+    rows = [dict(r) for r in _split(args, args.eval_split, args.eval_limit)]
+    key = {"template": split.task.template, "ids": [str(r["id"]) for r in rows]}
+    progress = not args.no_progress
+
+    def base_record() -> dict:
+        with _reading("the base model", args.base_model):
+            base = load_model(args.base_model, device=args.device, n_ctx=args.n_ctx)
+        return prediction_record(base, split.task, rows, batch_size=args.batch_size, progress=progress)
+
+    from repinf_lens._fingerprint import model_source_digest
+    from repinf_lens.influence.result import InfluenceResult, check_split_matches
+
+    previous = args.out / "attribution" / "result"
+    if (previous / "result.json").is_file():  # a rerun into a folder that holds an attribution
+        check_split_matches(InfluenceResult.load(previous), split, directory=previous)
+    before = cached_predictions(
+        args.out / "eval_base.json",
+        {**key, "model": str(args.base_model), "weights": model_source_digest(args.base_model)},
+        base_record,
+    )
+    after = cached_predictions(
+        args.out / "eval_finetuned.json",
+        {**key, "model": str(args.model), "weights": split.fingerprint()["model_weights"]},
+        lambda: prediction_record(split.model, split.task, rows, batch_size=args.batch_size, progress=progress),
+    )
+    summary = run_case_studies(
+        split, rows, _split(args, args.train_split, args.train_limit), out_dir=args.out,
+        predictions_before=before, predictions_after=after, n_cases=args.n_cases,
+        config=_attribution_config(args), top_examples=args.top_examples, top_latents=args.top_latents,
+        progress=progress,
+    )  # fmt: skip
+    print(
+        f"accuracy on {len(rows)} questions: {100 * before['accuracy']:.1f} % before -> "
+        f"{100 * after['accuracy']:.1f} % after finetuning"
+    )
+    for c in summary["cases"]:
+        aug = c["augmentation"]
         print(
-            f"\naccuracy on {s['n_eval']} test questions: {100 * s['accuracy_zero_shot']:.1f} % zero-shot -> "
-            f"{100 * s['accuracy_finetuned']:.1f} % after LoRA; SAE {s['selected_sae']}; "
-            f"{s['timings']['total_s']:.0f} s. Report: {res.report}"
+            f"case {c['query']} ({c['why']}): top example {c['top_examples'][0]['id']} "
+            f"{c['top_examples'][0]['score']:+.4g}; with a rationale {aug['score']:+.4g} -> "
+            f"{aug['score_with_rationale']:+.4g}"
         )
-        return 0
-    return 2  # pragma: no cover - argparse enforces a subcommand
+    print(f"report: {summary['report']}")
+    return 0
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    """``repinf-lens ablate``: ablate the top latents of a finished attribution and aggregate the effects."""
+    from repinf_lens.influence.result import check_split_matches
+    from repinf_lens.pipeline import run_ablation
+
+    split = _split_model(args)
+    result, queries = _queries_of(args, args.attribution)
+    check_split_matches(result, split, directory=args.attribution / "result")
+    _, agg, files = run_ablation(
+        split, queries, result, out_dir=args.out, rankings=list(args.rankings), ks=args.ks, n_boot=args.n_boot,
+        seed=args.seed, progress=not args.no_progress,
+    )  # fmt: skip
+    print(f"{len(agg)} aggregate rows; files: {', '.join(str(p) for p in files.values())}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    """``repinf-lens report``: the HTML report of a finished attribution."""
+    from repinf_lens.influence.result import check_split_matches
+    from repinf_lens.pipeline import make_report
+
+    split = _split_model(args)
+    result, queries = _queries_of(args, args.attribution)
+    check_split_matches(result, split, directory=args.attribution / "result")
+    tables = {}
+    for title, path in args.table:
+        with _reading("the --table file", path):
+            tables[title] = json.loads(Path(path).read_text())
+    path = make_report(
+        args.out, split=split, queries=queries, result=result,
+        ablation_plot=args.ablation / "ablation.png" if args.ablation else None,
+        sweep_plot=args.sweep / "sweep.png" if args.sweep else None,
+        tables=tables, top_examples=args.top_examples, top_latents=args.top_latents,
+    )  # fmt: skip
+    print(f"report: {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """``repinf-lens demo``: the end-to-end demo (shipped assets by default; ``--retrain`` redoes them)."""
+    from repinf_lens.demo import DemoConfig, run_demo
+
+    if args.config is not None:
+        with _reading("the --config file", args.config):
+            cfg = DemoConfig.from_file(args.config, quick=args.quick)
+    else:
+        cfg = DemoConfig.quick() if args.quick else DemoConfig()
+    cfg = dataclasses.replace(cfg, seed=args.seed, batch_size=args.batch_size)
+    if args.template is not None:
+        cfg = dataclasses.replace(cfg, template=args.template)
+    if args.adapter is not None:
+        cfg = dataclasses.replace(cfg, adapter=str(args.adapter))
+    if args.retrain:
+        cfg = dataclasses.replace(cfg, retrain=True)
+    res = run_demo(
+        args.out, cfg, model=args.model, offline=True if args.offline else None, device=args.device,
+        n_ctx=args.n_ctx, progress=not args.no_progress,
+    )  # fmt: skip
+    s = res.summary
+    print(
+        f"\naccuracy on {s['n_eval']} test questions: {100 * s['accuracy_zero_shot']:.1f} % zero-shot -> "
+        f"{100 * s['accuracy_finetuned']:.1f} % after LoRA; SAE {s['sae']}; "
+        f"{s['timings']['total_s']:.0f} s, peak RSS {s['peak_rss_mb'] / 1024:.1f} GB. Report: {res.report}"
+    )
+    return 0
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "evaluate": _cmd_evaluate,
+    "finetune": _cmd_finetune,
+    "merge-adapter": _cmd_merge_adapter,
+    "export-adapter": _cmd_export_adapter,
+    "train-sae": _cmd_train_sae,
+    "sweep": _cmd_sweep,
+    "orthogonality": _cmd_orthogonality,
+    "attribute": _cmd_attribute,
+    "faithfulness": _cmd_faithfulness,
+    "case-studies": _cmd_case_studies,
+    "ablate": _cmd_ablate,
+    "report": _cmd_report,
+    "demo": _cmd_demo,
+}
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the subcommand ``args.command`` (its handler in :data:`_COMMANDS`); returns its exit code."""
+    handler = _COMMANDS.get(args.command)
+    if handler is None:  # pragma: no cover - argparse enforces a subcommand
+        return 2
+    return handler(args)
 
 
 if __name__ == "__main__":

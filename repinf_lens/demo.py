@@ -203,7 +203,8 @@ def run_demo(
             not apply: pass ``retrain=True`` or an ``adapter``).
         train, test: MCQA rows to use instead of ``config.dataset``'s train / test splits (then the shipped
             index does not apply and the sketches are built).
-        offline: never try the Hugging Face hub for data (the default; the embedded data are real).
+        offline: never try the Hugging Face hub for data (the default; the embedded data are real). The shipped
+            assets always use the embedded copy they were built from.
         device: ``cpu``, ``cuda`` ... (default: cuda when available).
         log: where the one-line stage summaries go.
 
@@ -213,8 +214,8 @@ def run_demo(
     """
     from transformers import AutoTokenizer
 
+    from repinf_lens._io import write_json_atomic
     from repinf_lens._resources import StageMeter
-    from repinf_lens._shards import write_json_atomic
     from repinf_lens.analysis.case_studies import (
         cached_predictions,
         prediction_record,
@@ -243,6 +244,7 @@ def run_demo(
                 "The demo's shipped finetune, SAE and index do not fit these settings: " + "; ".join(problems)
                 + ". Fix: pass --retrain (DemoConfig(retrain=True)) to train them for your settings, or --adapter DIR."
             )  # fmt: skip
+        offline = True  # the shipped finetune, SAE and index were built from the embedded copy of the data
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)

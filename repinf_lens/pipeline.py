@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from repinf_lens._shards import write_json_atomic
+from repinf_lens._io import write_json_atomic
 from repinf_lens.curvature.solvers import InverseHessianSolver, build_solver, get_solver_class
 from repinf_lens.errors import SettingsError, check_float, check_int
 from repinf_lens.influence.attributor import InfluenceAttributor, as_rows

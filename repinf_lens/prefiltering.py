@@ -62,6 +62,7 @@ from torch.func import grad, vmap
 from tqdm.auto import tqdm
 
 from repinf_lens._cache import fingerprint_rows
+from repinf_lens._io import as_rows
 from repinf_lens._shards import (
     ManifestMismatchError,
     mmap_tensor,
@@ -393,18 +394,12 @@ class GradientSketcher:
 
     def sketch(self, examples: Any, *, batch_size: int = 8, progress: bool = False) -> Float[Tensor, "n dim"]:
         """Sketches ``[N, dim]`` (CPU, float32) of examples (a dict, a list of dicts or a ``datasets.Dataset``)."""
-        rows = _rows(examples, "example set")
+        rows = as_rows(examples, "example set")
         parts = []
         for lo in tqdm(range(0, len(rows), batch_size), desc="sketch", disable=not progress):
             inp = self.split.prepare(self.task.collate(rows[lo : lo + batch_size]))
             parts.append(self.sketch_inputs(inp)[0].cpu())
         return torch.cat(parts)
-
-
-def _rows(data: Any, what: str) -> list[dict[str, Any]]:
-    from repinf_lens.influence.attributor import as_rows
-
-    return as_rows(data, what)
 
 
 # ---------------------------------------------------------------------------------------------- the store
@@ -474,7 +469,7 @@ class SketchStore:
 
     def check_rows(self, rows: Any) -> None:
         """Raise ``ValueError`` unless the store was built over exactly ``rows`` (same ids, texts and order)."""
-        rows = _rows(rows, "training set")
+        rows = as_rows(rows, "training set")
         want = self.fingerprint.get("train")
         got = json.loads(json.dumps(fingerprint_rows(rows), default=str))
         if want != got:
@@ -674,7 +669,7 @@ def build_sketches(
     check_int("build_sketches batch_size", batch_size, minimum=1)
     check_int("build_sketches shard_size", shard_size, minimum=1)
     check_choice("build_sketches storage_dtype", storage_dtype, ("float32", "float16"))
-    rows = _rows(train, "training set")
+    rows = as_rows(train, "training set")
     sketcher = GradientSketcher(
         attributor_or_split,
         task,
@@ -686,7 +681,7 @@ def build_sketches(
     )
     out = Path(out_dir)
     n = len(rows)
-    check_rows = None if check_queries is None else _rows(check_queries, "check query set")
+    check_rows = None if check_queries is None else as_rows(check_queries, "check query set")
     fingerprint = json.loads(
         json.dumps(
             {
@@ -831,7 +826,7 @@ class PrefilterResult:
 
     def select(self, train: Any, q: int = 0) -> list[dict[str, Any]]:
         """The kept training examples for query ``q`` (best first), ready for ``attributor.attribute``."""
-        rows = _rows(train, "training set")
+        rows = as_rows(train, "training set")
         if len(rows) != self.all_scores.shape[1]:
             raise ValueError(
                 f"The training set has {len(rows)} examples but the prefilter scored {self.all_scores.shape[1]}. "

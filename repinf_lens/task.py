@@ -40,6 +40,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from repinf_lens._io import as_rows as as_rows
+from repinf_lens._io import is_example as is_example
 from repinf_lens.errors import RepinfLensError
 
 __all__ = [
@@ -859,28 +861,6 @@ def _vars_config(task: Any) -> dict[str, Any]:
         for k, v in sorted(vars(task).items())
         if isinstance(v, (str, int, float, bool, list, tuple, type(None)))
     }
-
-
-def is_example(data: Any) -> bool:
-    """Whether ``data`` is ONE example (a mapping with some non-column field) rather than a dict of columns.
-
-    A dict of columns maps every field to a list / tuple / array of one value per example; a single example
-    has at least one scalar field (its question, prompt, id, label, ...), whatever the task.
-    """
-    if not isinstance(data, Mapping) or not data:
-        return False
-    return not all(isinstance(v, (list, tuple)) or len(getattr(v, "shape", ())) >= 1 for v in data.values())
-
-
-def as_rows(examples: Any) -> list[dict[str, Any]]:
-    """Examples as a list of dicts: a list of mappings, a ``datasets.Dataset``, a dict of columns or one example."""
-    if is_example(examples):
-        return [dict(examples)]
-    if isinstance(examples, Mapping):
-        keys = list(examples)
-        n = len(examples[keys[0]]) if keys else 0
-        return [{k: examples[k][i] for k in keys} for i in range(n)]
-    return [dict(ex) for ex in examples]
 
 
 _PARSE_PATTERNS = [

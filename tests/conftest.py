@@ -77,7 +77,7 @@ def default_model():
 
 @pytest.fixture(scope="session")
 def default_hf():
-    from repinf_lens import load_hf_model
+    from repinf_lens.models import load_hf_model
 
     return load_hf_model()
 

@@ -20,18 +20,24 @@ from repinf_lens import (
     CompletionTask,
     Identity,
     InfluenceAttributor,
-    MissingCapabilityError,
     MultipleChoiceTask,
     SplitModel,
-    latent_influence_reference,
-    mcqa_to_completion,
 )
 from repinf_lens._cache import fingerprint_rows
 from repinf_lens._tree import tdot
 from repinf_lens.curvature import loss_grad
+from repinf_lens.influence import latent_influence_reference
 from repinf_lens.influence.attributor import as_rows
 from repinf_lens.influence.check import check_split
-from repinf_lens.task import PromptTooLongError, Task, evaluate, predict, supports
+from repinf_lens.task import (
+    MissingCapabilityError,
+    PromptTooLongError,
+    Task,
+    evaluate,
+    mcqa_to_completion,
+    predict,
+    supports,
+)
 from repinf_lens.testing import random_sae, tiny_model, toy_mcqa_rows
 
 ROWS = [

@@ -7,23 +7,11 @@ import warnings
 import pytest
 import torch
 
-from repinf_lens import (
-    CG,
-    Explicit,
-    HookNameError,
-    Identity,
-    InfluenceAttributor,
-    InfluenceResult,
-    LiSSA,
-    MultipleChoiceTask,
-    SAECompatibilityError,
-    SplitModel,
-    example_influence,
-    latent_influence,
-    latent_influence_reference,
-)
+from repinf_lens import CG, Identity, InfluenceAttributor, InfluenceResult, MultipleChoiceTask, SplitModel
 from repinf_lens._tree import tdot, tflatten, tunflatten
-from repinf_lens.curvature import NegativeCurvatureWarning, dataset_hvp, gnhvp, hvp, loss_grad
+from repinf_lens.curvature import Explicit, LiSSA, NegativeCurvatureWarning, dataset_hvp, gnhvp, hvp, loss_grad
+from repinf_lens.influence import example_influence, latent_influence, latent_influence_reference
+from repinf_lens.split import HookNameError, SAECompatibilityError
 from repinf_lens.testing import random_sae, tiny_model
 
 HOOKS = ["blocks.1.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_mid"]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from repinf_lens import SplitModel, latent_influence, latent_influence_reference, load_mcqa
+from repinf_lens import SplitModel, load_mcqa
 from repinf_lens.curvature import loss_grad
+from repinf_lens.influence import latent_influence, latent_influence_reference
 from repinf_lens.testing import random_sae
 
 pytestmark = pytest.mark.integration

@@ -7,8 +7,10 @@ import subprocess
 import pytest
 import torch
 
-from repinf_lens import OfflineAssetError, UnknownModelError, load_model
+from repinf_lens import load_model
 from repinf_lens._cache import fetch_wheel
+from repinf_lens.errors import OfflineAssetError
+from repinf_lens.models import UnknownModelError
 
 PROMPTS = [
     "The capital of France is",

@@ -7,12 +7,12 @@ import warnings
 import pytest
 import torch
 
-from repinf_lens import CG, Explicit, Identity, InfluenceAttributor, MultipleChoiceTask, SplitModel, latent_influence
+from repinf_lens import CG, Identity, InfluenceAttributor, MultipleChoiceTask, SplitModel
 from repinf_lens._tree import tflatten
-from repinf_lens.curvature import NegativeCurvatureWarning
+from repinf_lens.curvature import Explicit, NegativeCurvatureWarning
 from repinf_lens.curvature.solvers import batched_hvp
 from repinf_lens.influence import math as imath
-from repinf_lens.influence.math import latent_influence_multi, stack_queries
+from repinf_lens.influence.math import latent_influence, latent_influence_multi, stack_queries
 from repinf_lens.testing import random_sae, tiny_model, toy_mcqa_rows
 
 RTOL = 1e-5

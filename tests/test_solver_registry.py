@@ -9,10 +9,11 @@ from typing import ClassVar
 import pytest
 import torch
 
-from repinf_lens import Identity, InfluenceAttributor, InverseHessianSolver, SettingsError, SplitModel, register_solver
+from repinf_lens import Identity, InfluenceAttributor, SplitModel, register_solver
 from repinf_lens.curvature import (
     CG,
     SOLVERS,
+    InverseHessianSolver,
     LiSSA,
     SolveInfo,
     build_solver,
@@ -21,6 +22,7 @@ from repinf_lens.curvature import (
     solver_from_dict,
     unregister_solver,
 )
+from repinf_lens.errors import SettingsError
 from repinf_lens.testing import random_sae, tiny_hf_llama, tiny_model, toy_mcqa_rows
 
 HOOK = "blocks.0.hook_resid_post"

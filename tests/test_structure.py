@@ -585,3 +585,49 @@ def test_checker_finds_layer_violations():
         "pkg.core -> pkg.analysis.x",
         "pkg.pipeline -> pkg",
     ]
+
+
+# --------------------------------------------------------------------------------------------- the public API
+
+MAX_TOP_LEVEL = 32
+
+
+def test_top_level_api_is_curated():
+    """A small top level (the main path), sorted, every name real, documented and on the package docstring's map;
+    nothing else public bound there except submodules (``rl.task``, ``rl.split`` ...: reached through the map)."""
+    import repinf_lens
+
+    names = repinf_lens.__all__
+    assert len(names) <= MAX_TOP_LEVEL, f"{len(names)} top-level names; move some into their subpackage"
+    assert names == sorted(names, key=all_sort_key)
+    assert len(set(names)) == len(names)
+    assert not undocumented_exports([PACKAGE])
+    doc = repinf_lens.__doc__ or ""
+    missing = [n for n in names if f"``{n}``" not in doc]
+    assert not missing, f"names in __all__ not on the API map of repinf_lens/__init__.py's docstring: {missing}"
+    for name in names:
+        obj = getattr(repinf_lens, name)
+        if isinstance(obj, types.ModuleType):
+            assert obj.__name__ == f"{PACKAGE}.{name}", name
+    extra = [
+        n
+        for n, obj in vars(repinf_lens).items()
+        if not n.startswith("_") and n not in names and not isinstance(obj, types.ModuleType)
+    ]
+    assert not extra, f"public names at the top level but not in __all__: {extra}"
+
+
+def test_top_level_imports_and_testing_attribute_in_a_fresh_interpreter():
+    """``import repinf_lens as rl`` alone gives ``rl.testing.random_sae`` and every ``__all__`` name."""
+    import subprocess
+    import sys
+
+    code = (
+        "import repinf_lens as rl\n"
+        "assert callable(rl.testing.random_sae)\n"
+        "exec('from repinf_lens import ' + ', '.join(rl.__all__))\n"
+        "print(len(rl.__all__))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout.split()[-1]) <= MAX_TOP_LEVEL

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from repinf_lens import MultipleChoiceTask, PromptTooLongError, evaluate, parse_option, predict
+from repinf_lens import MultipleChoiceTask, evaluate
+from repinf_lens.task import PromptTooLongError, parse_option, predict
 
 
 def test_collate_right_pads_and_marks_answer_position(tiny, toy_examples):

@@ -519,7 +519,7 @@ def _check_registrable(name: str, cls: Any) -> None:
     if not (isinstance(cls, type) and issubclass(cls, InverseHessianSolver)):
         raise TypeError(
             f"register_solver({name!r}, {cls!r}): not an InverseHessianSolver subclass. Fix: register a "
-            "@dataclass subclass of repinf_lens.InverseHessianSolver that implements solve(hvp_fn, g)."
+            "@dataclass subclass of repinf_lens.curvature.InverseHessianSolver that implements solve(hvp_fn, g)."
         )
 
 

@@ -1,6 +1,12 @@
-"""Influence of training examples, SAE latents and tokens (POSITIVE = proponent)."""
+"""Influence of training examples, SAE latents and tokens (POSITIVE = proponent).
+
+:class:`InfluenceAttributor` (fit the Hessian data, solve s_test, attribute) returns an :class:`InfluenceResult`;
+the functions of :mod:`repinf_lens.influence.math` are the engine it calls (one training batch at a time), and
+:func:`check_split` checks a split against TransformerLens' own forward.
+"""
 
 from repinf_lens.influence.attributor import InfluenceAttributor
+from repinf_lens.influence.check import SplitCheck, SplitCheckError, check_split
 from repinf_lens.influence.math import (
     LatentInfluence,
     as_inputs,
@@ -10,13 +16,17 @@ from repinf_lens.influence.math import (
     latent_influence_reference,
     stack_queries,
 )
-from repinf_lens.influence.result import InfluenceResult
+from repinf_lens.influence.result import InfluenceResult, SplitMismatchError
 
 __all__ = [
     "InfluenceAttributor",
     "InfluenceResult",
     "LatentInfluence",
+    "SplitCheck",
+    "SplitCheckError",
+    "SplitMismatchError",
     "as_inputs",
+    "check_split",
     "example_influence",
     "latent_influence",
     "latent_influence_multi",

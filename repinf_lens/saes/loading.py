@@ -256,7 +256,7 @@ def _read_registry(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or not all(isinstance(v, dict) and "saes" in v for v in data.values()):
         raise CorruptFileError(
             f"{str(file)!r} is not a SAELens registry (expected 'release: {{repo_id, model, saes: [{{id, path}}]}}'). "
-            "Fix: write it with repinf_lens.publish_saes, or delete it to load the folder by subfolder.",
+            "Fix: write it with repinf_lens.saes.publish_saes, or delete it to load the folder by subfolder.",
             file,
         )
     return data
@@ -265,7 +265,7 @@ def _read_registry(path: Path) -> dict[str, Any]:
 def shipped_sae_releases() -> dict[str, Path]:
     """SAE releases shipped inside the package: ``{release: folder}``.
 
-    Each ``repinf_lens/assets/saes/<folder>`` is what :func:`repinf_lens.publish_saes` writes (a
+    Each ``repinf_lens/assets/saes/<folder>`` is what :func:`repinf_lens.saes.publish_saes` writes (a
     ``pretrained_saes.yaml`` block, the model card and one SAELens folder per ``sae_id``), so
     ``load_sae("<release>", "<sae_id>")`` works offline and the same block can be submitted to SAELens' registry.
     """
