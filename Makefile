@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   runs the main job on the embedded default model and real data
-#   make test   lint + format check + the test suite
+#   make test   lint + format check + type check (mypy) + the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bootstrap-$(shell cat pyproject.toml tools/bootstrap.sh | sha1sum | cut -c1-12)
@@ -18,6 +18,7 @@ venv: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _record import Recorder  # noqa: E402
+from _record import Recorder
 
 
 def _setup(args: argparse.Namespace) -> tuple[Any, list[dict], list[dict]]:

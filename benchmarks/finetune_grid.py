@@ -103,7 +103,7 @@ def main() -> int:
         while pending and len(running) < args.parallel:
             name = pending.pop(0)
             cmd = command(name, args.out, args.device, args.tiny, args.micro_batch)
-            log = open(args.out / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
+            log = open(args.out / f"{name}.log", "w")
             running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), cmd, time.time())
         time.sleep(2)
         for name, (proc, cmd, started) in list(running.items()):

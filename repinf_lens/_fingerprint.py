@@ -80,7 +80,7 @@ def tensor_digest(t: Tensor, *, cache: bool = True) -> str:
         step = max(1, _CHUNK // max(1, flat.element_size()))
         for lo in range(0, flat.numel(), step):
             part = flat[lo : lo + step].contiguous().cpu()
-            h.update(part.view(torch.uint8).numpy())
+            h.update(part.view(torch.uint8).numpy().data)
     digest = h.hexdigest()
     if sig is not None:
         try:
@@ -178,7 +178,9 @@ def split_fingerprint(split: Any, *, task_config: Callable[[Any], dict[str, Any]
     ``fingerprint_version``.
     """
     if task_config is None:
-        from repinf_lens.task import task_config
+        from repinf_lens.task import task_config as default_task_config
+
+        task_config = default_task_config
     model = split.model
     task = split.task
     model_tok = getattr(model, "tokenizer", None)
@@ -191,7 +193,7 @@ def split_fingerprint(split: Any, *, task_config: Callable[[Any], dict[str, Any]
             "hook_out": a.hook_out,
             "use_error_term": a.use_error_term,
             "exclude_special_tokens": str(a.exclude_special_tokens),
-        }  # fmt: skip
+        }
         for a in sorted(attached_saes(model), key=lambda a: a.hook_in)
     } or None
     cols = split.unembed_columns()
@@ -254,7 +256,7 @@ def model_source_digest(name_or_path: str | os.PathLike | None) -> str | None:
     a local folder; ``None`` for a hub model name (identified by its name)."""
     from repinf_lens.models import default_model_dir, is_default_model
 
-    if is_default_model(name_or_path):
+    if name_or_path is None or is_default_model(name_or_path):
         return folder_digest(default_model_dir())
-    path = Path(os.fspath(name_or_path)).expanduser()  # type: ignore[arg-type]
+    path = Path(os.fspath(name_or_path)).expanduser()
     return folder_digest(path) if path.is_dir() else None

@@ -271,7 +271,7 @@ def _sae_ref_args(p: argparse.ArgumentParser) -> None:
                    help="use --hook even though the SAE was trained at another hook")  # fmt: skip
 
 
-def _split_model(args: argparse.Namespace):  # noqa: ANN202
+def _split_model(args: argparse.Namespace):
     from repinf_lens.saes import load_sae, sae_hook_name
     from repinf_lens.split import SplitModel
 
@@ -310,7 +310,7 @@ def _queries_of(args: argparse.Namespace, attribution: Path) -> tuple[Any, list[
     return result, [rows[q] for q in result.query_ids]
 
 
-def _sae_config(args: argparse.Namespace):  # noqa: ANN202
+def _sae_config(args: argparse.Namespace):
     from repinf_lens.saes import SAETrainingConfig
 
     return SAETrainingConfig(
@@ -323,7 +323,7 @@ def _sae_config(args: argparse.Namespace):  # noqa: ANN202
     )
 
 
-def _task(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
+def _task(args: argparse.Namespace, model):
     from repinf_lens.task import MultipleChoiceTask
 
     return MultipleChoiceTask.from_model(model, template=args.template)
@@ -349,7 +349,7 @@ def _attribution_args(p: argparse.ArgumentParser) -> None:
                    help="queries solved / scored together (memory grows)")  # fmt: skip
 
 
-def _attribution_config(args: argparse.Namespace):  # noqa: ANN202
+def _attribution_config(args: argparse.Namespace):
     from repinf_lens.pipeline import AttributionConfig
 
     return AttributionConfig(
@@ -361,7 +361,7 @@ def _attribution_config(args: argparse.Namespace):  # noqa: ANN202
     )  # fmt: skip
 
 
-def _split(args: argparse.Namespace, split: str, limit: int | None):  # noqa: ANN202
+def _split(args: argparse.Namespace, split: str, limit: int | None):
     from repinf_lens.data import load_mcqa
 
     ds = load_mcqa(args.dataset, split, offline=True if args.offline else None)
@@ -523,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace):  # noqa: ANN202
+def _load(args: argparse.Namespace):
     import torch
 
     from repinf_lens.models import load_model

@@ -111,7 +111,7 @@ class DemoConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
         """The ``--quick`` preset (about 3 minutes on 2 CPU cores)."""
-        base = dict(
+        base: dict[str, Any] = dict(
             n_eval=60, n_queries=2, prefilter_top_k=8, cg_iters=2, hessian_examples=4, ks=(10, 50), n_boot=200,
             ortho_tokens=1024, rankings=("influence", "activation", "random"),
         )  # fmt: skip
@@ -235,7 +235,7 @@ def run_demo(
     rebuild = cfg.retrain or cfg.adapter is not None
     if not rebuild:
         problems = []
-        if not is_default_model(model):
+        if model is not None and not is_default_model(model):
             problems.append(f"model={str(model)!r} is not the embedded default the shipped finetune was trained on")
         if cfg.dataset != "openbookqa" or cfg.template != "plain":
             problems.append(f"dataset/template {cfg.dataset}/{cfg.template} differ from the shipped openbookqa/plain")
@@ -262,7 +262,7 @@ def run_demo(
         test_rows = as_rows(test if test is not None else load_mcqa(cfg.dataset, "test", offline=offline), "test")
         attributed = train_rows if cfg.n_train is None else train_rows[: cfg.n_train]
         eval_rows = test_rows[: cfg.n_eval]
-        base_dir = default_model_dir() if is_default_model(model) else Path(model)  # type: ignore[arg-type]
+        base_dir = default_model_dir() if model is None or is_default_model(model) else Path(model)
         task = MultipleChoiceTask(AutoTokenizer.from_pretrained(str(base_dir)), max_length=n_ctx,
                                   template=cfg.template)  # fmt: skip
         key = {"model": str(base_dir), "template": cfg.template, "ids": [str(r["id"]) for r in eval_rows]}

@@ -125,9 +125,9 @@ def _answer_logits(hf_model: Any, batch: Any) -> torch.Tensor:
 
 def _base_model(model_or_name: str | os.PathLike | None) -> tuple[Path, str]:
     """The base model's local HF folder and the name recorded in the metadata."""
-    if is_default_model(model_or_name):
+    if model_or_name is None or is_default_model(model_or_name):
         return default_model_dir(), DEFAULT_MODEL
-    folder = Path(model_or_name)  # type: ignore[arg-type]
+    folder = Path(model_or_name)
     return folder, str(folder)
 
 
@@ -257,7 +257,7 @@ def finetune(
         meta = json.loads(meta_path.read_text())
         if meta.get("run_fingerprint_hash") == run_hash:
             merged = load_model(merged_dir, device=dev, n_ctx=n_ctx)
-            if eval_hash is not None and meta.get("eval_hash") != eval_hash:
+            if eval_dataset is not None and meta.get("eval_hash") != eval_hash:
                 # the same run, asked about other evaluation data: measure it instead of returning stale numbers
                 base_model = load_model(base_dir, device=dev, n_ctx=n_ctx)
                 meta["accuracy_before"] = evaluate(base_model, task, eval_dataset, progress=progress)
@@ -285,7 +285,7 @@ def finetune(
         task_type="CAUSAL_LM",
         bias="none",
     )
-    model = get_peft_model(hf, lora)
+    model: PeftModel = get_peft_model(hf, lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     accum = max(1, cfg.batch_size // cfg.micro_batch_size)
@@ -352,7 +352,7 @@ def finetune(
     model.eval()
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)
-    model.save_pretrained(adapter_dir)
+    model.save_pretrained(str(adapter_dir))
     save_merged(merge_peft(model), base_dir, merged_dir)
     tl_model = load_model(merged_dir, device=dev, n_ctx=n_ctx)
     acc_after = None
@@ -491,7 +491,7 @@ def ship_finetune(
             "accuracy_before": meta.get("accuracy_before"),
             "accuracy_after": meta.get("accuracy_after"),
             "n": meta.get("n_eval"),
-        },  # fmt: skip
+        },
         "timings": meta.get("timings"),
         "code": {"repinf_lens": __version__, "git_commit": commit},
     }
@@ -512,7 +512,7 @@ def ship_finetune(
             "ids": [str(r.get("id")) for r in rows[:n]],
             "predictions": pred[:n].tolist(),
             "accuracy": float((pred[:n] == labels[:n]).float().mean()),
-        },  # fmt: skip
+        },
     }
     write_json_atomic(prov_path, record)
     return record

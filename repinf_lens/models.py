@@ -23,9 +23,10 @@ import os
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from repinf_lens._cache import OfflineAssetError, atomic_dir, cache_dir, fetch_wheel
@@ -181,7 +182,7 @@ def load_hf_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch
     """Load the Hugging Face ``(model, tokenizer)`` behind :func:`load_model` (default: the embedded model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = default_model_dir() if is_default_model(name_or_path) else Path(name_or_path)  # type: ignore[arg-type]
+    path = default_model_dir() if name_or_path is None or is_default_model(name_or_path) else Path(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     model.eval()
     return model, AutoTokenizer.from_pretrained(str(path))
@@ -231,8 +232,8 @@ def official_name_for_config(hf_cfg: dict[str, Any], path: Any = None, cause: Ba
     from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES, convert_hf_model_config
 
     arch = (hf_cfg.get("architectures") or [None])[0]
-    text = hf_cfg.get("text_config") if isinstance(hf_cfg.get("text_config"), dict) else hf_cfg
-    words = _NAME_ONLY_ARCHS.get(str(arch))
+    text: dict[str, Any] = hf_cfg["text_config"] if isinstance(hf_cfg.get("text_config"), dict) else hf_cfg
+    words = _NAME_ONLY_ARCHS.get(str(arch), ())
     matches = []
     for name in OFFICIAL_MODEL_NAMES if words else []:
         low = name.lower()
@@ -292,7 +293,7 @@ def _from_local_dir(
     if n_ctx > int(hf_cfg.get("max_position_embeddings", n_ctx)):
         n_ctx = int(hf_cfg["max_position_embeddings"])
     source = str(path)
-    kwargs = dict(hf_cfg=hf_cfg, fold_ln=False, device=device, dtype=dtype, n_ctx=n_ctx)
+    kwargs: dict[str, Any] = dict(hf_cfg=hf_cfg, fold_ln=False, device=device, dtype=dtype, n_ctx=n_ctx)
     try:
         cfg = get_pretrained_model_config(source, default_prepend_bos=default_prepend_bos, **kwargs)
     except NotImplementedError as e:
@@ -382,15 +383,15 @@ def merge_peft(peft_model: Any) -> Any:
                 )
                 module.merge(adapter_names=[adapter])
                 continue
-            a = module.lora_A[adapter].weight.detach().to("cpu", torch.float64)
-            b = module.lora_B[adapter].weight.detach().to("cpu", torch.float64)
+            a = cast(Tensor, module.lora_A[adapter].weight).detach().to("cpu", torch.float64)
+            b = cast(Tensor, module.lora_B[adapter].weight).detach().to("cpu", torch.float64)
             delta = torch.zeros(b.shape[0], a.shape[1], dtype=torch.float64)
             for k in range(a.shape[0]):  # fixed order, elementwise: no BLAS-dependent rounding
                 delta += b[:, k : k + 1] * a[k : k + 1, :]
             delta *= float(module.scaling[adapter])
             if module.fan_in_fan_out:
                 delta = delta.T
-            w = module.get_base_layer().weight
+            w = cast(Tensor, module.get_base_layer().weight)  # nn.Module.__getattr__ is typed Tensor | Module
             w.data = (w.detach().to("cpu", torch.float64) + delta).to(w.dtype).to(w.device)
     return peft_model.unload()
 
@@ -500,7 +501,7 @@ def load_model(
             n_ctx=n_ctx,
             default_prepend_bos=False if default_prepend_bos is None else default_prepend_bos,
         )
-    if is_default_model(name_or_path):
+    if name_or_path is None or is_default_model(name_or_path):
         return _from_local_dir(
             default_model_dir(),
             device=dev,
@@ -508,7 +509,7 @@ def load_model(
             n_ctx=n_ctx,
             default_prepend_bos=False if default_prepend_bos is None else default_prepend_bos,
         )
-    name = os.fspath(name_or_path)  # type: ignore[arg-type]
+    name = os.fspath(name_or_path)
     path = Path(name).expanduser()
     if path.is_dir() and (path / "adapter_config.json").exists() and not (path / "config.json").exists():
         return _from_adapter(path, device=dev, dtype=dtype, n_ctx=n_ctx, default_prepend_bos=default_prepend_bos)

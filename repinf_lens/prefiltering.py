@@ -53,7 +53,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from jaxtyping import Float, Int
@@ -111,7 +111,7 @@ def _seed_for(seed: int, *parts: object) -> int:
 def _touched(g: Tensor) -> Tensor:
     """``g.ne(0).any(0)``, reduced in g's memory order (vmap's per-example gradients are often permuted views,
     and a reduction over a transposed layout is many times slower), returned in logical order."""
-    order = sorted(range(1, g.ndim), key=lambda d: -g.stride(d))
+    order = sorted(range(1, g.ndim), key=lambda d: -g.stride(int(d)))
     touched = g.permute(0, *order).ne(0).any(0)
     inverse = [order.index(d) for d in range(1, g.ndim)]
     return touched.permute(*inverse)
@@ -142,7 +142,7 @@ def compact_grads(grads: Mapping[str, Tensor]) -> Compact:
 
 def _as_compact(grads: Mapping[str, Any]) -> Compact:
     first = next(iter(grads.values()))
-    return grads if isinstance(first, tuple) else compact_grads(grads)  # type: ignore[return-value]
+    return cast(Compact, grads) if isinstance(first, tuple) else compact_grads(grads)  # already compact
 
 
 def grad_norms(grads: Mapping[str, Any]) -> Float[Tensor, " batch"]:
@@ -754,7 +754,7 @@ def shipped_index_dir(name: str) -> Path:
     """The package folder of a sketch index shipped with repinf_lens (``repinf_lens/assets/prefilter/<name>``)."""
     from importlib.resources import files
 
-    return Path(str(files("repinf_lens.assets").joinpath("prefilter", name)))
+    return Path(str(files("repinf_lens.assets").joinpath("prefilter").joinpath(name)))
 
 
 def shipped_indexes() -> list[str]:

@@ -20,7 +20,7 @@ import difflib
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from jaxtyping import Float
@@ -99,7 +99,7 @@ class SplitInputs:
             error=None if self.error is None else self.error[sl],
             base=self.base[sl],
             batch=type(self.batch)(**kw),
-            anchor=None if self.anchor is None else tuple(a[sl] for a in self.anchor),  # type: ignore[arg-type]
+            anchor=None if self.anchor is None else (self.anchor[0][sl], self.anchor[1][sl], self.anchor[2][sl]),
         )
 
 
@@ -206,7 +206,7 @@ class SplitModel:
             fix="load an undamaged checkpoint; a NaN upstream weight would give finite but wrong scores "
             "(TransformerLens zeroes NaN attention patterns), so repinf_lens refuses it.",
         )
-        all_params = dict(model.named_parameters())
+        all_params: Params = dict(model.named_parameters())
         structural = self._structural_downstream(all_params)
         self.param_names = self._select(downstream, all_params, structural)
         self._check_task_vocab()
@@ -399,7 +399,7 @@ class SplitModel:
 
     @property
     def device(self) -> torch.device:
-        return torch.device(self.model.cfg.device)
+        return torch.device(cast(str, self.model.cfg.device))  # HookedTransformerConfig sets it in __post_init__
 
     def unembed_columns(self) -> Tensor | None:
         """The vocabulary columns theta2's unembedding keeps (``None``: all; see ``trim_unembed``)."""
@@ -483,7 +483,7 @@ class SplitModel:
             fix="check the SAE's weights and the model's dtype (an overflow in float16/bfloat16; try float32).",
         )
         anchor = None
-        if error is not None:
+        if error is not None and recon is not None:  # (recon is set whenever error is)
             anchor = (y.detach(), recon.detach(), error.detach())
         return SplitInputs(
             latents=r.detach(), error=None if error is None else error.detach(), base=base, batch=batch, anchor=anchor
@@ -556,8 +556,9 @@ class SplitModel:
         n_layers = model.cfg.n_layers
         # SAELens computes an attached SAE's error term under no_grad, which forward-mode AD ignores: detach it, so
         # that it is the constant SAELens means it to be for every differentiation (jvp, grad, their compositions)
-        hooks: list[tuple[str, Any]] = [(f"{a.hook_out}.hook_sae_error", _detach) for a in self.downstream_saes
-                                        if a.use_error_term]  # fmt: skip
+        hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = [
+            (f"{a.hook_out}.hook_sae_error", _detach) for a in self.downstream_saes if a.use_error_term
+        ]
 
         def body() -> Tensor:
             if self.mode == "resid":
@@ -582,7 +583,7 @@ class SplitModel:
             h = final_norm(model, resid[:, None, :] if one else resid)
             logits = logit_softcap(model, model.unembed(h))
             logits = logits[:, 0, :] if one else logits
-            if not trimmed:
+            if not trimmed or cols is None:  # (cols is set whenever trimmed is non-empty)
                 return logits
             # theta2 holds the loss's vocabulary columns only: recompute those from it (the other columns are
             # the model's own values, constant in theta2)

@@ -358,7 +358,8 @@ class MCQABatch:
     def to(self, device: str | torch.device) -> MCQABatch:
         """Move every tensor to ``device``."""
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        return MCQABatch(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in kw.items()})
+        moved: dict[str, Any] = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in kw.items()}
+        return MCQABatch(**moved)
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -500,7 +501,7 @@ class MultipleChoiceTask(Task):
                 f"{len(self.letters)} letters ({self.letters}). Fix: pass more `letters`."
             )
         answer = example["answer"]
-        if isinstance(answer, bool) or not isinstance(answer, numbers.Integral) or not 0 <= answer < len(choices):
+        if isinstance(answer, bool) or not isinstance(answer, numbers.Integral) or not 0 <= int(answer) < len(choices):
             raise ValueError(
                 f"Example {ex_id!r}: label {answer!r} is outside the {len(choices)} options "
                 f"(valid: 0..{len(choices) - 1}). Fix: 'answer' must be the 0-based index of the "
@@ -598,7 +599,8 @@ class CompletionBatch:
     def to(self, device: str | torch.device) -> CompletionBatch:
         """Move every tensor to ``device``."""
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        return CompletionBatch(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in kw.items()})
+        moved: dict[str, Any] = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in kw.items()}
+        return CompletionBatch(**moved)
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])

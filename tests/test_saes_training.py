@@ -145,7 +145,7 @@ def test_spliced_accuracy_fast_path_equals_hooked_forward(model, task):
     res = spliced_accuracy(model, task, rows, {"s": (hook, sae)}, batch_size=5, progress=False)
     batch = task.collate(rows)
 
-    def replace(act, hook):  # noqa: ARG001
+    def replace(act, hook):
         return sae.decode(sae.encode(act))
 
     with model.hooks(fwd_hooks=[(hook, replace)]):

@@ -39,7 +39,7 @@ class ScaledIdentity(InverseHessianSolver):
     def needs_hessian(self) -> bool:
         return False
 
-    def solve(self, hvp_fn, g):  # noqa: ANN001, ANN201
+    def solve(self, hvp_fn, g):
         return {k: v / (self.c + self.damping) for k, v in g.items()}, SolveInfo()
 
 

@@ -381,7 +381,7 @@ def test_two_processes_finishing_one_atomic_dir_both_succeed(tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for tag in ("a", "b")
     ]
     outs = [p.communicate(timeout=120) for p in procs]

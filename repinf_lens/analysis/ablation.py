@@ -101,7 +101,7 @@ def _repeat_batch(batch: Any, n: int, task: Any, row: Mapping[str, Any] | None) 
     if n == 1:
         return batch
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        kw = {}
+        kw: dict[str, Any] = {}
         for f in dataclasses.fields(batch):
             v = getattr(batch, f.name)
             if isinstance(v, Tensor) and v.ndim >= 1 and v.shape[0] == 1:

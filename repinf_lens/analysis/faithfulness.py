@@ -237,7 +237,7 @@ def run_faithfulness(
                 **{str(c): int(v) for c, v in row.items()},
             }
             for key, row in verdicts.iterrows()
-        ],  # fmt: skip
+        ],
         "files": {k: str(v) for k, v in files.items()},
     }
     write_json_atomic(out / "faithfulness.json", summary)

@@ -223,7 +223,7 @@ def _run(
         pearson={
             n: float(torch.tensor([pearson(p[q], actual_t[q]) for q in range(len(q_rows))]).nanmean())
             for n, p in predicted.items()
-        },  # fmt: skip
+        },
         sign_agreement={
             n: float(
                 (torch.sign(p - (p.mean(1, keepdim=True) if kind == "lds" else 0)) == torch.sign(centred))

@@ -41,7 +41,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import torch
 from jaxtyping import Float, Int
@@ -67,6 +67,13 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------------------------------
 # context
+class _FiringStats(TypedDict):
+    token_counts: Tensor
+    n_tokens: int
+    example_counts: Tensor
+    n_examples: int
+
+
 @dataclass
 class RankingContext:
     """Everything a ranking may look at for ONE test question.
@@ -125,7 +132,7 @@ class RankingContext:
     def query_result_index(self) -> int:
         return self.query_index if self.result_index is None else int(self.result_index)
 
-    def training_firing(self, threshold: float = 0.0) -> dict[str, Tensor | int]:
+    def training_firing(self, threshold: float = 0.0) -> _FiringStats:
         """Firing statistics of every latent over the training examples' tokens (computed once, cached).
 
         Source, in order: ``train_latents``; latents computed from ``train`` rows; latents computed from

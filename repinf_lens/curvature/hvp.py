@@ -39,10 +39,10 @@ def gnhvp(split: SplitModel, params: Params, inp: SplitInputs, v: Params) -> Par
     def logits_fn(p: Params) -> Tensor:
         return split.logits(inp.latents, batch, p, inp.error, inp.base, inp.anchor)
 
-    z, jv = jvp(logits_fn, (params,), (v,))
+    z, jv = jvp(logits_fn, (params,), (v,))[:2]  # (torch types jvp/vjp as 2- or 3-tuples: has_aux)
     z = z.detach()
     hz = jvp(lambda zz: grad(lambda y: split.task.loss(y, batch))(zz), (z,), (jv,))[1]
-    _, pullback = vjp(logits_fn, params)
+    pullback = vjp(logits_fn, params)[1]
     return pullback(hz)[0]
 
 

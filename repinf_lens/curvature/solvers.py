@@ -332,7 +332,7 @@ class CG(InverseHessianSolver):
         for q, g in enumerate(gs):
             if not math.isfinite(g_norms[q]):
                 check_finite("g_test (the right-hand side)", g, where=f"for query {q} of the solve")
-        rss: list[Tensor | None] = [None] * n
+        rss: dict[int, Tensor] = {}  # per active query
         active: list[int] = []
         for q in range(n):
             if g_norms[q] == 0.0:

@@ -720,6 +720,6 @@ def load_fixture(name: str) -> datasets.Dataset:
         A validated :class:`datasets.Dataset` with the standard columns and features.
     """
     spec = _resolve_name(name)
-    text = resources.files(__package__).joinpath("fixtures", _FIXTURES[spec.key]).read_text(encoding="utf-8")
+    text = resources.files(__package__).joinpath("fixtures").joinpath(_FIXTURES[spec.key]).read_text(encoding="utf-8")
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     return _to_dataset(validate_mcqa_rows(rows, f"{spec.display} fixture"), info=_info(spec, "package fixture"))

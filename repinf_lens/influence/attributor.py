@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -299,19 +299,20 @@ class InfluenceAttributor:
         self.solve_infos = [i for i in infos if i is not None]
         return [s for s in out if s is not None]
 
-    def _stack_queries(self, s_list: list[Params | None]) -> list[Params]:
+    def _stack_queries(self, s_list: list[Params]) -> list[Params]:
         """s_test vectors stacked per query chunk (``query_chunk_size``), reused for every training batch.
 
         CONSUMES ``s_list`` (its entries are set to ``None`` once stacked), so the vectors are not held twice.
         """
         params = self.split.downstream_params()
         step = self.query_chunk_size or max(1, len(s_list))
+        consumed = cast("list[Params | None]", s_list)  # the same list: chunks already stacked become None
         stacks = []
         for lo in range(0, len(s_list), step):
             chunk = s_list[lo : lo + step]
-            stacks.append(stack_queries(chunk, params))  # type: ignore[arg-type]
+            stacks.append(stack_queries(chunk, params))
             del chunk
-            s_list[lo : lo + step] = [None] * len(s_list[lo : lo + step])
+            consumed[lo : lo + step] = [None] * len(s_list[lo : lo + step])
         return stacks
 
     # ------------------------------------------------------------------ influence

@@ -16,7 +16,7 @@ Sign convention: POSITIVE = proponent (up-weighting the training example lowers 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,7 +115,7 @@ def reference_logits(split: SplitModel, batch: Any, value: Tensor | None, theta2
     model = split.model
     tokens = batch.tokens.to(split.device)
     consts = _attached_error_constants(split, tokens)
-    hooks: list[tuple[str, Any]] = [(n, _constant(c)) for n, c in consts.items()]
+    hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = [(n, _constant(c)) for n, c in consts.items()]
     if value is not None:
         shaped = value.reshape(*value.shape[:2], *split.act_shape) if value.ndim == 3 else value
         hooks.append((split.out_hook, lambda act, hook: shaped.to(act.dtype)))

@@ -91,7 +91,7 @@ def example_influence(
     inp = as_inputs(split, batch)
     params = split.downstream_params() if params is None else params
     s = {k: s_test[k].to(params[k].dtype) for k in params}
-    _, tangent = jvp(lambda p: split.inputs_loss(p, inp, reduction="none"), (params,), (s,))
+    tangent = jvp(lambda p: split.inputs_loss(p, inp, reduction="none"), (params,), (s,))[1]
     return tangent.detach()
 
 

@@ -114,7 +114,8 @@ def collect_activations(
     if not rows:
         raise ValueError("The dataset is empty. Fix: pass at least one example.")
     layers = [hook_layer(h) for h in hooks]
-    stop = None if any(layer is None for layer in layers) else max(layers) + 1  # type: ignore[type-var]
+    block_layers = [layer for layer in layers if layer is not None]
+    stop = None if len(block_layers) < len(layers) else max(block_layers) + 1
     if stop is not None and stop >= model.cfg.n_layers:
         stop = None
     bos = getattr(model.tokenizer, "bos_token_id", None) if model.tokenizer is not None else None

@@ -291,9 +291,10 @@ def publish_saes(
             if dest.exists():
                 shutil.rmtree(dest)
             _write_sae(sae, dest)
-            for extra in _EXTRA_FILES if src is not None else ():
-                if (src / extra).is_file():
-                    shutil.copy2(src / extra, dest / extra)
+            if src is not None:
+                for extra in _EXTRA_FILES:
+                    if (src / extra).is_file():
+                        shutil.copy2(src / extra, dest / extra)
         paths[sae_id] = dest
         meta = sae.cfg.metadata
         if meta.model_name:

@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -446,13 +446,13 @@ def example_browser(
     Returns:
         A :class:`CircuitsVisHTML`.
     """
-    items = list(examples_tokens)
+    items: list[Any] = list(examples_tokens)
     if not items:
         raise ValueError("example_browser needs at least one example.")
     if isinstance(items[0], TokenAttribution):
-        attrs: list[TokenAttribution] = items  # type: ignore[assignment]
+        attrs: list[TokenAttribution] = items
         if latents is None:
-            tot = sum(a.latent_totals().abs() for a in attrs)
+            tot = cast(Tensor, sum(a.latent_totals().abs() for a in attrs))
             n = min(k, int((tot != 0).sum()))
             latents = torch.topk(tot, n).indices.tolist() if n else [0]
         latents = list(latents)

@@ -24,6 +24,7 @@ import base64
 import html
 import io
 import mimetypes
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -414,7 +415,9 @@ def _slug(text: str, used: set[str]) -> str:
     return slug
 
 
-def build_report(path: str | Path, *, title: str, sections: Sequence[Section], subtitle: str | None = None) -> Path:
+def build_report(
+    path: str | os.PathLike, *, title: str, sections: Sequence[Section], subtitle: str | None = None
+) -> Path:
     """Write one self-contained HTML report.
 
     Args:
