@@ -389,6 +389,8 @@ class MultipleChoiceTask(Task):
             forward time). Longer prompts raise :class:`PromptTooLongError` naming the example.
         instruction: text appended after the options in the user message.
         system_prompt: optional system message for the chat template (``None``: the template's default).
+        prepend_bos: whether non-chat prompts start with the tokenizer's BOS token (``None``: its
+            ``add_bos_token`` decides; :meth:`from_model` uses the model's ``default_prepend_bos``).
 
     The answer position is the last prompt token: with the chat template the prompt ends in the assistant
     header, and the letter follows without a space; with the plain template it ends in ``Answer:`` and the
@@ -405,8 +407,10 @@ class MultipleChoiceTask(Task):
         max_length: int | None = None,
         instruction: str = _INSTRUCTION,
         system_prompt: str | None = None,
+        prepend_bos: bool | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.prepend_bos = prepend_bos
         has_chat = bool(getattr(tokenizer, "chat_template", None))
         if template is None:
             template = "chat" if has_chat else "plain"
@@ -439,9 +443,19 @@ class MultipleChoiceTask(Task):
 
     @classmethod
     def from_model(cls, model: Any, **kwargs: Any) -> MultipleChoiceTask:
-        """Build the task from a HookedTransformer's tokenizer, with ``max_length = model.cfg.n_ctx``."""
+        """Build the task from a HookedTransformer's tokenizer, with ``max_length = model.cfg.n_ctx`` and the
+        model's own BOS policy (``prepend_bos = model.cfg.default_prepend_bos``: TransformerLens' tokenizer copy
+        always has ``add_bos_token=True``, which would otherwise prepend a BOS the model was not used with)."""
         kwargs.setdefault("max_length", int(model.cfg.n_ctx))
+        kwargs.setdefault("prepend_bos", bool(getattr(model.cfg, "default_prepend_bos", True)))
         return cls(model.tokenizer, **kwargs)
+
+    def config(self) -> dict[str, Any]:
+        """As :meth:`Task.config`; ``prepend_bos`` only when set explicitly (``None``: the tokenizer decides)."""
+        cfg = super().config()
+        if cfg.get("prepend_bos") is None:
+            cfg.pop("prepend_bos", None)
+        return cfg
 
     # ----------------------------------------------------------------- formatting
     def format_options(self, choices: Sequence[str]) -> str:
@@ -469,11 +483,8 @@ class MultipleChoiceTask(Task):
     def encode(self, example: Mapping[str, Any]) -> list[int]:
         """Token ids of the prompt of one example, checked against ``max_length``."""
         ids = self.tokenizer(self.format_prompt(example), add_special_tokens=False)["input_ids"]
-        if (
-            self.template != "chat"
-            and self.tokenizer.bos_token_id is not None
-            and getattr(self.tokenizer, "add_bos_token", False)
-        ):
+        bos = getattr(self.tokenizer, "add_bos_token", False) if self.prepend_bos is None else self.prepend_bos
+        if self.template != "chat" and self.tokenizer.bos_token_id is not None and bos:
             ids = [self.tokenizer.bos_token_id, *ids]
         if self.max_length is not None and len(ids) > self.max_length:
             raise PromptTooLongError(

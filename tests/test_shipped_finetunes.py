@@ -30,7 +30,8 @@ def test_shipped_finetune_is_intact_and_reproduces_its_provenance(name):
     sl = prov[split]["slice"]
     rows = {str(r["id"]): dict(r) for r in load_mcqa("openbookqa", split, offline=True)}
     rows = [rows[i] for i in sl["ids"]]
-    task = MultipleChoiceTask(model.tokenizer, template=prov["task_config"]["template"], max_length=512)
+    # from_model: the model's own BOS policy (no BOS for the default model), as the finetune was trained with
+    task = MultipleChoiceTask.from_model(model, template=prov["task_config"]["template"])
     pred, labels = predict(model, task, rows, batch_size=16, progress=False)
     agree = sum(int(a) == int(b) for a, b in zip(pred.tolist(), sl["predictions"]))
     assert agree >= len(rows) - 1, f"{agree}/{len(rows)} predictions as recorded"  # float rounding may flip a tie

@@ -155,3 +155,23 @@ def test_unknown_template_and_missing_chat_template(tiny):
 )
 def test_parse_option(text, n, expected):
     assert parse_option(text, n_options=n) == expected
+
+
+def test_from_model_follows_the_models_bos_policy_not_the_tl_tokenizer_flag():
+    """TransformerLens' tokenizer copy has add_bos_token=True; a model loaded with default_prepend_bos=False (the
+    embedded default) must not get a BOS it was never used (or finetuned) with."""
+    from repinf_lens.task import MultipleChoiceTask
+    from repinf_lens.testing import tiny_model, toy_mcqa_rows
+
+    model = tiny_model(n_layers=1, d_model=16, n_heads=2, d_mlp=32, seed=0)
+    row = toy_mcqa_rows(1)[0]
+    bos = model.tokenizer.bos_token_id
+    model.tokenizer.add_bos_token = True
+    model.cfg.default_prepend_bos = False
+    off = MultipleChoiceTask.from_model(model, template="plain")
+    assert off.encode(row)[0] != bos and off.config()["prepend_bos"] is False
+    model.cfg.default_prepend_bos = True
+    on = MultipleChoiceTask.from_model(model, template="plain")
+    assert on.encode(row) == [bos, *off.encode(row)] and on.config()["prepend_bos"] is True
+    plain = MultipleChoiceTask(model.tokenizer, template="plain")  # None: the tokenizer decides, config unchanged
+    assert plain.encode(row) == on.encode(row) and "prepend_bos" not in plain.config()
