@@ -324,8 +324,18 @@ def _sae_config(args: argparse.Namespace):
 
 
 def _task(args: argparse.Namespace, model):
+    """The task of a command. For the embedded default and the shipped finetunes it is built exactly as the demo
+    and the shipped assets build it (the base model's Hugging Face tokenizer, ``max_length = --n-ctx``), so a
+    shipped sketch index matches; other models use their HookedTransformer's tokenizer and BOS policy."""
+    from repinf_lens.models import SHIPPED_FINETUNES, default_model_dir, is_default_model
     from repinf_lens.task import MultipleChoiceTask
 
+    name = args.model
+    if name is None or is_default_model(name) or str(name).strip().lower() in SHIPPED_FINETUNES:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(default_model_dir()))
+        return MultipleChoiceTask(tok, template=args.template, max_length=args.n_ctx)
     return MultipleChoiceTask.from_model(model, template=args.template)
 
 

@@ -96,3 +96,20 @@ def test_demo_on_the_real_default_model_and_data(tmp_path, capsys):
     assert f"Test question {summary['queries'][0]['query']}" in html
     assert not re.search(r"""(src|href)=["']https?://""", html)
     capsys.readouterr()
+
+
+@pytest.mark.integration
+def test_cli_task_of_the_shipped_default_matches_the_shipped_index():
+    """The CLI builds the task of the default model and of a shipped finetune as the demo and the shipped sketch
+    index do, so `--sketches smollm2-135m-openbookqa-L22` is accepted (its fingerprint holds the task config)."""
+    import argparse
+
+    from repinf_lens.cli import _task
+    from repinf_lens.demo import DEFAULT_INDEX
+    from repinf_lens.prefiltering import SketchStore, shipped_index_dir
+    from repinf_lens.task import task_config
+
+    store = SketchStore.load(shipped_index_dir(DEFAULT_INDEX))
+    for name in (None, "smollm2-135m-openbookqa"):
+        task = _task(argparse.Namespace(model=name, template="plain", n_ctx=1024), None)
+        assert json.loads(json.dumps(task_config(task), default=str)) == store.fingerprint["split"]["task_config"]
