@@ -128,6 +128,15 @@ ENTRIES: tuple[Entry, ...] = (
         ),
     ),
     Entry(
+        "sign-check",
+        "Analysis",
+        1,
+        (
+            "python benchmarks/faithfulness_sign_check.py --folder runs/faithfulness_shipped_L22 "
+            f"--model {FT} --sae repinf_lens/assets/saes/repinf-lens-smollm2-135m-openbookqa/blocks.22.hook_resid_post",
+        ),
+    ),
+    Entry(
         "lds",
         "Analysis",
         25,
