@@ -128,6 +128,16 @@ ENTRIES: tuple[Entry, ...] = (
         ),
     ),
     Entry(
+        "faithfulness-L15",
+        "Analysis",
+        45,
+        (
+            f"{RL} faithfulness --offline --model {FT} --template plain --sae repinf-lens-smollm2-135m-openbookqa "
+            "--sae-id blocks.15.hook_resid_post --query-limit 50 --train-limit 500 --prefilter-top-k 8 --solver cg "
+            "--max-iter 5 --hessian-examples 4 --batch-size 8 --query-chunk-size 1 --out runs/faithfulness_shipped_L15",
+        ),
+    ),
+    Entry(
         "sign-check",
         "Analysis",
         1,
