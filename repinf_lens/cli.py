@@ -936,14 +936,21 @@ def _cmd_case_studies(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_ablate(args: argparse.Namespace) -> int:
-    """``repinf-lens ablate``: ablate the top latents of a finished attribution and aggregate the effects."""
+def _finished_attribution(args: argparse.Namespace):
+    """``(split, result, queries)`` of ``--attribution``, its result checked against the split built here."""
     from repinf_lens.influence.result import check_split_matches
-    from repinf_lens.pipeline import run_ablation
 
     split = _split_model(args)
     result, queries = _queries_of(args, args.attribution)
     check_split_matches(result, split, directory=args.attribution / "result")
+    return split, result, queries
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    """``repinf-lens ablate``: ablate the top latents of a finished attribution and aggregate the effects."""
+    from repinf_lens.pipeline import run_ablation
+
+    split, result, queries = _finished_attribution(args)
     _, agg, files = run_ablation(
         split, queries, result, out_dir=args.out, rankings=list(args.rankings), ks=args.ks, n_boot=args.n_boot,
         seed=args.seed, progress=not args.no_progress,
@@ -954,12 +961,9 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     """``repinf-lens report``: the HTML report of a finished attribution."""
-    from repinf_lens.influence.result import check_split_matches
     from repinf_lens.pipeline import make_report
 
-    split = _split_model(args)
-    result, queries = _queries_of(args, args.attribution)
-    check_split_matches(result, split, directory=args.attribution / "result")
+    split, result, queries = _finished_attribution(args)
     tables = {}
     for title, path in args.table:
         with _reading("the --table file", path):

@@ -32,7 +32,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -335,8 +335,25 @@ _PLAIN_TEMPLATE = "{question}\n{options}\nAnswer:"
 _INSTRUCTION = "Answer with the letter of the correct option only."
 
 
+_B = TypeVar("_B", bound="_BatchMethods")
+
+
+class _BatchMethods:
+    """``to(device)`` and ``len`` for the dataclass batches below (every tensor field moves; the rest is kept)."""
+
+    tokens: Tensor
+
+    def to(self: _B, device: str | torch.device) -> _B:
+        """Move every tensor to ``device``."""
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]  # subclasses are dataclasses
+        return type(self)(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in kw.items()})
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+
 @dataclass
-class MCQABatch:
+class MCQABatch(_BatchMethods):
     """A right-padded batch of multiple-choice prompts.
 
     Attributes:
@@ -354,15 +371,6 @@ class MCQABatch:
     labels: Int[Tensor, " batch"]
     option_ids: Int[Tensor, "batch n_options"]
     ids: list[str] = field(default_factory=list)
-
-    def to(self, device: str | torch.device) -> MCQABatch:
-        """Move every tensor to ``device``."""
-        kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        moved: dict[str, Any] = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in kw.items()}
-        return MCQABatch(**moved)
-
-    def __len__(self) -> int:
-        return int(self.tokens.shape[0])
 
     @property
     def option_mask(self) -> Tensor:
@@ -584,7 +592,7 @@ class MultipleChoiceTask(Task):
 
 # ---------------------------------------------------------------------------------------------------- completion
 @dataclass
-class CompletionBatch:
+class CompletionBatch(_BatchMethods):
     """A right-padded batch of prompt + target sequences (the batch of :class:`CompletionTask`).
 
     Attributes:
@@ -606,15 +614,6 @@ class CompletionBatch:
     target_mask: Bool[Tensor, "batch n_target"]
     prompt_len: Int[Tensor, " batch"]
     ids: list[str] = field(default_factory=list)
-
-    def to(self, device: str | torch.device) -> CompletionBatch:
-        """Move every tensor to ``device``."""
-        kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        moved: dict[str, Any] = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in kw.items()}
-        return CompletionBatch(**moved)
-
-    def __len__(self) -> int:
-        return int(self.tokens.shape[0])
 
     @property
     def target_token_mask(self) -> Bool[Tensor, "batch pos"]:
