@@ -133,8 +133,9 @@ ENTRIES: tuple[Entry, ...] = (
         45,
         (
             f"{RL} faithfulness --offline --model {FT} --template plain --sae repinf-lens-smollm2-135m-openbookqa "
-            "--sae-id blocks.15.hook_resid_post --query-limit 50 --train-limit 500 --prefilter-top-k 8 --solver cg "
-            "--max-iter 5 --hessian-examples 4 --batch-size 8 --query-chunk-size 1 --out runs/faithfulness_shipped_L15",
+            "--sae-id blocks.15.hook_resid_post --query-limit 100 --train-limit 500 --prefilter-top-k 8 --solver cg "
+            "--max-iter 5 --hessian-examples 4 --batch-size 8 --query-chunk-size 1 --rankings influence "
+            "influence_eq16 influence_abs activation frequency random grad_x_act --out runs/faithfulness_shipped_L15",
         ),
     ),
     Entry(

@@ -168,6 +168,7 @@ def test_influence_ranking_follows_signed_mean_ifr(model3):
         assert s[got[0]] == s.max() and s[got[0]] > 0  # the strongest proponent latent first (signed, not |s|)
         absolute = get_ranking("influence", absolute=True).rank(ctx)
         assert torch.equal(absolute, torch.argsort(s.abs(), descending=True, stable=True))
+        assert torch.equal(get_ranking("influence_abs").rank(ctx), absolute)  # the magnitude, by its own name
         eq16 = get_ranking("influence_eq16").rank(ctx)  # the sign of the paper's Eq. (16): most negative first
         assert torch.equal(eq16, torch.argsort(-s, descending=True, stable=True))
         assert s[eq16[0]] == s.min() and s[eq16[0]] < 0

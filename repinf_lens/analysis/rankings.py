@@ -53,6 +53,8 @@ __all__ = [
     "FrequencyRanking",
     "FunctionRanking",
     "GradXActRanking",
+    "InfluenceAbsRanking",
+    "InfluenceEq16Ranking",
     "InfluenceRanking",
     "LatentRanking",
     "RandomRanking",
@@ -334,6 +336,21 @@ class InfluenceEq16Ranking(InfluenceRanking):
         return s if self.absolute else -s
 
 
+class InfluenceAbsRanking(InfluenceRanking):
+    """The magnitude of the paper's score, ``|s_k| = |mean_i IFR[i, k]|``, largest first (sign-agnostic).
+
+    Both signed ends (:class:`InfluenceRanking`, :class:`InfluenceEq16Ranking`) pick high-activation latents, so
+    the magnitude is the natural third candidate when the sign is in doubt. Same as
+    ``InfluenceRanking(absolute=True)``, registered under its own name so that it can be compared by name.
+    """
+
+    name = "influence_abs"
+    description = "|mean IFR| over the kept training examples (magnitude, descending)"
+
+    def __init__(self, *, tie_break: str = "index", seed: int | None = None) -> None:
+        super().__init__(absolute=True, tie_break=tie_break, seed=seed)
+
+
 class ActivationRanking(LatentRanking):
     """Activation magnitude of the latent on the test input: ``|r_{t,k}|`` reduced over the input's tokens.
 
@@ -483,6 +500,7 @@ class FunctionRanking(LatentRanking):
 # registry
 RANKINGS: dict[str, Callable[..., LatentRanking]] = {
     "influence": InfluenceRanking,
+    "influence_abs": InfluenceAbsRanking,
     "influence_eq16": InfluenceEq16Ranking,
     "activation": ActivationRanking,
     "frequency": FrequencyRanking,
