@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from repinf_lens._io import atomic_file, write_json_atomic
 from repinf_lens.split import HookNameError
-from repinf_lens.task import Task, as_rows, check_fits
+from repinf_lens._io import as_rows
+from repinf_lens.task import Task, check_fits
 
 __all__ = ["ActivationStore", "collect_activations", "hook_layer"]
 
