@@ -271,7 +271,7 @@ def _section_torchrun(args: argparse.Namespace, rec: Recorder) -> None:
 def _section_lora(args: argparse.Namespace, rec: Recorder) -> None:
     from repinf_lens import Identity, InfluenceAttributor, MultipleChoiceTask, SplitModel, load_mcqa, load_model
     from repinf_lens._stats import spearman
-    from repinf_lens.lora import lora_split_from_peft
+    from repinf_lens.split.lora import lora_split_from_peft
     from repinf_lens.testing import random_sae
 
     if args.lora_adapter is None or args.lora_merged is None:

@@ -19,7 +19,7 @@ family, reached as ``rl.<module>.<name>`` (``import repinf_lens as rl``):
   a model's accuracy on a task (``predict``, batches and task errors: ``repinf_lens.task``);
 * ``SplitModel``: the model cut at a hook with the SAE spliced in (theta2 downstream); ``check_split``: the split
   against TransformerLens' own forward (inputs and errors: ``repinf_lens.split``; LoRA theta2:
-  ``repinf_lens.lora``);
+  ``repinf_lens.split.lora``);
 * ``CG`` (the default solver), ``Identity`` (gradient dot product, TracIn-style), ``register_solver`` (your own);
 * ``InfluenceAttributor``: fit, s_test, attribute; ``InfluenceResult``: top examples, latents, tokens; save/load;
 * ``build_sketches`` / ``prefilter``: the gradient-similarity prefilter over a large training set;

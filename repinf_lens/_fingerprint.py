@@ -185,7 +185,7 @@ def split_fingerprint(split: Any, *, task_config: Callable[[Any], dict[str, Any]
     task = split.task
     model_tok = getattr(model, "tokenizer", None)
     task_tok = getattr(task, "tokenizer", None)
-    from repinf_lens.hooked import attached_saes
+    from repinf_lens.models.hooked import attached_saes
 
     attached_fp = {
         a.hook_in: {

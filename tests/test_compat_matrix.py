@@ -201,8 +201,8 @@ def test_softcap_is_applied_and_the_check_would_catch_it(monkeypatch):
     split = SplitModel(model, "blocks.0.hook_resid_post", random_sae(model, "blocks.0.hook_resid_post"))
     logits = split.original_logits(batch)
     assert logits.abs().max() <= 0.3 + 1e-6  # the output softcap bounds the model's own logits
-    import repinf_lens.hooked as hooked
-    import repinf_lens.split as split_mod
+    import repinf_lens.models.hooked as hooked
+    import repinf_lens.split.model as split_mod
 
     monkeypatch.setattr(split_mod, "logit_softcap", lambda model, x: x)  # the bug: softcap skipped downstream
     with pytest.raises(SplitCheckError, match="disagrees with TransformerLens' own forward"):
@@ -234,7 +234,7 @@ def test_hooked_sae_transformer_with_attached_saes(where, use_error_term):
 
 def test_attached_error_term_is_held_constant_in_forward_mode(monkeypatch):
     """SAELens computes the error under no_grad, which jvp ignores: without the detach the swap is wrong."""
-    import repinf_lens.split as split_mod
+    import repinf_lens.split.model as split_mod
 
     model = _hooked_sae_model()
     model.add_sae(random_sae(model, "blocks.1.hook_mlp_out", architecture="standard", seed=3), use_error_term=True)

@@ -30,7 +30,7 @@ import yaml
 from transformer_lens import HookedTransformer
 
 from repinf_lens.errors import CorruptFileError
-from repinf_lens.sae_compat import check_sae_compatibility, sae_hook_name
+from repinf_lens.split.compat import check_sae_compatibility, sae_hook_name
 
 __all__ = [
     "check_sae_compatibility",

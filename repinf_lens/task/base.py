@@ -292,7 +292,7 @@ class Task(ABC):
         Full logits at every position cost ``B x T x d_vocab`` memory (49k vocabulary for the default model);
         only the answer positions are needed, so the residual stream is gathered there first.
         """
-        from repinf_lens.hooked import final_logits
+        from repinf_lens.models.hooked import final_logits
 
         tokens = batch.tokens.to(model.cfg.device)
         check_fits(model, tokens)

@@ -28,7 +28,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from repinf_lens.errors import RepinfLensError, check_finite
-from repinf_lens.hooked import (
+from repinf_lens.models.hooked import (
     attached_saes,
     final_norm,
     hook_firing_order,
@@ -36,7 +36,7 @@ from repinf_lens.hooked import (
     logit_softcap,
     sae_hooks,
 )
-from repinf_lens.sae_compat import (
+from repinf_lens.split.compat import (
     HookNameError,
     SAECompatibilityError,
     activation_shape,
@@ -44,15 +44,7 @@ from repinf_lens.sae_compat import (
 )
 from repinf_lens.task import check_batch, gather_positions, task_config
 
-__all__ = [
-    "HookNameError",
-    "Params",
-    "SAECompatibilityError",
-    "SplitConfigError",
-    "SplitInputs",
-    "SplitModel",
-    "activation_shape",
-]
+__all__ = ["Params", "SplitConfigError", "SplitInputs", "SplitModel"]
 
 Params = dict[str, Tensor]
 
@@ -579,7 +571,7 @@ class SplitModel:
             # the positions the loss reads: answer_pos [B] -> [B, d_model], [B, P] -> [B, P, d_model]
             resid = gather_positions(body(), answer_pos)
             one = resid.ndim == 2
-            # every step HookedTransformer.forward applies after the last block (repinf_lens.hooked.final_logits)
+            # every step HookedTransformer.forward applies after the last block (repinf_lens.models.hooked.final_logits)
             h = final_norm(model, resid[:, None, :] if one else resid)
             logits = logit_softcap(model, model.unembed(h))
             logits = logits[:, 0, :] if one else logits

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from repinf_lens.split import Params, SplitModel
+from repinf_lens.split.model import Params, SplitModel
 
 __all__ = ["PEFT_TO_TL", "LoraSplit", "lora_delta", "lora_split_from_peft"]
 

@@ -1,7 +1,7 @@
 """Can this SAE (or transcoder) be spliced into this model at this hook? The checks shared by
 :class:`~repinf_lens.split.SplitModel` and :func:`~repinf_lens.saes.loading.load_sae`.
 
-Only TransformerLens / SAELens facts (:mod:`repinf_lens.hooked`) and the error classes are needed here, so both
+Only TransformerLens / SAELens facts (:mod:`repinf_lens.models.hooked`) and the error classes are needed here, so both
 the split and the SAE loaders import it without importing each other.
 """
 
@@ -15,7 +15,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from repinf_lens.errors import RepinfLensError
-from repinf_lens.hooked import is_transcoder, sae_hooks
+from repinf_lens.models.hooked import is_transcoder, sae_hooks
 
 __all__ = [
     "SUPPORTED_NORMS",
