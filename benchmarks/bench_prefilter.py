@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.store = args.store or here.parent / "runs" / "bench" / f"sketches_{tag}_d{args.dim}"
     torch.set_num_threads(args.threads)
 
-    from repinf_lens.prefiltering import GradientSketcher, SketchStore, build_sketches, prefilter, top_count
+    from repinf_lens.influence.prefilter import GradientSketcher, SketchStore, build_sketches, prefilter, top_count
 
     rec = Recorder(args.out)
     t = time.perf_counter()

@@ -113,7 +113,7 @@ def index(a: argparse.Namespace) -> None:
     into the package."""
     from repinf_lens.data import load_mcqa
     from repinf_lens.demo import DEFAULT_INDEX, DemoConfig, shipped_index_dir
-    from repinf_lens.prefiltering import build_sketches
+    from repinf_lens.influence.prefilter import build_sketches
 
     split = _demo_split()
     train = list(load_mcqa("openbookqa", "train", offline=True))
@@ -144,7 +144,7 @@ def verify(a: argparse.Namespace) -> None:
 
     from repinf_lens.data import load_mcqa
     from repinf_lens.demo import DEFAULT_INDEX, shipped_index_dir
-    from repinf_lens.prefiltering import GradientSketcher, SketchStore
+    from repinf_lens.influence.prefilter import GradientSketcher, SketchStore
 
     split = _demo_split()
     store = SketchStore.load(shipped_index_dir(DEFAULT_INDEX), verify=True)

@@ -34,9 +34,9 @@ The modules, for everything past the main path:
 * ``data``: dataset helpers (``available_mcqa``, ``from_records``, ``MCQAFormatError``, ...);
 * ``errors``: ``SettingsError``, ``NonFiniteError``, ``CorruptFileError``, ``OfflineAssetError`` (and where the
   stage-specific errors live);
-* ``influence``: the engine (``latent_influence``, ``example_influence``, ``latent_influence_reference``, ...);
+* ``influence``: the engine (``latent_influence``, ``example_influence``, ``latent_influence_reference``, ...)
+  and ``influence.prefilter`` (``GradientSketcher``, ``SketchStore``, ``PrefilterResult``, ``sketch_overlap``);
 * ``models``: ``DEFAULT_MODEL``, ``load_hf_model``, ``SHIPPED_FINETUNES``, ``UnknownModelError``;
-* ``prefiltering``: ``GradientSketcher``, ``SketchStore``, ``PrefilterResult``, ``sketch_overlap``;
 * ``saes``: ``collect_activations``, ``layer_sweep``, ``SAETrainingConfig``, ``publish_saes``;
 * ``testing``: tiny offline models, tokenizers, SAEs and data (``rl.testing.random_sae``);
 * ``viz``: token heatmaps, the example browser, HTML reports (``build_report``).
@@ -44,15 +44,15 @@ The modules, for everything past the main path:
 The stage runners behind the ``repinf-lens`` command are in ``repinf_lens.pipeline``.
 """
 
-from repinf_lens import analysis, curvature, data, errors, influence, models, prefiltering, saes, testing, viz
+from repinf_lens import analysis, curvature, data, errors, influence, models, saes, testing, viz
 from repinf_lens._version import __version__
 from repinf_lens.curvature import CG, Identity, register_solver
 from repinf_lens.data import load_mcqa
 from repinf_lens.errors import RepinfLensError
 from repinf_lens.finetuning import finetune
 from repinf_lens.influence import InfluenceAttributor, InfluenceResult, check_split
+from repinf_lens.influence.prefilter import build_sketches, prefilter
 from repinf_lens.models import load_model
-from repinf_lens.prefiltering import build_sketches, prefilter
 from repinf_lens.saes import load_sae, train_sae
 from repinf_lens.split import SplitModel
 from repinf_lens.task import CompletionTask, MultipleChoiceTask, Task, evaluate
@@ -82,7 +82,6 @@ __all__ = [
     "load_sae",
     "models",
     "prefilter",
-    "prefiltering",
     "register_solver",
     "saes",
     "testing",

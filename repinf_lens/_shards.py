@@ -1,6 +1,6 @@
 """Resumable sharded outputs on disk: a ``manifest.json`` plus safetensors shards, each written atomically.
 
-Used by :func:`repinf_lens.prefiltering.build_sketches` and
+Used by :func:`repinf_lens.influence.prefilter.build_sketches` and
 :meth:`repinf_lens.influence.InfluenceAttributor.attribute_streaming`. A shard is written to a temporary file
 in its final folder, flushed to disk and renamed, so a crash (even ``kill -9``) leaves every shard either
 complete or absent. Each shard's safetensors header carries the run's fingerprint hash, its example range and

@@ -7,7 +7,7 @@ On the embedded default model and real OpenBookQA, fully offline, with the asset
 2. the shipped TopK SAE of the finetuned model (``load_sae(release, sae_id)``) is spliced in at its hook;
 3. test questions are picked by the paper's case-study protocol (wrong before finetuning, right after);
 4. every one of the 4957 training examples goes through the gradient prefilter, from the shipped sketch index
-   (built by :func:`repinf_lens.prefiltering.build_sketches` for exactly this split; rebuilt by
+   (built by :func:`repinf_lens.influence.prefilter.build_sketches` for exactly this split; rebuilt by
    ``python benchmarks/build_assets.py index``), and each question's top candidates are attributed: CG s_test,
    the derivative swap, example, latent and token scores;
 5. necessity / sufficiency ablations against the baseline rankings with paired-bootstrap verdicts, the
@@ -56,7 +56,7 @@ DEFAULT_INDEX = "smollm2-135m-openbookqa-L22"
 
 def shipped_index_dir(name: str = DEFAULT_INDEX) -> Path:
     """The package folder of a shipped sketch index (``repinf_lens/assets/prefilter/<name>``)."""
-    from repinf_lens.prefiltering import shipped_index_dir as folder
+    from repinf_lens.influence.prefilter import shipped_index_dir as folder
 
     return folder(name)
 

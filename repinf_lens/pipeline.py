@@ -154,13 +154,13 @@ def prefilter_candidates(
     ``prefilter_fraction``), from sketches of ``train`` built once in ``sketch_dir``; ``None`` when the config
     asks for no prefilter. Adds ``sketches_s`` / ``prefilter_s`` to ``timings`` when given.
 
-    ``sketches``: a prebuilt :class:`~repinf_lens.prefiltering.SketchStore` (or its folder, e.g. a shipped index)
+    ``sketches``: a prebuilt :class:`~repinf_lens.influence.prefilter.SketchStore` (or its folder, e.g. a shipped index)
     used read-only instead of building one in ``sketch_dir``. It must have been built for this split and exactly
     these training rows; otherwise a ``ValueError`` says what differs, before any gradient is taken.
     """
     if config.prefilter_fraction is None and config.prefilter_top_k is None:
         return None
-    from repinf_lens.prefiltering import build_sketches, open_store, prefilter
+    from repinf_lens.influence.prefilter import build_sketches, open_store, prefilter
 
     t = time.perf_counter()
     rows = as_rows(train, "training set")

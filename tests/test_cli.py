@@ -106,7 +106,7 @@ def test_cli_task_of_the_shipped_default_matches_the_shipped_index():
 
     from repinf_lens.cli import _task
     from repinf_lens.demo import DEFAULT_INDEX
-    from repinf_lens.prefiltering import SketchStore, shipped_index_dir
+    from repinf_lens.influence.prefilter import SketchStore, shipped_index_dir
     from repinf_lens.task import task_config
 
     store = SketchStore.load(shipped_index_dir(DEFAULT_INDEX))

@@ -10,8 +10,8 @@ import pytest
 import repinf_lens.analysis.ablation as ablation
 from repinf_lens import InfluenceResult, SplitModel
 from repinf_lens.analysis.faithfulness import compare_rankings, run_faithfulness
+from repinf_lens.influence.prefilter import SketchStore, prefilter
 from repinf_lens.pipeline import AttributionConfig
-from repinf_lens.prefiltering import SketchStore, prefilter
 from repinf_lens.testing import random_sae, tiny_model, toy_mcqa_rows
 
 HOOK = "blocks.0.hook_resid_post"

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-import repinf_lens.prefiltering as pf
+import repinf_lens.influence.prefilter.store as pf
 from repinf_lens import SplitModel
 from repinf_lens._shards import ManifestMismatchError
-from repinf_lens.prefiltering import (
+from repinf_lens.influence.prefilter import (
     GradientSketcher,
     SketchStore,
     build_sketches,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from repinf_lens.demo import DEFAULT_FINETUNE, DEFAULT_INDEX, DEFAULT_SAE_ID, DEFAULT_SAE_RELEASE
-from repinf_lens.prefiltering import shipped_index_dir, shipped_indexes
+from repinf_lens.influence.prefilter import shipped_index_dir, shipped_indexes
 from repinf_lens.saes.loading import shipped_sae_releases
 
 pytestmark = pytest.mark.integration
@@ -70,7 +70,7 @@ def test_shipped_sae_loads_by_release_name_and_reconstructs_the_finetuned_model(
 
 def test_a_rebuilt_slice_of_the_shipped_index_equals_it(demo_split):
     from repinf_lens import load_mcqa
-    from repinf_lens.prefiltering import GradientSketcher, SketchStore
+    from repinf_lens.influence.prefilter import GradientSketcher, SketchStore
 
     store = SketchStore.load(shipped_index_dir(DEFAULT_INDEX), verify=True)
     rows = [dict(r) for r in load_mcqa("openbookqa", "train", offline=True)]

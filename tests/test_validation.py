@@ -10,9 +10,9 @@ import torch
 from repinf_lens.curvature import CG, Explicit, Identity, LiSSA, solver_from_dict
 from repinf_lens.errors import NonFiniteError, RepinfLensError, SettingsError, check_finite
 from repinf_lens.influence.attributor import InfluenceAttributor
+from repinf_lens.influence.prefilter import build_sketches, prefilter, top_count
 from repinf_lens.influence.result import InfluenceResult
 from repinf_lens.pipeline import AttributionConfig
-from repinf_lens.prefiltering import build_sketches, prefilter, top_count
 from repinf_lens.split import SplitModel
 from repinf_lens.testing import random_sae, toy_mcqa_rows
 

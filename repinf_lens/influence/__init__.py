@@ -2,9 +2,11 @@
 
 :class:`InfluenceAttributor` (fit the Hessian data, solve s_test, attribute) returns an :class:`InfluenceResult`;
 the functions of :mod:`repinf_lens.influence.math` are the engine it calls (one training batch at a time), and
-:func:`check_split` checks a split against TransformerLens' own forward.
+:func:`check_split` checks a split against TransformerLens' own forward; :mod:`repinf_lens.influence.prefilter`
+keeps the candidates worth scoring (gradient-similarity sketches).
 """
 
+from repinf_lens.influence import prefilter
 from repinf_lens.influence.attributor import InfluenceAttributor
 from repinf_lens.influence.check import SplitCheck, SplitCheckError, check_split
 from repinf_lens.influence.math import (
@@ -31,5 +33,6 @@ __all__ = [
     "latent_influence",
     "latent_influence_multi",
     "latent_influence_reference",
+    "prefilter",
     "stack_queries",
 ]

@@ -20,9 +20,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from repinf_lens._io import atomic_file, write_json_atomic
+from repinf_lens._io import as_rows, atomic_file, write_json_atomic
 from repinf_lens.split import HookNameError
-from repinf_lens._io import as_rows
 from repinf_lens.task import Task, check_fits
 
 __all__ = ["ActivationStore", "collect_activations", "hook_layer"]

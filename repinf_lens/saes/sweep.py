@@ -32,11 +32,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from repinf_lens._cache import fingerprint_rows
-from repinf_lens._io import write_json_atomic
+from repinf_lens._io import as_rows, write_json_atomic
 from repinf_lens.models.hooked import final_logits
 from repinf_lens.saes.activations import ActivationStore, collect_activations, hook_layer
 from repinf_lens.saes.training import SAETrainingConfig, train_sae
-from repinf_lens._io import as_rows
 from repinf_lens.task import SupportsOptionLogits, Task, check_fits, require, task_config
 
 __all__ = ["PAPER_GRID", "SweepResult", "layer_sweep", "middle_layers", "spliced_accuracy"]
