@@ -45,7 +45,7 @@ def finetune(a: argparse.Namespace) -> None:
 
 
 def export(a: argparse.Namespace) -> None:
-    from repinf_lens.demo import DEFAULT_FINETUNE
+    from repinf_lens.workflows.demo import DEFAULT_FINETUNE
 
     _cli("export-adapter", "--offline", "--run", a.run, "--out", str(ASSETS / "finetunes" / DEFAULT_FINETUNE),
          "--eval-split", "test")  # fmt: skip
@@ -58,10 +58,10 @@ def saes(a: argparse.Namespace) -> None:
 
     import repinf_lens as rl
     from repinf_lens.data import load_mcqa
-    from repinf_lens.demo import DEFAULT_FINETUNE, DEFAULT_SAE_ID, DEFAULT_SAE_RELEASE
     from repinf_lens.saes.publish import publish_saes
     from repinf_lens.saes.sweep import layer_sweep
     from repinf_lens.saes.training import SAETrainingConfig
+    from repinf_lens.workflows.demo import DEFAULT_FINETUNE, DEFAULT_SAE_ID, DEFAULT_SAE_RELEASE
 
     torch.manual_seed(0)
     model = rl.load_model(DEFAULT_FINETUNE, device="cpu")
@@ -98,8 +98,8 @@ def _demo_split():
     from transformers import AutoTokenizer
 
     import repinf_lens as rl
-    from repinf_lens.demo import DEFAULT_FINETUNE, DEFAULT_SAE_ID, DEFAULT_SAE_RELEASE
     from repinf_lens.models import default_model_dir
+    from repinf_lens.workflows.demo import DEFAULT_FINETUNE, DEFAULT_SAE_ID, DEFAULT_SAE_RELEASE
 
     model = rl.load_model(DEFAULT_FINETUNE, device="cpu")
     task = rl.MultipleChoiceTask(AutoTokenizer.from_pretrained(str(default_model_dir())), max_length=1024,
@@ -112,14 +112,14 @@ def index(a: argparse.Namespace) -> None:
     """Sketch all training examples for the demo's split (resumable in ``--work``), then copy the finished store
     into the package."""
     from repinf_lens.data import load_mcqa
-    from repinf_lens.demo import DEFAULT_INDEX, DemoConfig, shipped_index_dir
-    from repinf_lens.influence.prefilter import build_sketches
+    from repinf_lens.influence.prefilter import build_sketches, shipped_index_dir
+    from repinf_lens.workflows.demo import DEFAULT_INDEX, DemoConfig
 
     split = _demo_split()
     train = list(load_mcqa("openbookqa", "train", offline=True))
     check = list(load_mcqa("openbookqa", "validation", offline=True))[: a.check]
     t = time.perf_counter()
-    store = build_sketches(split, None, train, out_dir=a.work, dim=DemoConfig().sketch_dim, batch_size=8,
+    store = build_sketches(split, None, train, out_dir=a.work, dim=DemoConfig().attribution.sketch_dim, batch_size=8,
                            shard_size=1024, storage_dtype="float16", check_queries=check)  # fmt: skip
     print(f"sketches: {time.perf_counter() - t:.0f} s")
     report = store.check_report()
@@ -143,8 +143,8 @@ def verify(a: argparse.Namespace) -> None:
     import torch
 
     from repinf_lens.data import load_mcqa
-    from repinf_lens.demo import DEFAULT_INDEX, shipped_index_dir
-    from repinf_lens.influence.prefilter import GradientSketcher, SketchStore
+    from repinf_lens.influence.prefilter import GradientSketcher, SketchStore, shipped_index_dir
+    from repinf_lens.workflows.demo import DEFAULT_INDEX
 
     split = _demo_split()
     store = SketchStore.load(shipped_index_dir(DEFAULT_INDEX), verify=True)

@@ -12,7 +12,7 @@ family, reached as ``rl.<module>.<name>`` (``import repinf_lens as rl``):
 
 * ``load_model``: a ``HookedTransformer`` (the embedded default, a shipped finetune, a TL name, a local folder);
 * ``finetune``: the paper's LoRA finetune, merged and loaded back (its config and result:
-  ``repinf_lens.finetuning``);
+  ``repinf_lens.workflows.finetuning``);
 * ``load_mcqa``: OpenBookQA / CommonsenseQA / MedQA, online or offline;
 * ``load_sae`` / ``train_sae``: SAELens SAEs from a folder, release or HF repo / trained on collected activations;
 * ``Task`` (the contract to implement), ``MultipleChoiceTask`` (the paper's), ``CompletionTask``; ``evaluate``:
@@ -41,7 +41,7 @@ The modules, for everything past the main path:
 * ``testing``: tiny offline models, tokenizers, SAEs and data (``rl.testing.random_sae``);
 * ``viz``: token heatmaps, the example browser, HTML reports (``build_report``).
 
-The stage runners behind the ``repinf-lens`` command are in ``repinf_lens.pipeline``.
+The stage runners behind the ``repinf-lens`` command are in ``repinf_lens.workflows``.
 """
 
 from repinf_lens import analysis, curvature, data, errors, influence, models, saes, testing, viz
@@ -49,13 +49,13 @@ from repinf_lens._version import __version__
 from repinf_lens.curvature import CG, Identity, register_solver
 from repinf_lens.data import load_mcqa
 from repinf_lens.errors import RepinfLensError
-from repinf_lens.finetuning import finetune
 from repinf_lens.influence import InfluenceAttributor, InfluenceResult, check_split
 from repinf_lens.influence.prefilter import build_sketches, prefilter
 from repinf_lens.models import load_model
 from repinf_lens.saes import load_sae, train_sae
 from repinf_lens.split import SplitModel
 from repinf_lens.task import CompletionTask, MultipleChoiceTask, Task, evaluate
+from repinf_lens.workflows.finetuning import finetune
 
 __all__ = [
     "CG",

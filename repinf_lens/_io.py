@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from repinf_lens._version import __version__
+
 __all__ = [
     "as_rows",
     "atomic_dir",
@@ -35,6 +37,7 @@ __all__ = [
     "is_example",
     "write_bytes_atomic",
     "write_json_atomic",
+    "write_manifest",
     "write_text_atomic",
 ]
 
@@ -222,3 +225,12 @@ def as_rows(data: Any, what: str | None = None) -> list[dict[str, Any]]:
     if what is not None and not rows:
         raise ValueError(f"The {what} is empty. Fix: pass at least one example.")
     return rows
+
+
+def write_manifest(folder: str | os.PathLike, stage: str, args: dict[str, Any], **extra: Any) -> Path:
+    """Write ``folder/manifest.json``: which stage, with which arguments, produced the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rec = {"stage": stage, "repinf_lens": __version__, "args": args, **extra}
+    write_json_atomic(folder / "manifest.json", rec)
+    return folder / "manifest.json"

@@ -339,36 +339,70 @@ def _task(args: argparse.Namespace, model):
     return MultipleChoiceTask.from_model(model, template=args.template)
 
 
-def _attribution_args(p: argparse.ArgumentParser) -> None:
-    from repinf_lens.curvature.solvers import list_solvers  # read when the parser is built: registered solvers count
+def _flag_type(f: Any) -> Callable[[str], Any]:
+    """The argparse type of a config field, from its annotation and its ``minimum`` / ``fraction`` metadata."""
+    kind = str(f.type)
+    meta = f.metadata
+    if "int" in kind:
+        return positive_int if meta.get("minimum", 0) >= 1 else nonneg_int
+    if "float" in kind:
+        if meta.get("fraction"):
+            return fraction
+        return nonneg_float if meta.get("minimum") == 0 else positive_float if "minimum" in meta else _finite_float
+    return str
 
-    p.add_argument("--solver", default="cg", choices=list_solvers(),
-                   help="inverse-HVP solver (repinf_lens.register_solver adds one)")  # fmt: skip
-    p.add_argument("--damping", type=nonneg_float, default=1e-3)
-    p.add_argument("--gauss-newton", action="store_true", help="PSD Gauss-Newton curvature instead of the Hessian")
-    p.add_argument("--max-iter", type=positive_int, default=20, help="CG iterations / LiSSA depth")
-    p.add_argument("--hessian-examples", type=positive_int, default=64, help="training examples that define H")
-    pf = p.add_mutually_exclusive_group()
-    pf.add_argument("--prefilter-fraction", type=fraction, default=None, help="keep this share per query (0.01-0.1)")
-    pf.add_argument("--prefilter-top-k", type=positive_int, default=None, help="keep this many per query")
-    p.add_argument("--sketch-dim", type=positive_int, default=4096)
-    p.add_argument("--sketches", default=None,
-                   help="prebuilt sketch store: a folder or a shipped index (smollm2-135m-openbookqa-L22)")  # fmt: skip
-    p.add_argument("--shard-size", type=positive_int, default=256)
-    p.add_argument("--query-chunk-size", type=positive_int, default=8,
-                   help="queries solved / scored together (memory grows)")  # fmt: skip
+
+def add_config_flags(
+    p: argparse.ArgumentParser, cls: type, *, skip: Sequence[str] = (), suppress: bool = False
+) -> None:
+    """One ``--flag`` per field of the config dataclass ``cls`` (help, check, choices, exclusive groups from the
+    field metadata; see :func:`repinf_lens.workflows.config.config_fields`). ``suppress``: a flag not given
+    leaves no attribute, so a preset (the demo's) keeps its own value."""
+    from repinf_lens.curvature.solvers import list_solvers  # read when the parser is built: registered solvers count
+    from repinf_lens.workflows.config import config_fields
+
+    groups: dict[str, Any] = {}
+    for f in config_fields(cls):
+        if f.name in skip:
+            continue
+        meta = dict(f.metadata)
+        target = p
+        if meta.get("exclusive"):
+            if meta["exclusive"] not in groups:
+                groups[meta["exclusive"]] = p.add_mutually_exclusive_group()
+            target = groups[meta["exclusive"]]
+        kw: dict[str, Any] = {"help": meta["help"], "dest": f.name}
+        if suppress:
+            kw["default"] = argparse.SUPPRESS
+        if str(f.type) == "bool":
+            kw["action"] = "store_true"
+        else:
+            kw["type"] = _flag_type(f)
+            if not suppress:
+                kw["default"] = f.default
+            if meta.get("choices") == "solvers":
+                kw["choices"] = list_solvers()
+        target.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """The config dataclass ``cls`` from the parsed flags of :func:`add_config_flags` (checked by its
+    ``__post_init__``: an impossible combination fails here, before any model is loaded)."""
+    from repinf_lens.workflows.config import config_fields
+
+    return cls(**{f.name: getattr(args, f.name) for f in config_fields(cls) if hasattr(args, f.name)})
+
+
+def _attribution_args(p: argparse.ArgumentParser) -> None:
+    from repinf_lens.workflows.config import AttributionConfig
+
+    add_config_flags(p, AttributionConfig, skip=("batch_size",))  # --batch-size is a common flag
 
 
 def _attribution_config(args: argparse.Namespace):
-    from repinf_lens.pipeline import AttributionConfig
+    from repinf_lens.workflows.config import AttributionConfig
 
-    return AttributionConfig(
-        solver=args.solver, damping=args.damping, gauss_newton=args.gauss_newton, max_iter=args.max_iter,
-        hessian_examples=args.hessian_examples,
-        prefilter_fraction=args.prefilter_fraction, prefilter_top_k=args.prefilter_top_k,
-        sketch_dim=args.sketch_dim, sketches=args.sketches, batch_size=args.batch_size, shard_size=args.shard_size,
-        query_chunk_size=args.query_chunk_size,
-    )  # fmt: skip
+    return config_from_args(AttributionConfig, args)
 
 
 def _split(args: argparse.Namespace, split: str, limit: int | None):
@@ -528,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="redo the shipped assets: the finetune (shipped recipe), the layer sweep and the sketch index (hours)",
     )  # fmt: skip
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
+    from repinf_lens.workflows.config import AttributionConfig
+
+    add_config_flags(demo, AttributionConfig, skip=("batch_size",), suppress=True)  # given: replace the preset's
     for p in sub.choices.values():  # --debug also after the subcommand (SUPPRESS: keeps a --debug given before it)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="print the full traceback")
     return parser
@@ -683,8 +720,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     """``repinf-lens finetune``: LoRA-finetune on a split; prints the run's metadata (no loss curve)."""
     import torch
 
-    from repinf_lens.finetuning import finetune
     from repinf_lens.task import MultipleChoiceTask
+    from repinf_lens.workflows.finetuning import finetune
 
     torch.manual_seed(args.seed)
     train = _split(args, args.train_split, args.train_limit)
@@ -718,7 +755,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 def _cmd_merge_adapter(args: argparse.Namespace) -> int:
     """``repinf-lens merge-adapter``: merge a LoRA adapter into its base model and save the merged model."""
-    from repinf_lens.finetuning import merge_adapter
+    from repinf_lens.workflows.finetuning import merge_adapter
 
     with _reading("the adapter", args.adapter), _reading("the model", args.model):
         model = merge_adapter(args.model, args.adapter, args.out, device=args.device, n_ctx=args.n_ctx)
@@ -730,9 +767,9 @@ def _cmd_export_adapter(args: argparse.Namespace) -> int:
     """``repinf-lens export-adapter``: ship a finetune run's adapter (with its evaluation) into a folder."""
     from transformers import AutoTokenizer
 
-    from repinf_lens.finetuning import ship_finetune
     from repinf_lens.models import default_model_dir
     from repinf_lens.task import MultipleChoiceTask
+    from repinf_lens.workflows.finetuning import ship_finetune
 
     run_cfg = json.loads((args.run / "finetune.json").read_text())
     tcfg = run_cfg.get("task_config") or {}
@@ -839,7 +876,7 @@ def _cmd_orthogonality(args: argparse.Namespace) -> int:
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
     """``repinf-lens attribute``: attribute queries to training examples (prefilter, s_test, resumable shards)."""
-    from repinf_lens.pipeline import run_attribution
+    from repinf_lens.workflows import run_attribution
 
     split = _split_model(args)
     queries = list(_split(args, args.query_split, None if args.query_ids else args.query_limit))
@@ -865,7 +902,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
 
 def _cmd_faithfulness(args: argparse.Namespace) -> int:
     """``repinf-lens faithfulness``: compare influence rankings against baselines (paired bootstrap verdicts)."""
-    from repinf_lens.analysis.faithfulness import run_faithfulness
+    from repinf_lens.workflows.faithfulness import run_faithfulness
 
     split = _split_model(args)
     summary = run_faithfulness(
@@ -886,8 +923,9 @@ def _cmd_faithfulness(args: argparse.Namespace) -> int:
 
 def _cmd_case_studies(args: argparse.Namespace) -> int:
     """``repinf-lens case-studies``: why finetuning fixed these answers (predictions, attribution, report)."""
-    from repinf_lens.analysis.case_studies import cached_predictions, prediction_record, run_case_studies
+    from repinf_lens.analysis.case_studies import cached_predictions, prediction_record
     from repinf_lens.models import load_model
+    from repinf_lens.workflows.case_studies import run_case_studies
 
     split = _split_model(args)
     rows = [dict(r) for r in _split(args, args.eval_split, args.eval_limit)]
@@ -948,7 +986,7 @@ def _finished_attribution(args: argparse.Namespace):
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
     """``repinf-lens ablate``: ablate the top latents of a finished attribution and aggregate the effects."""
-    from repinf_lens.pipeline import run_ablation
+    from repinf_lens.workflows import run_ablation
 
     split, result, queries = _finished_attribution(args)
     _, agg, files = run_ablation(
@@ -961,7 +999,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     """``repinf-lens report``: the HTML report of a finished attribution."""
-    from repinf_lens.pipeline import make_report
+    from repinf_lens.workflows import make_report
 
     split, result, queries = _finished_attribution(args)
     tables = {}
@@ -980,14 +1018,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """``repinf-lens demo``: the end-to-end demo (shipped assets by default; ``--retrain`` redoes them)."""
-    from repinf_lens.demo import DemoConfig, run_demo
+    from repinf_lens.workflows.demo import DemoConfig, run_demo
 
     if args.config is not None:
         with _reading("the --config file", args.config):
             cfg = DemoConfig.from_file(args.config, quick=args.quick)
     else:
         cfg = DemoConfig.quick() if args.quick else DemoConfig()
-    cfg = dataclasses.replace(cfg, seed=args.seed, batch_size=args.batch_size)
+    from repinf_lens.workflows.config import AttributionConfig, config_fields
+
+    given = {f.name: getattr(args, f.name) for f in config_fields(AttributionConfig) if hasattr(args, f.name)}
+    cfg = DemoConfig.build(cfg, **given, seed=args.seed, batch_size=args.batch_size)
     if args.template is not None:
         cfg = dataclasses.replace(cfg, template=args.template)
     if args.adapter is not None:

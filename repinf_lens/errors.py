@@ -11,7 +11,8 @@ them (all derive from :class:`RepinfLensError`): ``repinf_lens.models.UnknownMod
 ``repinf_lens.data.MCQAFormatError``, ``repinf_lens.task.PromptTooLongError`` / ``MissingCapabilityError``,
 ``repinf_lens.split.HookNameError`` / ``SAECompatibilityError`` / ``SplitConfigError``,
 ``repinf_lens.influence.SplitCheckError`` / ``SplitMismatchError``,
-``repinf_lens.influence.prefilter.ManifestMismatchError`` and ``repinf_lens.finetuning.FinetuneRunMismatchError``.
+``repinf_lens.influence.prefilter.ManifestMismatchError`` and
+``repinf_lens.workflows.finetuning.FinetuneRunMismatchError``.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ from repinf_lens.analysis.case_studies import (
     with_rationale,
 )
 from repinf_lens.analysis.rankings import latents_of_tokens
-from repinf_lens.pipeline import AttributionConfig
 from repinf_lens.testing import random_sae, tiny_model, toy_mcqa_rows
+from repinf_lens.workflows import AttributionConfig
 
 HOOK = "blocks.0.hook_resid_post"
 

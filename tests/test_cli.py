@@ -56,7 +56,7 @@ def test_finetune_cli_tiny(tmp_path, monkeypatch, capsys):
 
 TINY_DEMO = dict(retrain=True, n_eval=4, n_train=8, finetune_epochs=1.0, finetune_batch_size=4,
                  finetune_micro_batch_size=4, d_sae=16, k=3, n_sae_prompts=16, sae_epochs=2.0, n_queries=1,
-                 prefilter_top_k=4, sketch_dim=128, cg_iters=2, hessian_examples=4, ks=[2, 4], n_boot=20,
+                 prefilter_top_k=4, sketch_dim=128, max_iter=2, hessian_examples=4, ks=[2, 4], n_boot=20,
                  ortho_tokens=128)  # fmt: skip
 
 
@@ -77,10 +77,10 @@ def test_demo_cli_tiny_with_a_config_file(tmp_path, monkeypatch, capsys):
 @pytest.mark.integration
 def test_demo_on_the_real_default_model_and_data(tmp_path, capsys):
     """The main job on the embedded SmolLM2 and real OpenBookQA, at tiny sizes (the full demo is `make demo`)."""
-    from repinf_lens.demo import DEFAULT_INDEX, DEFAULT_SAE_ID, DEFAULT_SAE_RELEASE
+    from repinf_lens.workflows.demo import DEFAULT_INDEX, DEFAULT_SAE_ID, DEFAULT_SAE_RELEASE
 
     config = tmp_path / "demo.json"
-    small = dict(n_eval=12, n_queries=1, prefilter_top_k=4, cg_iters=1, hessian_examples=2, ks=[10, 50], n_boot=20,
+    small = dict(n_eval=12, n_queries=1, prefilter_top_k=4, max_iter=1, hessian_examples=2, ks=[10, 50], n_boot=20,
                  ortho_tokens=128, rankings=["influence", "random"])  # fmt: skip
     config.write_text(json.dumps(small))
     out = tmp_path / "demo"
@@ -105,9 +105,9 @@ def test_cli_task_of_the_shipped_default_matches_the_shipped_index():
     import argparse
 
     from repinf_lens.cli import _task
-    from repinf_lens.demo import DEFAULT_INDEX
     from repinf_lens.influence.prefilter import SketchStore, shipped_index_dir
     from repinf_lens.task import task_config
+    from repinf_lens.workflows.demo import DEFAULT_INDEX
 
     store = SketchStore.load(shipped_index_dir(DEFAULT_INDEX))
     for name in (None, "smollm2-135m-openbookqa"):

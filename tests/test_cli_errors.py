@@ -21,7 +21,7 @@ def no_loading(monkeypatch):
     monkeypatch.setattr("repinf_lens.models.load_model", refuse)
     monkeypatch.setattr("repinf_lens.saes.load_sae", refuse)
     monkeypatch.setattr("repinf_lens.data.load_mcqa", refuse)
-    monkeypatch.setattr("repinf_lens.finetuning.finetune", refuse)
+    monkeypatch.setattr("repinf_lens.workflows.finetuning.finetune", refuse)
 
 
 def _run(argv, capsys):

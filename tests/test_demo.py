@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from repinf_lens.analysis.case_studies import select_queries
-from repinf_lens.demo import DemoConfig, run_demo
+from repinf_lens.errors import SettingsError
 from repinf_lens.influence.result import InfluenceResult
 from repinf_lens.testing import tiny_hf_llama, toy_mcqa_rows
+from repinf_lens.workflows.demo import DemoConfig, run_demo
 
 
 def test_select_queries_prefers_the_paper_protocol():
@@ -34,6 +35,17 @@ def test_demo_config_files(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"n_evals": 3}))
     with pytest.raises(ValueError, match="n_evals"):
         DemoConfig.from_file(tmp_path / "bad.json")
+    # ONE AttributionConfig: its fields given flat or nested replace the demo's, the rest of it is kept
+    path.write_text("max_iter: 3\nattribution:\n  damping: 0.5\n")
+    cfg = DemoConfig.from_file(path)
+    assert (cfg.attribution.max_iter, cfg.attribution.damping) == (3, 0.5)
+    assert cfg.attribution.sketches == DemoConfig().attribution.sketches == "smollm2-135m-openbookqa-L22"
+    assert DemoConfig.quick().attribution.max_iter == 2 and DemoConfig.quick(max_iter=4).attribution.max_iter == 4
+    (tmp_path / "old.json").write_text(json.dumps({"cg_iters": 3}))
+    with pytest.raises(SettingsError, match="cg_iters -> max_iter"):
+        DemoConfig.from_file(tmp_path / "old.json")
+    with pytest.raises(SettingsError, match="max_iter"):  # checked by the AttributionConfig itself
+        DemoConfig.build(max_iter=0)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +56,7 @@ def tiny_demo(tmp_path_factory):
     rows = toy_mcqa_rows(40)
     cfg = DemoConfig.quick(retrain=True, n_eval=8, n_train=12, finetune_epochs=1.0, finetune_lr=4e-4,
                            finetune_batch_size=4, finetune_micro_batch_size=4, d_sae=16, k=3, n_sae_prompts=24,
-                           sae_epochs=2.0, prefilter_top_k=5, sketch_dim=256, cg_iters=2, hessian_examples=4,
+                           sae_epochs=2.0, prefilter_top_k=5, sketch_dim=256, max_iter=2, hessian_examples=4,
                            ks=(2, 4, 64), n_boot=20, ortho_tokens=256)  # fmt: skip
     logs: list[str] = []
     kwargs = dict(model=folder, train=rows[:24], test=rows[24:], progress=False)

@@ -9,10 +9,11 @@ import pytest
 
 import repinf_lens.analysis.ablation as ablation
 from repinf_lens import InfluenceResult, SplitModel
-from repinf_lens.analysis.faithfulness import compare_rankings, run_faithfulness
+from repinf_lens.analysis.faithfulness import compare_rankings
 from repinf_lens.influence.prefilter import SketchStore, prefilter
-from repinf_lens.pipeline import AttributionConfig
 from repinf_lens.testing import random_sae, tiny_model, toy_mcqa_rows
+from repinf_lens.workflows import AttributionConfig
+from repinf_lens.workflows.faithfulness import run_faithfulness
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -106,7 +107,7 @@ def test_run_faithfulness_shards_share_one_folder_and_equal_a_single_run(tmp_pat
 
 def test_attribution_config_builds_the_solver_it_names():
     from repinf_lens.cli import build_parser
-    from repinf_lens.pipeline import _solver
+    from repinf_lens.workflows import solver_from_config as _solver
 
     cg = _solver(AttributionConfig(solver="cg", damping=1.0, gauss_newton=True, max_iter=7, batch_size=3))
     assert (type(cg).__name__, cg.damping, cg.gauss_newton, cg.max_iter, cg.batch_size) == ("CG", 1.0, True, 7, 3)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import repinf_lens.finetuning as ft
+import repinf_lens.workflows.finetuning as ft
 from repinf_lens import MultipleChoiceTask, load_model
 from repinf_lens.testing import tiny_hf_llama
 

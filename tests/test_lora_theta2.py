@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from repinf_lens import Identity, InfluenceAttributor, MultipleChoiceTask, SplitModel, load_model
-from repinf_lens.finetuning import _answer_logits, finetune
 from repinf_lens.split.lora import LoraSplit, lora_delta, lora_split_from_peft
 from repinf_lens.testing import tiny_hf_llama, toy_mcqa_rows
+from repinf_lens.workflows.finetuning import _answer_logits, finetune
 
 HOOK = "blocks.0.hook_resid_post"
 

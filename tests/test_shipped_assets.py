@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from repinf_lens.demo import DEFAULT_FINETUNE, DEFAULT_INDEX, DEFAULT_SAE_ID, DEFAULT_SAE_RELEASE
 from repinf_lens.influence.prefilter import shipped_index_dir, shipped_indexes
 from repinf_lens.saes.loading import shipped_sae_releases
+from repinf_lens.workflows.demo import DEFAULT_FINETUNE, DEFAULT_INDEX, DEFAULT_SAE_ID, DEFAULT_SAE_RELEASE
 
 pytestmark = pytest.mark.integration
 

@@ -82,7 +82,7 @@ def test_builtins_are_registered_and_built_from_the_generic_knobs():
 
 
 def test_toy_solver_through_the_attributor_equals_identity_over_the_constant(toy, split, tmp_path, monkeypatch):
-    from repinf_lens.pipeline import AttributionConfig, build_attributor
+    from repinf_lens.workflows import AttributionConfig, build_attributor
 
     monkeypatch.setenv("REPINF_LENS_CACHE", str(tmp_path / "cache"))
     rows = toy_mcqa_rows(6)
@@ -124,7 +124,7 @@ def test_toy_solver_through_the_cli(toy, tmp_path, monkeypatch, capsys):
 
 
 def test_unknown_solver_names_the_registered_ones_and_the_closest():
-    from repinf_lens.pipeline import AttributionConfig
+    from repinf_lens.workflows import AttributionConfig
 
     with pytest.raises(SettingsError, match=r"AttributionConfig solver must be one of the registered") as err:
         AttributionConfig(solver="lisa")

@@ -39,24 +39,24 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 # Violations that live in files owned by the lead (edited in parallel there), each with the fix it needs. An entry
 # that no longer matches a violation fails its test, so these lists only shrink.
 KNOWN_CYCLES: dict[frozenset[str], str] = {}  # owned by the lead, to fix
-KNOWN_LAYERS: dict[str, str] = {  # owned by the lead, to fix
-    "repinf_lens.analysis.case_studies -> repinf_lens.pipeline": (
-        "move the stage runner run_case_studies into pipeline.py (cli.py, tests/test_case_studies.py import it "
-        "from there); the measurements (select_queries, prediction_record, ...) stay in analysis"
-    ),
-    "repinf_lens.analysis.faithfulness -> repinf_lens.pipeline": (
-        "move the stage runner run_faithfulness into pipeline.py (cli.py, tests/test_faithfulness.py import it "
-        "from there); compare_rankings stays in analysis"
-    ),
-}
+KNOWN_LAYERS: dict[str, str] = {}  # owned by the lead, to fix
 KNOWN_UNSORTED: dict[str, str] = {}  # owned by the lead, to fix: `ruff check --select RUF022 --fix FILE`
 
-# Layers, lowest first: a module imports only from its own layer or lower ones (inside a layer, the no-cycle check
-# orders them). Core = everything not named here: the split, the influence engine, curvature, data, SAEs, ...
+# Layers, lowest first: the path the data takes. A module imports only from its own layer or lower ones (inside a
+# layer, the no-cycle check orders them). Core = everything not named here: errors, _io, _cache, _stats, _tree,
+# _version, _resources, testing, assets.
 LAYERS: tuple[tuple[str, ...], ...] = (
+    ("repinf_lens.models",),  # loading TransformerLens models, what a HookedTransformer does
+    ("repinf_lens.data",),  # datasets -> rows
+    ("repinf_lens.task",),  # rows -> tokens, loss positions, the attributed loss
+    ("repinf_lens._fingerprint", "repinf_lens._shards"),  # identities of (model, task, data) and crash-safe shards
+    ("repinf_lens.split", "repinf_lens._dist"),  # the model cut at a hook, the SAE spliced in, theta2
+    ("repinf_lens.saes",),  # SAE training, sweep, loading, publishing
+    ("repinf_lens.curvature",),  # HVPs and inverse-HVP solvers
+    ("repinf_lens.influence",),  # the swap, the engine, results, the prefilter
     ("repinf_lens.analysis", "repinf_lens.viz"),  # measurements and reports over results
-    ("repinf_lens.pipeline",),  # the stage runners
-    ("repinf_lens.cli", "repinf_lens.demo", "repinf_lens.__main__", "repinf_lens"),  # entry points, the facade
+    ("repinf_lens.workflows",),  # the stage runners, finetuning, the demo
+    ("repinf_lens.cli", "repinf_lens.distributed", "repinf_lens.__main__", "repinf_lens"),  # entry points, facade
 )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import repinf_lens.finetuning as ft
+import repinf_lens.workflows.finetuning as ft
 from repinf_lens import Identity, InfluenceAttributor, MultipleChoiceTask, SplitModel
 from repinf_lens._shards import ManifestMismatchError
 from repinf_lens.testing import random_sae, tiny_hf_llama, tiny_model, toy_mcqa_rows
@@ -286,7 +286,7 @@ def test_attribute_hook_must_not_silently_override_the_sae_hook(tmp_path, monkey
         seen["hook"] = split.hook_name
         return types.SimpleNamespace(query_ids=[]), []
 
-    monkeypatch.setattr("repinf_lens.pipeline.run_attribution", fake_run_attribution)
+    monkeypatch.setattr("repinf_lens.workflows.run_attribution", fake_run_attribution)
     argv = ["attribute", "--model", str(folder), "--sae", str(sae_dir), "--no-progress", "--n-ctx", "64",
             "--solver", "identity", "--out", str(tmp_path / "att")]  # fmt: skip
     rc = main([*argv, "--hook", "blocks.1.hook_resid_post"])

@@ -12,9 +12,9 @@ from repinf_lens.errors import NonFiniteError, RepinfLensError, SettingsError, c
 from repinf_lens.influence.attributor import InfluenceAttributor
 from repinf_lens.influence.prefilter import build_sketches, prefilter, top_count
 from repinf_lens.influence.result import InfluenceResult
-from repinf_lens.pipeline import AttributionConfig
 from repinf_lens.split import SplitModel
 from repinf_lens.testing import random_sae, toy_mcqa_rows
+from repinf_lens.workflows import AttributionConfig
 
 HOOK = "blocks.1.hook_resid_post"
 

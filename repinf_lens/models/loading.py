@@ -415,7 +415,8 @@ def _adapter_base(adapter_dir: Path) -> Path:
         return Path(base).expanduser()
     raise UnknownModelError(
         f"The adapter in {adapter_dir} was trained on {base!r}, which is neither the embedded default nor a local "
-        "folder here. Fix: merge it with repinf_lens.finetuning.merge_adapter(base_folder, adapter_dir, out_dir)."
+        "folder here. Fix: merge it with "
+        "repinf_lens.workflows.finetuning.merge_adapter(base_folder, adapter_dir, out_dir)."
     )
 
 

@@ -32,7 +32,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,9 +40,11 @@ from typing import Any
 import torch
 
 from repinf_lens.errors import SettingsError
+from repinf_lens.influence.prefilter import shipped_index_dir, shipped_indexes
+from repinf_lens.workflows.config import AttributionConfig, override
 
 __all__ = ["DEFAULT_FINETUNE", "DEFAULT_INDEX", "DEFAULT_SAE_ID", "DEFAULT_SAE_RELEASE", "DemoConfig", "DemoResult",
-           "run_demo", "shipped_index_dir"]  # fmt: skip
+           "run_demo"]  # fmt: skip
 
 DEFAULT_FINETUNE = "smollm2-135m-openbookqa"
 """The shipped LoRA finetune of the embedded default model (``load_model(DEFAULT_FINETUNE)``)."""
@@ -54,11 +56,16 @@ DEFAULT_INDEX = "smollm2-135m-openbookqa-L22"
 """The shipped gradient-sketch index of all OpenBookQA training examples for the demo's split."""
 
 
-def shipped_index_dir(name: str = DEFAULT_INDEX) -> Path:
-    """The package folder of a shipped sketch index (``repinf_lens/assets/prefilter/<name>``)."""
-    from repinf_lens.influence.prefilter import shipped_index_dir as folder
+def _demo_attribution() -> AttributionConfig:
+    """The demo's attribution: CG with 5 iterations over 8 Hessian examples, each case-study question's 16 most
+    gradient-similar training questions through the shipped index, one question at a time (memory)."""
+    return AttributionConfig(
+        max_iter=5, hessian_examples=8, prefilter_top_k=16, sketch_dim=512, sketches=DEFAULT_INDEX, batch_size=8,
+        query_chunk_size=1,
+    )  # fmt: skip
 
-    return folder(name)
+
+_RENAMED = {"cg_iters": "max_iter", "index": "sketches"}
 
 
 @dataclass
@@ -70,6 +77,10 @@ class DemoConfig:
     (default: the upper two of three evenly spaced middle-half layers) and the sketch index.
     ``adapter``: a peft LoRA adapter folder trained elsewhere, merged instead of the shipped finetune.
     ``n_train``: how many training examples are attributed (``None``: all, through the prefilter).
+    ``attribution``: the :class:`~repinf_lens.workflows.config.AttributionConfig` of the attribution stage (the
+    same knobs as ``repinf-lens attribute``; its ``batch_size`` is every stage's). Its ``sketches`` (the shipped
+    index by default) is used only for the shipped assets and all training questions; otherwise the sketches are
+    built. :meth:`quick`, :meth:`build` and :meth:`from_file` also take its fields flat (``max_iter=2``).
     """
 
     dataset: str = "openbookqa"
@@ -78,7 +89,6 @@ class DemoConfig:
     finetune: str = DEFAULT_FINETUNE
     sae_release: str = DEFAULT_SAE_RELEASE
     sae_id: str = DEFAULT_SAE_ID
-    index: str | None = DEFAULT_INDEX
     retrain: bool = False
     adapter: str | None = None
     n_train: int | None = None
@@ -94,14 +104,7 @@ class DemoConfig:
     n_sae_prompts: int = 500
     sae_epochs: float = 8.0
     n_queries: int = 3
-    prefilter_top_k: int | None = 16
-    sketch_dim: int = 512
-    solver: str = "cg"
-    damping: float = 1e-3
-    cg_iters: int = 5
-    hessian_examples: int = 8
-    query_chunk_size: int = 1
-    batch_size: int = 8
+    attribution: AttributionConfig = field(default_factory=_demo_attribution)
     rankings: tuple[str, ...] = ("influence", "influence_eq16", "activation", "frequency", "random")
     ks: tuple[int, ...] = (10, 25, 50, 100, 200)
     n_boot: int = 1000
@@ -109,14 +112,46 @@ class DemoConfig:
     seed: int = 0
 
     @classmethod
+    def build(cls, base: DemoConfig | None = None, **values: Any) -> DemoConfig:
+        """``base`` (default: the full demo) with ``values`` replaced; a field of :class:`AttributionConfig`
+        given flat (``max_iter=2``) or as ``attribution={...}`` replaces that field of ``attribution``.
+
+        Raises:
+            SettingsError: an unknown name (a renamed one, ``cg_iters`` / ``index``, says its new name).
+        """
+        base = base or cls()
+        own = {f.name for f in dataclasses.fields(cls)}
+        att_names = {f.name for f in dataclasses.fields(AttributionConfig)}
+        renamed = {k: v for k, v in _RENAMED.items() if k in values}
+        if renamed:
+            raise SettingsError(
+                f"Demo settings {sorted(renamed)} were renamed. Fix: use "
+                + ", ".join(f"{k} -> {v}" for k, v in renamed.items()) + " (fields of the AttributionConfig)."
+            )  # fmt: skip
+        unknown = sorted(set(values) - own - att_names)
+        if unknown:
+            raise SettingsError(
+                f"Unknown demo settings {unknown}. Fix: use fields of DemoConfig {sorted(own)} or of "
+                f"AttributionConfig {sorted(att_names)}."
+            )
+        att = values.pop("attribution", None)
+        att_values = dict(att) if isinstance(att, Mapping) else {}
+        att_values.update({k: values.pop(k) for k in list(values) if k in att_names and k not in own})
+        new_att = att if isinstance(att, AttributionConfig) else base.attribution
+        for key in ("layers", "ks", "rankings"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        return dataclasses.replace(base, attribution=override(new_att, att_values, what="attribution settings"),
+                                   **values)  # fmt: skip
+
+    @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
-        """The ``--quick`` preset (about 3 minutes on 2 CPU cores)."""
-        base: dict[str, Any] = dict(
-            n_eval=60, n_queries=2, prefilter_top_k=8, cg_iters=2, hessian_examples=4, ks=(10, 50), n_boot=200,
-            ortho_tokens=1024, rankings=("influence", "activation", "random"),
+        """The ``--quick`` preset (about 90 s on 2 CPU cores), with ``overrides`` as in :meth:`build`."""
+        preset = cls.build(
+            n_eval=60, n_queries=2, ks=(10, 50), n_boot=200, ortho_tokens=1024,
+            rankings=("influence", "activation", "random"), prefilter_top_k=8, max_iter=2, hessian_examples=4,
         )  # fmt: skip
-        base.update(overrides)
-        return cls(**base)
+        return cls.build(preset, **overrides)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, *, quick: bool = False) -> DemoConfig:
@@ -128,14 +163,12 @@ class DemoConfig:
             values = yaml.safe_load(text) or {}
         else:
             values = json.loads(text)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"Unknown demo settings {unknown} in {path}. Valid: {sorted(names)}.")
-        for key in ("layers", "ks", "rankings"):
-            if values.get(key) is not None:
-                values[key] = tuple(values[key])
-        return cls.quick(**values) if quick else cls(**values)
+        if not isinstance(values, Mapping):
+            raise SettingsError(f"{path} holds a {type(values).__name__}, not a mapping of demo settings.")
+        try:
+            return cls.quick(**values) if quick else cls.build(**values)
+        except SettingsError as err:
+            raise SettingsError(f"In {path}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -214,7 +247,7 @@ def run_demo(
     """
     from transformers import AutoTokenizer
 
-    from repinf_lens._io import write_json_atomic
+    from repinf_lens._io import write_json_atomic, write_manifest
     from repinf_lens._resources import StageMeter
     from repinf_lens.analysis.case_studies import (
         cached_predictions,
@@ -226,12 +259,15 @@ def run_demo(
     from repinf_lens.data import load_mcqa
     from repinf_lens.influence.attributor import as_rows
     from repinf_lens.models import default_model_dir, is_default_model, load_model, resolve_device
-    from repinf_lens.pipeline import AttributionConfig, make_report, run_ablation, run_attribution, write_manifest
     from repinf_lens.saes.loading import load_sae
     from repinf_lens.split import SplitModel
     from repinf_lens.task import MultipleChoiceTask
+    from repinf_lens.workflows.ablation import run_ablation
+    from repinf_lens.workflows.attribution import run_attribution
+    from repinf_lens.workflows.report import make_report
 
     cfg = config or DemoConfig()
+    bs = cfg.attribution.batch_size
     rebuild = cfg.retrain or cfg.adapter is not None
     if not rebuild:
         problems = []
@@ -273,7 +309,7 @@ def run_demo(
         before = cached_predictions(
             out / "eval_base.json", key,
             lambda: prediction_record(load_model(base_dir, device=dev, n_ctx=n_ctx), task, eval_rows,
-                                      batch_size=cfg.batch_size, progress=progress),
+                                      batch_size=bs, progress=progress),
         )  # fmt: skip
     done("zero_shot_eval")
 
@@ -281,13 +317,13 @@ def run_demo(
     provenance: dict[str, Any] = {}
     with meter.stage("finetuned_model"):
         if cfg.adapter is not None:
-            from repinf_lens.finetuning import merge_adapter
+            from repinf_lens.workflows.finetuning import merge_adapter
 
             tl_model = merge_adapter(model, cfg.adapter, out / "adapter_merge", device=dev, n_ctx=n_ctx)
             adapter_sha = json.loads((out / "adapter_merge" / "merge.json").read_text())["adapter_sha256"]
             ft_name = f"LoRA adapter {cfg.adapter}"
         elif cfg.retrain:
-            from repinf_lens.finetuning import finetune
+            from repinf_lens.workflows.finetuning import finetune
 
             ft = finetune(
                 model, task, train_rows, out_dir=out / "finetune", device=dev, n_ctx=n_ctx, progress=progress,
@@ -308,7 +344,7 @@ def run_demo(
     with meter.stage("finetuned_eval"):
         after = cached_predictions(
             out / "eval_finetuned.json", {**key, "adapter_sha256": adapter_sha},
-            lambda: prediction_record(tl_model, task, eval_rows, batch_size=cfg.batch_size, progress=progress),
+            lambda: prediction_record(tl_model, task, eval_rows, batch_size=bs, progress=progress),
         )  # fmt: skip
     done("finetuned_eval")
     log(
@@ -329,7 +365,7 @@ def run_demo(
                 tl_model, task, train_rows[: cfg.n_sae_prompts], eval_rows, out_dir=out / "sweep", layers=layers,
                 sizes=[(cfg.d_sae, cfg.k)],
                 sae_config=SAETrainingConfig(epochs=cfg.sae_epochs, seed=cfg.seed, device=str(dev)),
-                max_train_examples=None, max_eval_examples=None, batch_size=cfg.batch_size,
+                max_train_examples=None, max_eval_examples=None, batch_size=bs,
                 metadata={"dataset": cfg.dataset, "adapter_sha256": adapter_sha}, progress=progress,
             )  # fmt: skip
             sae = load_sae(sweep.sae_path(), model=tl_model, device=dev)
@@ -344,21 +380,19 @@ def run_demo(
     # 4. influence of the training examples (all of them through the prefilter) on the case-study questions
     picked, why = select_queries(before["ids"], before["correct"], after["correct"], cfg.n_queries)
     queries = [eval_rows[i] for i in picked]
-    att_cfg = AttributionConfig(
-        solver=cfg.solver, damping=cfg.damping, max_iter=cfg.cg_iters, hessian_examples=cfg.hessian_examples,
-        prefilter_top_k=cfg.prefilter_top_k if cfg.prefilter_top_k and cfg.prefilter_top_k < len(attributed) else None,
-        sketch_dim=cfg.sketch_dim, batch_size=cfg.batch_size, query_chunk_size=cfg.query_chunk_size,
-    )  # fmt: skip
-    index = None
-    if not rebuild and train is None and cfg.n_train is None and cfg.index is not None:
-        index = shipped_index_dir(cfg.index)
-        if not (index / "manifest.json").exists():
-            log(f"[demo] the shipped index {cfg.index!r} is missing from this installation: building the sketches")
-            index = None
+    att_cfg = cfg.attribution
+    top_k = att_cfg.prefilter_top_k
+    index = att_cfg.sketches if not rebuild and train is None and cfg.n_train is None else None
+    if index is not None and index in shipped_indexes() and not (shipped_index_dir(index) / "manifest.json").exists():
+        log(f"[demo] the shipped index {index!r} is missing from this installation: building the sketches")
+        index = None
+    att_cfg = override(
+        att_cfg,
+        {"sketches": index, "prefilter_top_k": top_k if top_k is not None and top_k < len(attributed) else None},
+    )
     with meter.stage("attribution"):
         result, candidates = run_attribution(
             split, queries, attributed, out_dir=out / "attribution", config=att_cfg, progress=progress,
-            sketches=index,
         )  # fmt: skip
     done("attribution")
 
@@ -377,7 +411,7 @@ def run_demo(
         batch = task.collate(train_rows[: cfg.n_sae_prompts])
         ortho = orthogonality_table(
             tl_model, sae, batch.tokens, attention_mask=batch.attention_mask, max_tokens=cfg.ortho_tokens,
-            batch_size=cfg.batch_size, hook_name=split.hook_name,
+            batch_size=bs, hook_name=split.hook_name,
         )  # fmt: skip
     done("orthogonality")
 
@@ -398,7 +432,7 @@ def run_demo(
         latent_tokens: dict[str, list[dict[str, Any]]] = {}
         for q, qid in enumerate(result.query_ids):
             lat = [int(j) for j in result.top_latents(q, 5)["latent"]]
-            acts = top_activating_tokens(split, candidates, lat, k=3, batch_size=cfg.batch_size)
+            acts = top_activating_tokens(split, candidates, lat, k=3, batch_size=bs)
             latent_tokens[qid] = [
                 {"latent": j, "top-activating tokens among the candidates":
                  " | ".join(f"{a['context']} ({a['activation']:.2f}, {a['id']})" for a in acts[j]) or "(never fires)"}
@@ -442,7 +476,7 @@ def run_demo(
         "queries": picks,
         "n_train": len(attributed),
         "n_candidates": len(candidates),
-        "prefilter_index": None if index is None else cfg.index,
+        "prefilter_index": index,
         "orthogonality": ortho,
         "completeness": completeness,
         "verdicts": verdicts,
