@@ -13,13 +13,12 @@ from repinf_lens.analysis.case_studies import (
     added_tokens_share,
     cached_predictions,
     default_rationale,
-    run_case_studies,
     top_activating_tokens,
     with_rationale,
 )
 from repinf_lens.analysis.rankings import latents_of_tokens
 from repinf_lens.testing import random_sae, tiny_model, toy_mcqa_rows
-from repinf_lens.workflows import AttributionConfig
+from repinf_lens.workflows import AttributionConfig, run_case_studies
 
 HOOK = "blocks.0.hook_resid_post"
 
