@@ -1027,8 +1027,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         cfg = DemoConfig.quick() if args.quick else DemoConfig()
     from repinf_lens.workflows.config import AttributionConfig, config_fields
 
+    # the attribution flags given (the common --batch-size always is) replace the preset's fields
     given = {f.name: getattr(args, f.name) for f in config_fields(AttributionConfig) if hasattr(args, f.name)}
-    cfg = DemoConfig.build(cfg, **given, seed=args.seed, batch_size=args.batch_size)
+    cfg = DemoConfig.build(cfg, **given, seed=args.seed)
     if args.template is not None:
         cfg = dataclasses.replace(cfg, template=args.template)
     if args.adapter is not None:
