@@ -1,7 +1,13 @@
-"""Curvature on theta2: HVPs (exact and Gauss-Newton), inverse-HVP solvers, and the s_test cache."""
+"""Curvature on theta2: HVPs (exact and Gauss-Newton), inverse-HVP solvers, and the s_test cache.
+
+:mod:`~repinf_lens.curvature.solvers` holds the HVP-based solvers (CG, LiSSA, Explicit, Identity) and the registry;
+:mod:`~repinf_lens.curvature.kfac` the factored ones fitted on the Hessian rows (K-FAC, EK-FAC), registered as
+``"kfac"`` and ``"ekfac"``.
+"""
 
 from repinf_lens.curvature.cache import STestCache, cache_key
 from repinf_lens.curvature.hvp import dataset_grad, dataset_hvp, gnhvp, hvp, loss_grad
+from repinf_lens.curvature.kfac import EKFAC, KFAC, FactorBlock, FactorMappingError, KFACFactors, factor_blocks
 from repinf_lens.curvature.solvers import (
     CG,
     GENERIC_KNOBS,
@@ -23,11 +29,16 @@ from repinf_lens.curvature.solvers import (
 
 __all__ = [
     "CG",
+    "EKFAC",
     "GENERIC_KNOBS",
+    "KFAC",
     "SOLVERS",
     "Explicit",
+    "FactorBlock",
+    "FactorMappingError",
     "Identity",
     "InverseHessianSolver",
+    "KFACFactors",
     "LiSSA",
     "NegativeCurvatureWarning",
     "STestCache",
@@ -37,6 +48,7 @@ __all__ = [
     "cache_key",
     "dataset_grad",
     "dataset_hvp",
+    "factor_blocks",
     "get_solver_class",
     "gnhvp",
     "hvp",

@@ -23,6 +23,12 @@ fields, in ``config_knobs``; :meth:`InverseHessianSolver.from_config` builds it 
         def solve(self, hvp_fn, g):
             return {k: v / (self.c + self.damping) for k, v in g.items()}, SolveInfo()
 
+Solvers that fit their own curvature model on the Hessian rows instead of reading it through HVPs (K-FAC and
+EK-FAC, :mod:`repinf_lens.curvature.kfac`, registered there as ``"kfac"`` / ``"ekfac"``) say so with
+:attr:`InverseHessianSolver.fits_factors`: ``InfluenceAttributor.fit`` then calls their
+:meth:`~InverseHessianSolver.fit_factors` with the split, the task and the rows, and their
+:meth:`~InverseHessianSolver.cache_identity` adds the fitted factors' fingerprint to the s_test cache key.
+
 ``solve_many(hvp_fn, gs)`` solves for several right-hand sides (one per test query) together. CG runs the queries
 in lockstep: the HVPs of all still-running queries come from ONE pass over the Hessian data (``torch.func.vmap``
 over ``hvp_fn``: the primal forward/backward is shared, the tangents are batched), and each query stops once its
@@ -35,7 +41,7 @@ from __future__ import annotations
 import difflib
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
@@ -203,6 +209,44 @@ class InverseHessianSolver:
     @property
     def needs_hessian(self) -> bool:
         return True
+
+    @property
+    def fits_factors(self) -> bool:
+        """Whether the solver fits its own curvature model on the Hessian rows (:meth:`fit_factors`).
+
+        False (the default: CG, LiSSA, Explicit, Identity): :meth:`InfluenceAttributor.fit
+        <repinf_lens.influence.InfluenceAttributor.fit>` prepares the Hessian batches and :meth:`solve` reads the
+        curvature through ``hvp_fn``. True (:class:`~repinf_lens.curvature.kfac.KFAC`,
+        :class:`~repinf_lens.curvature.kfac.EKFAC`): ``fit`` calls :meth:`fit_factors` with the split, the task and
+        the rows instead, and :meth:`solve` ignores ``hvp_fn``.
+        """
+        return False
+
+    def fit_factors(
+        self, split: Any, task: Any, rows: Sequence[Mapping[str, Any]], *, batch_size: int | None = None,
+        progress: bool = True,
+    ) -> None:  # fmt: skip
+        """Fit the solver's curvature model on the Hessian rows (only for solvers with :attr:`fits_factors`).
+
+        Args:
+            split: the :class:`~repinf_lens.split.SplitModel` whose theta2 the curvature is over.
+            task: the task whose loss defines the curvature (the split's task when it is the same object).
+            rows: the Hessian data (the examples whose MEAN loss defines H).
+            batch_size: examples per pass (default: the solver's ``batch_size``).
+            progress: show tqdm bars.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} reads the curvature through HVPs and fits nothing. Fix: call "
+            "InfluenceAttributor.fit(rows), which prepares the Hessian batches for it."
+        )
+
+    def cache_identity(self) -> dict[str, Any]:
+        """What identifies this solver's s_test vectors in caches and run manifests (default :meth:`to_dict`).
+
+        Solvers that fit a curvature model add the identity of the fitted factors, so vectors solved with other
+        factors (or by another solver) are never returned for them.
+        """
+        return self.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         return {"solver": self.name, **asdict(self)}

@@ -150,22 +150,44 @@ class InfluenceAttributor:
         self.amp_dtype = amp_dtype
         self.cache = STestCache(Path(cache_dir) if cache_dir else default_cache_dir("s_test")) if use_cache else None
         self._hessian_inputs: list[SplitInputs] | None = None
+        self._factors_fitted = False
         self._hessian_key: str | None = None
         self._fingerprint: dict[str, Any] | None = None
         self.solve_infos: list[SolveInfo] = []
 
     # ------------------------------------------------------------------ curvature
     def fit(self, hessian_dataset: Any, *, batch_size: int | None = None) -> InfluenceAttributor:
-        """Prepare the Hessian data (upstream activations computed once, kept for every HVP)."""
+        """Prepare the Hessian data (upstream activations computed once, kept for every HVP).
+
+        A solver that fits its own curvature model (``solver.fits_factors``: :class:`~repinf_lens.curvature.KFAC`,
+        :class:`~repinf_lens.curvature.EKFAC`) gets the split, the task and the rows instead
+        (``solver.fit_factors``), streams them itself and keeps only its factors.
+        """
         check_int("fit batch_size", batch_size, minimum=1, allow_none=True)
         rows = as_rows(hessian_dataset, "Hessian dataset")
+        if getattr(self.solver, "fits_factors", False):  # (duck-typed solvers have only solve())
+            self.solver.fit_factors(self.split, self.task, rows, batch_size=batch_size, progress=self.progress)
+            self._hessian_inputs = None
+            self._factors_fitted = True
+            self._hessian_key = _data_hash(rows)
+            return self
         bs = batch_size or self.solver.batch_size
         self._hessian_inputs = [
             self.split.prepare(self.task.collate(rows[i : i + bs]))
             for i in tqdm(range(0, len(rows), bs), desc="hessian data", disable=not self.progress)
         ]
         self._hessian_key = _data_hash(rows)
+        self._factors_fitted = False
         return self
+
+    def _solver_identity(self) -> dict[str, Any]:
+        """The solver in cache keys and manifests: its ``cache_identity()`` (settings plus fitted factors)."""
+        identity = getattr(self.solver, "cache_identity", None)
+        return identity() if callable(identity) else self.solver.to_dict()
+
+    def _has_hessian_data(self) -> bool:
+        """Whether :meth:`fit` ran: the Hessian batches are prepared, or the solver fitted its factors."""
+        return self._hessian_inputs is not None or self._factors_fitted
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -201,7 +223,7 @@ class InfluenceAttributor:
     def _s_test_key(self, row: Mapping[str, Any]) -> str:
         return cache_key(
             split=self.fingerprint,
-            solver=self.solver.to_dict(),
+            solver=self._solver_identity(),
             hessian=self._hessian_key if self.solver.needs_hessian else None,
             query=_data_hash([row]),
         )
@@ -224,7 +246,7 @@ class InfluenceAttributor:
                 "s_test(keep=False) only fills the s_test cache, and this attributor has none. "
                 "Fix: build it with use_cache=True, or call s_test(queries) and keep the vectors."
             )
-        if self.solver.needs_hessian and self._hessian_inputs is None:
+        if self.solver.needs_hessian and not self._has_hessian_data():
             raise RuntimeError(
                 f"{type(self.solver).__name__} needs Hessian data. Fix: call "
                 "attributor.fit(hessian_dataset) first (or use Identity())."
@@ -468,7 +490,7 @@ class InfluenceAttributor:
         q_rows = as_rows(queries, "query set")
         t_rows = as_rows(train, "training set")
         bs = batch_size or self.batch_size
-        if self.solver.needs_hessian and self._hessian_inputs is None:
+        if self.solver.needs_hessian and not self._has_hessian_data():
             raise RuntimeError(
                 f"{type(self.solver).__name__} needs Hessian data. Fix: call attributor.fit(hessian_dataset) "
                 "first (the same data as in the interrupted run, to resume it), or use Identity()."
@@ -480,7 +502,7 @@ class InfluenceAttributor:
             json.dumps(
                 {
                     "split": self.fingerprint,
-                    "solver": self.solver.to_dict(),
+                    "solver": self._solver_identity(),
                     "hessian": self._hessian_key if self.solver.needs_hessian else None,
                     "queries": _data_hash(q_rows),
                     "train": _data_hash(t_rows),
