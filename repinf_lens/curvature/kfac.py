@@ -840,6 +840,10 @@ class KFAC(InverseHessianSolver):
     def fits_factors(self) -> bool:
         return True
 
+    @property
+    def uses_hvp(self) -> bool:
+        return False
+
     def cache_identity(self) -> dict[str, Any]:
         """The settings that change s_test plus the fitted factors' fingerprint (not the folder's path)."""
         d = self.to_dict()

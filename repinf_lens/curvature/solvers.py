@@ -211,6 +211,15 @@ class InverseHessianSolver:
         return True
 
     @property
+    def uses_hvp(self) -> bool:
+        """Whether :meth:`solve` calls ``hvp_fn`` (then ``InfluenceAttributor.fit`` prepares the Hessian batches).
+
+        True for the iterative solvers (CG, LiSSA, Explicit); False for those that precondition with fitted
+        factors only (:class:`~repinf_lens.curvature.KFAC`, :class:`~repinf_lens.curvature.EKFAC`).
+        """
+        return self.needs_hessian
+
+    @property
     def fits_factors(self) -> bool:
         """Whether the solver fits its own curvature model on the Hessian rows (:meth:`fit_factors`).
 
@@ -280,6 +289,15 @@ class CG(InverseHessianSolver):
         gauss_newton: use Gauss-Newton HVPs (PSD) instead of exact ones.
         on_negative_curvature: ``"warn"`` (default: warn, stop, return the last iterate), ``"raise"``, or
             ``"ignore"`` (keep iterating).
+        preconditioner: a solver with fitted factors (``EKFAC(damping=...)``, ``KFAC(...)``) used as ``M^-1``:
+            preconditioned CG on the EXACT damped Hessian (or its Gauss-Newton), so the answer is CG's and only
+            the number of iterations changes. Its factors are fitted by ``InfluenceAttributor.fit`` (which also
+            prepares the Hessian batches for the HVPs). ``None``: plain CG.
+
+    Preconditioned CG (``M^-1`` symmetric positive definite, here the damped Kronecker-factored Fisher's
+    inverse): ``z = M^-1 r``, ``alpha = r.z / p.(H + lambda) p``, ``beta = r'.z' / r.z``, ``p' = z' + beta p``;
+    with ``M = I`` it is the plain iteration. The residual reported and compared with ``tol`` is ``||r|| / ||g||``
+    in both.
     """
 
     name: ClassVar[str] = "cg"
@@ -290,15 +308,58 @@ class CG(InverseHessianSolver):
     max_iter: int = 20
     tol: float = 1e-6
     on_negative_curvature: str = "warn"
+    preconditioner: Any = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        pre = self.preconditioner
+        if pre is not None and not (isinstance(pre, InverseHessianSolver) and pre.fits_factors):
+            raise SettingsError(
+                f"CG preconditioner must be a solver with fitted factors (EKFAC, KFAC), got {type(pre).__name__}. "
+                "Fix: CG(preconditioner=EKFAC(damping=...)), or leave it None for plain CG."
+            )
         check_int(
             "CG max_iter", self.max_iter, minimum=1, why="no iteration leaves s_test = 0 and every score 0",
             fix="pass max_iter=20 (the paper) or another count >= 1; Identity() is the no-curvature solver.",
         )  # fmt: skip
         check_float("CG tol", self.tol, minimum=0.0, fix="pass tol >= 0 (0 = always run max_iter).")
         check_choice("CG on_negative_curvature", self.on_negative_curvature, ("warn", "raise", "ignore"))
+
+    @property
+    def fits_factors(self) -> bool:
+        return self.preconditioner is not None
+
+    @property
+    def uses_hvp(self) -> bool:
+        return True
+
+    def fit_factors(
+        self, split: Any, task: Any, rows: Sequence[Mapping[str, Any]], *, batch_size: int | None = None,
+        progress: bool = True,
+    ) -> None:  # fmt: skip
+        """Fit the preconditioner's factors (the HVP batches are prepared by ``InfluenceAttributor.fit``)."""
+        if self.preconditioner is None:
+            super().fit_factors(split, task, rows, batch_size=batch_size, progress=progress)
+        self.preconditioner.fit_factors(split, task, rows, batch_size=batch_size or self.batch_size,
+                                        progress=progress)  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict() if self.preconditioner is None else {
+            "solver": self.name, **{k: v for k, v in asdict(self).items() if k != "preconditioner"}}  # fmt: skip
+        d["preconditioner"] = None if self.preconditioner is None else self.preconditioner.to_dict()
+        return d
+
+    def cache_identity(self) -> dict[str, Any]:
+        d = self.to_dict()
+        if self.preconditioner is not None:
+            d["preconditioner"] = self.preconditioner.cache_identity()
+        return d
+
+    def _precondition(self, rs: list[Tree]) -> list[Tree]:
+        """``M^-1 r`` for every residual (one batched pass), or ``r`` itself for plain CG."""
+        if self.preconditioner is None:
+            return rs
+        return self.preconditioner.solve_many(None, rs)[0]  # type: ignore[arg-type]  # factor solvers ignore it
 
     def _curvature_not_finite(self, pap: Tensor, ap: Tree, it: int, q: int | None = None) -> None:
         """Raise when p^T (H + lambda I) p is NaN/inf: name the tensors of the HVP that are not finite."""
@@ -316,14 +377,15 @@ class CG(InverseHessianSolver):
         info = SolveInfo(converged=False)
         x = tzeros_like(g)
         r = {k: v.clone() for k, v in g.items()}
-        p = {k: v.clone() for k, v in g.items()}
         g_norm = float(tnorm(g))
         if not math.isfinite(g_norm):
             check_finite("g_test (the right-hand side)", g, where="given to CG.solve")
         if g_norm == 0.0:
             info.converged = True
             return x, info
-        rs = tdot(r, r)
+        z = self._precondition([r])[0]
+        p = {k: v.clone() for k, v in z.items()}
+        rs = tdot(r, z)
         info.residuals.append(1.0)
         for it in range(self.max_iter):
             ap = tadd(hvp_fn(p), p, self.damping)
@@ -345,14 +407,17 @@ class CG(InverseHessianSolver):
             alpha = rs / pap
             x = tadd(x, p, alpha)
             r = tadd(r, ap, -alpha)
-            rs_new = tdot(r, r)
             info.iterations = it + 1
-            rel = float(rs_new.sqrt()) / g_norm
+            rel = float(tnorm(r)) / g_norm
             info.residuals.append(rel)
             if rel <= self.tol:
                 info.converged = True
                 break
-            p = tadd(r, p, rs_new / rs)
+            if it == self.max_iter - 1:
+                break
+            z = self._precondition([r])[0]
+            rs_new = tdot(r, z)
+            p = tadd(z, p, rs_new / rs)
             rs = rs_new
         return self._checked(x), info
 
@@ -371,20 +436,22 @@ class CG(InverseHessianSolver):
         infos = [SolveInfo(converged=False) for _ in range(n)]
         xs = [tzeros_like(g) for g in gs]
         rs_ = [dict(g) for g in gs]  # no copies: every update below makes new tensors, gs is never modified
-        ps = [dict(g) for g in gs]
+        ps: list[Tree] = [dict(g) for g in gs]
         g_norms = [float(tnorm(g)) for g in gs]
         for q, g in enumerate(gs):
             if not math.isfinite(g_norms[q]):
                 check_finite("g_test (the right-hand side)", g, where=f"for query {q} of the solve")
-        rss: dict[int, Tensor] = {}  # per active query
+        rss: dict[int, Tensor] = {}  # per active query: r.z (r.r for plain CG)
         active: list[int] = []
         for q in range(n):
             if g_norms[q] == 0.0:
                 infos[q].converged = True
                 continue
-            rss[q] = tdot(rs_[q], rs_[q])
             infos[q].residuals.append(1.0)
             active.append(q)
+        for q, z in zip(active, self._precondition([rs_[q] for q in active])):
+            ps[q] = dict(z)
+            rss[q] = tdot(rs_[q], z)
         for it in range(self.max_iter):
             if not active:
                 break
@@ -411,16 +478,19 @@ class CG(InverseHessianSolver):
                 alpha = rss[q] / pap
                 xs[q] = tadd(xs[q], p, alpha)
                 rs_[q] = tadd(rs_[q], ap, -alpha)
-                rs_new = tdot(rs_[q], rs_[q])
                 info.iterations = it + 1
-                rel = float(rs_new.sqrt()) / g_norms[q]
+                rel = float(tnorm(rs_[q])) / g_norms[q]
                 info.residuals.append(rel)
                 if rel <= self.tol:
                     info.converged = True
                     continue
-                ps[q] = tadd(rs_[q], p, rs_new / rss[q])
-                rss[q] = rs_new
                 still.append(q)
+            if it == self.max_iter - 1:
+                break
+            for q, z in zip(still, self._precondition([rs_[q] for q in still])):  # one batched M^-1 pass
+                rs_new = tdot(rs_[q], z)
+                ps[q] = tadd(z, ps[q], rs_new / rss[q])
+                rss[q] = rs_new
             active = still
         return [self._checked(x, query=q) for q, x in enumerate(xs)], infos
 

@@ -160,24 +160,25 @@ class InfluenceAttributor:
         """Prepare the Hessian data (upstream activations computed once, kept for every HVP).
 
         A solver that fits its own curvature model (``solver.fits_factors``: :class:`~repinf_lens.curvature.KFAC`,
-        :class:`~repinf_lens.curvature.EKFAC`) gets the split, the task and the rows instead
-        (``solver.fit_factors``), streams them itself and keeps only its factors.
+        :class:`~repinf_lens.curvature.EKFAC`, or CG with such a ``preconditioner``) gets the split, the task and
+        the rows (``solver.fit_factors``) and streams them itself; the Hessian batches are then prepared only when
+        the solver also uses HVPs (``solver.uses_hvp``: preconditioned CG does, K-FAC / EK-FAC do not).
         """
         check_int("fit batch_size", batch_size, minimum=1, allow_none=True)
         rows = as_rows(hessian_dataset, "Hessian dataset")
+        self._factors_fitted = False
         if getattr(self.solver, "fits_factors", False):  # (duck-typed solvers have only solve())
             self.solver.fit_factors(self.split, self.task, rows, batch_size=batch_size, progress=self.progress)
-            self._hessian_inputs = None
             self._factors_fitted = True
-            self._hessian_key = _data_hash(rows)
+        self._hessian_key = _data_hash(rows)
+        if not getattr(self.solver, "uses_hvp", True):  # factors only (KFAC, EKFAC): no batches are kept
+            self._hessian_inputs = None
             return self
         bs = batch_size or self.solver.batch_size
         self._hessian_inputs = [
             self.split.prepare(self.task.collate(rows[i : i + bs]))
             for i in tqdm(range(0, len(rows), bs), desc="hessian data", disable=not self.progress)
         ]
-        self._hessian_key = _data_hash(rows)
-        self._factors_fitted = False
         return self
 
     def _solver_identity(self) -> dict[str, Any]:
