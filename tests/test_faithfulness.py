@@ -80,6 +80,15 @@ def test_run_faithfulness_per_question_candidates_and_resume(tmp_path, monkeypat
     assert again["verdicts"] == summary["verdicts"]
     with pytest.raises(ValueError, match="other settings"):  # never mixes tables of two different runs
         run_faithfulness(split, queries, train, **{**kw, "ks": (2,)})
+    # a folder written before a knob existed (here: preconditioner) resumes when the knob is at its default ...
+    stored = json.loads((tmp_path / "settings.json").read_text())
+    del stored["config"]["preconditioner"]
+    (tmp_path / "settings.json").write_text(json.dumps(stored))
+    assert run_faithfulness(split, queries, train, **kw)["verdicts"] == summary["verdicts"]
+    # ... and is refused when it is not
+    with pytest.raises(ValueError, match="other settings"):
+        run_faithfulness(split, queries, train, **{**kw, "config": AttributionConfig(
+            **{**vars(cfg), "preconditioner": "ekfac"})})  # fmt: skip
 
 
 def test_run_faithfulness_shards_share_one_folder_and_equal_a_single_run(tmp_path):

@@ -29,6 +29,18 @@ _MEMORY_KNOBS = ("query_chunk_size",)
 """Config fields that bound memory only: processes sharing one folder (``shard``) may set them differently."""
 
 
+def _with_new_knobs_at_default(settings: dict[str, Any], stored: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    """``settings`` without the config knobs that a folder written by an older version lacks, when they are at
+    their defaults (a knob added later, such as ``preconditioner``, at its default leaves the run unchanged)."""
+    import dataclasses
+
+    old = stored.get("config", {})
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)} if dataclasses.is_dataclass(cfg) else {}
+    config = {k: v for k, v in settings["config"].items()
+              if k in old or k not in defaults or v != defaults[k]}  # fmt: skip
+    return {**settings, "config": config}
+
+
 def run_faithfulness(
     split: Any,
     queries: Any,
@@ -100,6 +112,8 @@ def run_faithfulness(
         "train": fingerprint_rows(t_rows),
     }, default=str))  # fmt: skip
     settings_path = out / "settings.json"
+    if settings_path.exists():
+        settings = _with_new_knobs_at_default(settings, json.loads(settings_path.read_text()), cfg)
     if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
         raise ValueError(f"{out} holds a faithfulness run with other settings (model, SAE, questions, training set "
                          "or config). Fix: pass a fresh out_dir, or delete the folder to start over.")  # fmt: skip
