@@ -277,6 +277,10 @@ class Identity(InverseHessianSolver):
         return {k: v.clone() for k, v in g.items()}, SolveInfo()
 
 
+def _no_hvp(v: Tree) -> Tree:
+    raise RuntimeError("A CG preconditioner solves with its fitted factors only; it must not call hvp_fn.")
+
+
 @dataclass
 class CG(InverseHessianSolver):
     """Conjugate gradient on ``(H + damping I) s = g`` (the paper: damping 1e-3, 20 iterations, batches of 8).
@@ -359,7 +363,7 @@ class CG(InverseHessianSolver):
         """``M^-1 r`` for every residual (one batched pass), or ``r`` itself for plain CG."""
         if self.preconditioner is None:
             return rs
-        return self.preconditioner.solve_many(None, rs)[0]  # type: ignore[arg-type]  # factor solvers ignore it
+        return self.preconditioner.solve_many(_no_hvp, rs)[0]
 
     def _curvature_not_finite(self, pap: Tensor, ap: Tree, it: int, q: int | None = None) -> None:
         """Raise when p^T (H + lambda I) p is NaN/inf: name the tensors of the HVP that are not finite."""
