@@ -348,9 +348,11 @@ class CG(InverseHessianSolver):
                                         progress=progress)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
-        d = super().to_dict() if self.preconditioner is None else {
-            "solver": self.name, **{k: v for k, v in asdict(self).items() if k != "preconditioner"}}  # fmt: skip
-        d["preconditioner"] = None if self.preconditioner is None else self.preconditioner.to_dict()
+        """The settings; ``preconditioner`` only when there is one, so plain CG's dict (and with it every s_test
+        cache key and run manifest written before preconditioning existed) is unchanged."""
+        d = {"solver": self.name, **{k: v for k, v in asdict(self).items() if k != "preconditioner"}}
+        if self.preconditioner is not None:
+            d["preconditioner"] = self.preconditioner.to_dict()
         return d
 
     def cache_identity(self) -> dict[str, Any]:
