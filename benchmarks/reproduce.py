@@ -148,6 +148,21 @@ ENTRIES: tuple[Entry, ...] = (
         ),
     ),
     Entry(
+        "sign-retraining",
+        "Analysis",
+        30,
+        (
+            f"python benchmarks/sign_by_retraining.py --model {FT} --n-train 64 --queries 8 --m 5 --threads 1 "
+            "--max-iter 50 --out runs/sign_by_retraining",
+        ),
+    ),
+    Entry(
+        "completeness",
+        "Analysis",
+        30,
+        ("python benchmarks/completeness.py --out runs/completeness_L22",),
+    ),
+    Entry(
         "lds",
         "Analysis",
         25,

@@ -359,6 +359,7 @@ def add_config_flags(
     field metadata; see :func:`repinf_lens.workflows.config.config_fields`). ``suppress``: a flag not given
     leaves no attribute, so a preset (the demo's) keeps its own value."""
     from repinf_lens.curvature.solvers import get_solver_class, list_solvers  # registered solvers count
+    from repinf_lens.influence.math import IG_RULES, LATENT_METHODS
     from repinf_lens.workflows.config import config_fields
 
     groups: dict[str, Any] = {}
@@ -382,6 +383,10 @@ def add_config_flags(
                 kw["default"] = f.default
             if meta.get("choices") == "solvers":
                 kw["choices"] = list_solvers()
+            elif meta.get("choices") == "latent_methods":
+                kw["choices"] = list(LATENT_METHODS)
+            elif meta.get("choices") == "ig_rules":
+                kw["choices"] = list(IG_RULES)
             elif meta.get("choices") == "factor_solvers":
                 kw["choices"] = [n for n in list_solvers() if get_solver_class(n)().fits_factors]
         target.add_argument("--" + f.name.replace("_", "-"), **kw)

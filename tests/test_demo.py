@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import subprocess
 
@@ -94,10 +95,13 @@ def test_run_demo_tiny_end_to_end(tiny_demo):
     assert {"zero_shot_eval", "finetuned_model", "sae", "attribution", "ablation", "report"} <= set(stages)
     assert all(s["peak_rss_mb"] > 50 and s["seconds"] >= 0 for s in stages.values())
     assert summary["peak_rss_mb"] == max(s["peak_rss_mb"] for s in stages.values())
-    # completeness rows: example score = latent sum + error term + the rest, per pair
+    # completeness rows: P(0) was scored for every pair (the demo turns baseline on), and the completeness column
+    # is the latent sum over what the latents have to explain, score - P(0)
     for row in summary["completeness"]:
-        total = row["latent sum"] + row["error term"] + row["rest"]
-        assert abs(total - row["example score"]) <= 1e-6 * max(1.0, abs(row["example score"]))
+        p0, score = row["P(0): all latents off"], row["example score"]
+        assert math.isfinite(p0) and math.isfinite(row["latent sum"])
+        want = row["latent sum"] / (score - p0)
+        assert abs(row["latent sum / (score - P(0))"] - want) <= 1e-9 * max(1.0, abs(want))
     assert not re.search(r"""(src|href)=["']https?://""", html)  # self-contained: nothing fetched
     assert any("report:" in line for line in logs)
 

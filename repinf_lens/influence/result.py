@@ -35,15 +35,20 @@ class InfluenceResult:
 
     Attributes:
         example_scores: ``[Q, N]`` g_test^T (H + lambda I)^-1 g_train (POSITIVE = proponent).
-        latent_scores: ``[Q, N, d_sae]`` the paper's IFR: per latent, r x grad_r <G(r), s_test>, summed over
-            positions (POSITIVE = the latent carries proponent influence).
+        latent_scores: ``[Q, N, d_sae]`` the paper's IFR: per latent, summed over positions (POSITIVE = the
+            latent carries proponent influence): r x grad_r P(r), P(r) = <G(r), s_test>, for the default
+            gradient x input; r x int_0^1 grad_r P(a r) da for integrated gradients (``meta["latent_method"]``,
+            :attr:`latent_method`).
         query_ids, train_ids: the examples' ids.
         train_tokens: list of N 1-D token-id tensors (the prompts, without padding).
         query_tokens: list of Q 1-D token-id tensors.
         token_indices: per query, ``[3, nnz]`` (example, position, latent) of non-zero token-level scores.
         token_values: per query, ``[nnz]`` the token-level scores.
-        diagnostics: ``[Q, N]`` tensors: ``latent_sum`` (sum of latent scores), ``error_term`` (share through
-            the held SAE error), ``bias_term`` (share through the decoder bias).
+        diagnostics: ``[Q, N]`` tensors: ``latent_sum`` (sum of latent scores), ``error_term`` (gradient x input
+            share through the held SAE error, at the full point r, for both methods), ``bias_term`` (the same
+            through the decoder bias), ``baseline`` (P(0): the score with all latents off, SAE error and decoder
+            bias kept; :attr:`baseline_scores`; absent from results saved before it existed, NaN where it was not
+            computed).
         meta: how the result was produced (hook, solver, theta2 size, timings, ...).
     """
 
@@ -70,6 +75,19 @@ class InfluenceResult:
     @property
     def d_sae(self) -> int:
         return int(self.latent_scores.shape[-1])
+
+    @property
+    def baseline_scores(self) -> Float[Tensor, "q n"] | None:
+        """``[Q, N]`` P(0) per pair (all latents off, SAE error and decoder bias kept; POSITIVE = proponent), or
+        ``None`` for a result saved before it was recorded."""
+        return self.diagnostics.get("baseline")
+
+    @property
+    def latent_method(self) -> dict[str, Any]:
+        """How the latent scores were computed: ``{"method": "grad_x_input"}`` (also for results that do not
+        record it) or ``{"method": "ig", "steps": m, "rule": "graded" | "gauss" | "midpoint"}``."""
+        rec = self.meta.get("latent_method") if isinstance(self.meta, dict) else None
+        return dict(rec) if isinstance(rec, dict) else {"method": "grad_x_input"}
 
     def _query_index(self, q: int) -> int:
         if not isinstance(q, numbers.Integral) or isinstance(q, bool) or not -self.n_queries <= q < self.n_queries:
@@ -164,9 +182,38 @@ class InfluenceResult:
         )
 
     def completeness(self) -> dict[str, Tensor]:
-        """Per pair: ``ratio`` = latent_sum / example_score, and ``error_share`` = error_term / example_score."""
-        denom = self.example_scores.where(self.example_scores.abs() > 0, torch.ones_like(self.example_scores))
-        out = {"ratio": self.diagnostics.get("latent_sum", torch.zeros_like(denom)) / denom}
+        """How completely the latent scores account for each pair's example score; ``[Q, N]`` tensors.
+
+        With P(r) = ``example_score`` and P(0) = ``baseline`` (all latents off, SAE error and decoder bias kept):
+
+        * ``latent_sum``: the sum of the pair's latent scores; ``example_score``: P(r); ``baseline``: P(0) (NaN
+          for results saved before P(0) was recorded, or computed with ``baseline=False``);
+        * ``completeness`` = latent_sum / (P(r) - P(0)): 1 up to the quadrature error for integrated gradients
+          (``residual`` = P(r) - P(0) - latent_sum -> 0), a first-order estimate for gradient x input;
+        * ``baseline_share`` = P(0) / P(r): how much of the score is there with every latent off;
+        * ``ratio`` = latent_sum / P(r) and ``error_share`` = error_term / P(r) (the gradient x input share of
+          the held SAE error), as before. A zero denominator gives NaN for the new ratios (0 stays 0 in ``ratio``).
+
+        Sign convention: POSITIVE = proponent, for every score here. The method: :attr:`latent_method`.
+        """
+        score = self.example_scores
+        nan = torch.full_like(score, float("nan"))
+        latent_sum = self.diagnostics.get("latent_sum", self.latent_scores.sum(-1))
+        base = self.diagnostics.get("baseline", nan)
+
+        def div(a: Tensor, b: Tensor) -> Tensor:
+            return torch.where(b != 0, a / b.where(b != 0, torch.ones_like(b)), nan)
+
+        denom = score.where(score.abs() > 0, torch.ones_like(score))
+        out = {
+            "latent_sum": latent_sum,
+            "example_score": score,
+            "baseline": base,
+            "completeness": div(latent_sum, score - base),
+            "baseline_share": div(base, score),
+            "residual": score - base - latent_sum,
+            "ratio": latent_sum / denom,
+        }
         if "error_term" in self.diagnostics:
             out["error_share"] = self.diagnostics["error_term"] / denom
         return out

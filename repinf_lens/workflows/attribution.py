@@ -37,6 +37,10 @@ def build_attributor(
         batch_size=cfg.batch_size,
         query_chunk_size=cfg.query_chunk_size,
         progress=progress,
+        latent_method=cfg.latent_method,
+        ig_steps=cfg.ig_steps,
+        ig_rule=cfg.ig_rule,
+        baseline=cfg.baseline,
     )
     if att.solver.needs_hessian:
         if train is None:

@@ -10,6 +10,7 @@ from typing import Any
 
 from repinf_lens.curvature.solvers import InverseHessianSolver, build_solver, get_solver_class
 from repinf_lens.errors import SettingsError, check_float, check_int
+from repinf_lens.influence.math import check_latent_method
 
 __all__ = ["AttributionConfig", "config_fields", "override", "solver_from_config"]
 
@@ -75,6 +76,14 @@ class AttributionConfig:
     prefilter_fraction: float | None = _knob(None, "keep this share per query (0.01-0.1)", fraction=True,
                                              exclusive="prefilter")  # fmt: skip
     prefilter_top_k: int | None = _knob(None, "keep this many per query", minimum=1, exclusive="prefilter")
+    latent_method: str = _knob(
+        "grad_x_input",
+        "latent scores: grad_x_input (the paper, one swap) or ig (exactly complete, ig_steps swaps)",
+        choices="latent_methods",
+    )
+    ig_steps: int = _knob(64, "integrated-gradients quadrature nodes (latent_method ig)", minimum=1)
+    ig_rule: str = _knob("graded", "integrated-gradients quadrature: graded, gauss or midpoint", choices="ig_rules")
+    baseline: bool = _knob(False, "also score P(0) (every latent off) per pair, for completeness (+1 JVP)")
     sketch_dim: int = _knob(4096, "dimension of the gradient sketches of the prefilter", minimum=1)
     sketches: str | None = _knob(
         None, "prebuilt sketch store: a folder or a shipped index (smollm2-135m-openbookqa-L22)"
@@ -115,6 +124,7 @@ class AttributionConfig:
                 f"AttributionConfig got both prefilter_fraction={self.prefilter_fraction} and prefilter_top_k="
                 f"{self.prefilter_top_k}. Fix: pass only one of them (or neither, for no prefilter)."
             )
+        check_latent_method(self.latent_method, self.ig_steps, self.ig_rule, where="AttributionConfig", prefix="ig_")
         check_int("AttributionConfig sketch_dim", self.sketch_dim, minimum=1)
         check_int("AttributionConfig batch_size", self.batch_size, minimum=1)
         check_int("AttributionConfig shard_size", self.shard_size, minimum=1)

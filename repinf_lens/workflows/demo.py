@@ -61,7 +61,7 @@ def _demo_attribution() -> AttributionConfig:
     gradient-similar training questions through the shipped index, one question at a time (memory)."""
     return AttributionConfig(
         max_iter=5, hessian_examples=8, prefilter_top_k=16, sketch_dim=512, sketches=DEFAULT_INDEX, batch_size=8,
-        query_chunk_size=1,
+        query_chunk_size=1, baseline=True,
     )  # fmt: skip
 
 
@@ -184,7 +184,8 @@ class DemoResult:
 
 
 def _completeness_rows(result: Any, k: int = 5) -> list[dict[str, Any]]:
-    """Per query, its top-``k`` proponents: example score, latent sum, error term and their shares."""
+    """Per query, its top-``k`` proponents: example score, latent sum, P(0) (every latent off, error and decoder
+    bias kept), the error term, and completeness = latent sum / (score - P(0)) (1 for integrated gradients)."""
     rows = []
     diag = result.diagnostics
     for q, qid in enumerate(result.query_ids):
@@ -192,11 +193,13 @@ def _completeness_rows(result: Any, k: int = 5) -> list[dict[str, Any]]:
         for rank, idx, ex_id, score in zip(top["rank"], top["index"], top["id"], top["score"], strict=True):
             lat = float(diag["latent_sum"][q, int(idx)]) if "latent_sum" in diag else float("nan")
             err = float(diag["error_term"][q, int(idx)]) if "error_term" in diag else 0.0
+            p0 = float(diag["baseline"][q, int(idx)]) if "baseline" in diag else float("nan")
             rows.append(
                 {
                     "query": qid, "rank": int(rank), "example": ex_id, "example score": float(score),
-                    "latent sum": lat, "error term": err, "rest": float(score) - lat - err,
-                    "latent sum / score": lat / float(score) if score else float("nan"),
+                    "latent sum": lat, "P(0): all latents off": p0, "error term": err,
+                    "latent sum / (score - P(0))": lat / (float(score) - p0) if float(score) != p0 else float("nan"),
+                    "P(0) / score": p0 / float(score) if score else float("nan"),
                 }
             )  # fmt: skip
     return rows
