@@ -25,12 +25,16 @@ training examples are removed in turn and theta2 is refit from ``theta2*`` on th
 percentile-bootstrap 95 % interval over queries, the mean predicted delta, the share of queries whose loss rose,
 and the Spearman correlation of predicted vs actual over all (query, group) pairs. Verdict: ``our sign is
 supported`` if the proponent interval lies above 0 and the opponent interval below 0; ``reversed`` if the
-opposite; else ``undecided``. Writes ``sign_by_retraining.json`` and ``sign_by_retraining.md`` to ``--out``.
+opposite; else ``undecided``. Writes ``sign_by_retraining.json`` and ``sign_by_retraining.md`` to ``--out``
+(rewritten after every query, marked PARTIAL until the last), and ``theta2_star.pt`` (theta2* and the scores),
+reused by a rerun with the same setting unless ``--no-cache``. Cost: each retrain is some tens of
+forward+backward passes over the training set (about 3 s of one thread each on smollm2-135m); judging by the
+timings, L-BFGS stopped by its own tolerance before ``--max-iter 50`` there (not compared with 200 directly).
 
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/sign_by_retraining.py --model smollm2-135m-openbookqa \\
-        --out runs/sign_by_retraining [--n-train 64] [--queries 8] [--m 5] [--damping 1e-2] [--max-iter 200]
+        --out runs/sign_by_retraining [--n-train 64] [--queries 8] [--m 5] [--damping 1e-2] [--max-iter 50]
     python benchmarks/sign_by_retraining.py --tiny --damping 1 --out /tmp/sign_tiny   # smoke test, seconds
 """
 
