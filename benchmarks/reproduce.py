@@ -120,10 +120,11 @@ ENTRIES: tuple[Entry, ...] = (
     Entry(
         "faithfulness",
         "Analysis",
-        30,
+        60,
         (
-            f"{RL} faithfulness --offline --model {FT} --template plain {SAE} --query-limit 50 {INDEX} "
-            "--prefilter-top-k 8 --solver cg --max-iter 5 --hessian-examples 4 --batch-size 8 --query-chunk-size 2 "
+            f"{RL} faithfulness --offline --model {FT} --template plain {SAE} --query-limit 100 {INDEX} "
+            "--prefilter-top-k 8 --solver cg --max-iter 5 --hessian-examples 4 --batch-size 8 --query-chunk-size 1 "
+            "--rankings influence influence_eq16 influence_abs activation frequency random grad_x_act "
             "--out runs/faithfulness_shipped_L22",
         ),
     ),
@@ -169,6 +170,28 @@ ENTRIES: tuple[Entry, ...] = (
         (
             f"python benchmarks/bench_lds.py --model {FT} --n-train 64 --queries 8 --subsets 16 --loo 6 "
             "--solvers cg identity --threads 1 --out runs/lds_shipped.json",
+        ),
+    ),
+    Entry(
+        "verdicts-L15",
+        "Analysis",
+        1,
+        ("python benchmarks/verdict_tables.py --folder runs/faithfulness_shipped_L15 --out docs/verdicts_L15.md",),
+    ),
+    Entry(
+        "verdicts-L22",
+        "Analysis",
+        1,
+        ("python benchmarks/verdict_tables.py --folder runs/faithfulness_shipped_L22 --out docs/verdicts_L22.md",),
+    ),
+    Entry(
+        "bench-peers",
+        "Peers",
+        31,
+        (
+            # kronfluence declares torchvision (which pins its own torch): install the peers without dependencies
+            "pip install --no-deps kronfluence==1.0.1 dattri==0.3.0 einconv opt-einsum",
+            "python benchmarks/bench_peers.py --threads 1 --out runs/bench_peers",
         ),
     ),
     Entry("bench-prefilter", "Scale", 45, ("python benchmarks/bench_prefilter.py --threads 1",)),
@@ -217,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                 parts = [sys.executable, "-m", "repinf_lens", *parts[1:]]
             elif parts[0] == "python":
                 parts[0] = sys.executable
+            elif parts[0] == "pip":
+                parts = [sys.executable, "-m", "pip", *parts[1:]]
             subprocess.run(parts, check=True, cwd=ROOT)
     return 0
 

@@ -63,6 +63,20 @@ def nonneg_int(text: str) -> int:
     return _whole_number(text, 0)
 
 
+def _block_range(text: str) -> tuple[int, ...]:
+    """``24-29`` or ``20,22,24``: block indices (``--lora-layers``)."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected blocks like 24-29 or 20,22, got {text!r}") from None
+    if not out or min(out) < 0:
+        raise argparse.ArgumentTypeError(f"expected block indices >= 0 like 24-29, got {text!r}")
+    return tuple(sorted(set(out)))
+
+
 def _finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -441,6 +455,14 @@ def build_parser() -> argparse.ArgumentParser:
     fin.add_argument("--lr", type=positive_float, default=2e-4)
     fin.add_argument("--effective-batch-size", type=positive_int, default=32, help="batch reached by accumulation")
     fin.add_argument("--lora-r", type=positive_int, default=16)
+    fin.add_argument(
+        "--lora-layers",
+        type=_block_range,
+        default=None,
+        help="blocks that get LoRA, e.g. 24-29 or 20,22 (default: all); upper ones train fastest",
+    )
+    fin.add_argument("--autocast", choices=["bf16"], default=None, help="bf16 autocast (fast on AVX512-BF16 CPUs)")
+    fin.add_argument("--checkpoint-every", type=positive_int, default=50, help="optimizer steps between checkpoints")
     fin.add_argument("--out", type=Path, default=Path("runs/finetune"), help="output directory")
     mg = sub.add_parser(
         "merge-adapter", help="merge a LoRA adapter trained elsewhere (e.g. on a GPU) into its base model"
@@ -753,6 +775,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         batch_size=args.effective_batch_size,
         micro_batch_size=args.batch_size,
         lora_r=args.lora_r,
+        lora_layers=args.lora_layers,
+        autocast=args.autocast,
+        checkpoint_every=args.checkpoint_every,
         seed=args.seed,
     )
     meta = {k: v for k, v in res.metadata.items() if k != "loss_curve"}

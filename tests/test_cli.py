@@ -113,3 +113,13 @@ def test_cli_task_of_the_shipped_default_matches_the_shipped_index():
     for name in (None, "smollm2-135m-openbookqa"):
         task = _task(argparse.Namespace(model=name, template="plain", n_ctx=1024), None)
         assert json.loads(json.dumps(task_config(task), default=str)) == store.fingerprint["split"]["task_config"]
+
+
+def test_finetune_lora_layers_flag_parses_ranges_and_lists_and_refuses_garbage(capsys):
+    p = build_parser()
+    assert p.parse_args(["finetune", "--lora-layers", "24-29"]).lora_layers == (24, 25, 26, 27, 28, 29)
+    assert p.parse_args(["finetune", "--lora-layers", "22,20,21-22"]).lora_layers == (20, 21, 22)
+    assert p.parse_args(["finetune"]).lora_layers is None and p.parse_args(["finetune"]).autocast is None
+    with pytest.raises(SystemExit):
+        p.parse_args(["finetune", "--lora-layers", "top"])
+    assert "expected blocks like 24-29" in capsys.readouterr().err

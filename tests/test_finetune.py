@@ -268,3 +268,29 @@ def test_merge_peft_is_the_exact_float64_merge_and_bit_reproducible(base):
     assert isinstance(pm, PeftModel)
     for name in want:
         assert (theirs[name] - merged[name]).abs().max() <= 1e-5 * merged[name].abs().max()
+
+
+def test_lora_layers_adapt_only_those_blocks_and_bf16_autocast_still_learns(base, tmp_path):
+    """Upper-block LoRA (the CPU recipe): only the named blocks change in the merged model, the rest is the base
+    bit for bit; under bf16 autocast the loss still falls. Defaults leave the run fingerprint of older runs intact."""
+    folder, task = base
+    rows = _rows(16)
+    res = ft.finetune(folder, task, rows, out_dir=tmp_path / "upper", lora_layers=(1,), autocast="bf16", **LEARN_KW)
+    curve = res.metadata["loss_curve"]
+    assert curve[-1] < 0.5 * curve[0]
+    base_model = load_model(folder, device="cpu", n_ctx=256)
+    changed = {n for (n, p), (_, q) in zip(base_model.named_parameters(), res.model.named_parameters()) if not
+               torch.equal(p, q)}  # fmt: skip
+    assert changed and all(n.startswith("blocks.1.") for n in changed), sorted(changed)
+    assert res.metadata["config"]["lora_layers"] == [1] and res.metadata["config"]["autocast"] == "bf16"
+    assert "lora_layers" not in ft.FinetuneConfig().to_dict() and "autocast" not in ft.FinetuneConfig().to_dict()
+
+
+def test_lora_layers_and_autocast_are_checked_before_any_work(base, tmp_path):
+    folder, task = base
+    with pytest.raises(ValueError, match="autocast must be None or 'bf16'"):
+        ft.finetune(folder, task, _rows(4), out_dir=tmp_path / "a", autocast="fp8")
+    with pytest.raises(ValueError, match="names a block >= 2"):
+        ft.finetune(folder, task, _rows(4), out_dir=tmp_path / "b", lora_layers=(5,), **LEARN_KW)
+    with pytest.raises(ValueError, match="block indices >= 0"):
+        ft.FinetuneConfig(lora_layers=(-1,))

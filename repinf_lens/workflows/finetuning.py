@@ -88,10 +88,30 @@ class FinetuneConfig:
     seed: int = 0
     checkpoint_every: int = 50
     max_train_examples: int | None = None
+    lora_layers: tuple[int, ...] | None = None
+    """Blocks that get LoRA (``None``: all). Upper blocks only is the CPU recipe: the backward pass stops at the
+    lowest adapted block, so LoRA on the top 6 of 30 blocks trains ~4x faster per step."""
+    autocast: str | None = None
+    """``"bf16"``: forward and backward under ``torch.autocast`` in bfloat16 (adapter and optimizer stay fp32);
+    ~1.8x faster on CPUs with AVX512-BF16/AMX. ``None``: plain fp32."""
+
+    def __post_init__(self) -> None:
+        if self.autocast not in (None, "bf16"):
+            raise ValueError(f"FinetuneConfig autocast must be None or 'bf16', got {self.autocast!r}.")
+        if self.lora_layers is not None:
+            layers = tuple(int(i) for i in self.lora_layers)
+            if not layers or min(layers) < 0:
+                raise ValueError(f"FinetuneConfig lora_layers must be block indices >= 0, got {self.lora_layers!r}.")
+            self.lora_layers = tuple(sorted(set(layers)))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["target_modules"] = list(self.target_modules)
+        for k in ("lora_layers", "autocast"):  # added later: absent at their defaults, so older runs still match
+            if d[k] is None:
+                del d[k]
+            elif k == "lora_layers":
+                d[k] = list(d[k])
         return d
 
 
@@ -229,6 +249,7 @@ def finetune(
         if not hasattr(cfg, k):
             raise TypeError(f"Unknown finetune option {k!r}. Valid: {sorted(cfg.to_dict())}.")
         setattr(cfg, k, v)
+    cfg.__post_init__()  # the overrides pass the same checks as the constructor's arguments
     out = Path(out_dir)
     merged_dir, adapter_dir, ckpt_dir = out / "merged", out / "adapter", out / "checkpoints"
     meta_path = out / "finetune.json"
@@ -284,7 +305,12 @@ def finetune(
         target_modules=list(cfg.target_modules),
         task_type="CAUSAL_LM",
         bias="none",
+        layers_to_transform=None if cfg.lora_layers is None else list(cfg.lora_layers),
     )
+    n_blocks = int(hf.config.num_hidden_layers)
+    if cfg.lora_layers is not None and max(cfg.lora_layers) >= n_blocks:
+        raise ValueError(f"lora_layers {list(cfg.lora_layers)} names a block >= {n_blocks}, the model's block count. "
+                         f"Fix: pick blocks in 0..{n_blocks - 1}.")  # fmt: skip
     model: PeftModel = get_peft_model(hf, lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -334,7 +360,9 @@ def finetune(
         for m in range(0, len(chunk), cfg.micro_batch_size):
             part = [rows[i] for i in chunk[m : m + cfg.micro_batch_size]]
             batch = task.collate(part).to(dev)
-            loss = task.loss(_answer_logits(model, batch), batch) * (len(part) / len(chunk))
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
+                logits = _answer_logits(model, batch)
+            loss = task.loss(logits.float(), batch) * (len(part) / len(chunk))
             loss.backward()
             total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)

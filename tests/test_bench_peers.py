@@ -1,0 +1,131 @@
+"""benchmarks/bench_peers.py: repinf_lens next to Kronfluence and dattri on one setting (tiny smoke mode).
+
+The peers are an optional extra (``pip install -e .[peers]``): the smoke test and the dattri check are skipped
+without them; the HF-twin gradient check and the missing-peer message need neither.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(autouse=True)
+def _bench_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny setting (random 2-layer HF Llama and its TL copy), theta2 = blocks.1.mlp.W_out."""
+    import sys
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_peers
+    finally:
+        sys.path.remove(str(BENCH))
+    args = bench_peers.parse_args(["--tiny", "--n-train", "6", "--queries", "2"])
+    args.workdir = str(tmp_path_factory.mktemp("peers"))
+    torch.manual_seed(0)
+    return bench_peers, bench_peers.build_setting(args)
+
+
+def test_hf_twin_gradient_check_compares_and_catches_another_model(tiny):
+    bp, s = tiny
+    rows = s.train + s.queries
+    ref = bp.repinf_example_grads(s, rows, 4)
+    g_hf, losses = bp.hf_example_grads(s, rows, 4)
+    res = bp.compare_grads(ref, g_hf, 1e-4, "HF twin")
+    assert res["n_examples"] == len(rows) and res["max_scaled_residual"] < 1e-4 and res["min_cosine"] > 0.9999
+    with torch.no_grad():
+        tl_losses = torch.cat([s.split.inputs_loss(s.split.downstream_params(), s.split.prepare(s.task.collate([r])),
+                                                   reduction="none") for r in rows])  # fmt: skip
+    assert torch.allclose(losses, tl_losses, atol=1e-5)
+    # an upstream weight of the twin changed: same theta2, another function -> the check refuses it
+    up = s.hf.model.layers[0].mlp.up_proj.weight
+    saved = up.detach().clone()
+    try:
+        with torch.no_grad():
+            up.add_(0.05 * torch.randn_like(up))
+        g_bad, _ = bp.hf_example_grads(s, rows, 4)
+        with pytest.raises(bp.GradientMismatchError, match="differ from repinf_lens"):
+            bp.compare_grads(ref, g_bad, 1e-4, "HF twin (perturbed)")
+    finally:
+        with torch.no_grad():
+            up.copy_(saved)
+    # and so does a gradient of the wrong shape
+    with pytest.raises(bp.GradientMismatchError, match="shape"):
+        bp.compare_grads(ref, ref[:, :-1], 1e-4, "truncated")
+
+
+def test_missing_peer_is_skipped_with_the_install_hint(tiny, capsys):
+    bp, _ = tiny
+    assert bp.import_peer("repinf_lens_no_such_peer_xyz") is None
+    out = capsys.readouterr().out
+    assert "pip install -e .[peers]" in out and "repinf_lens_no_such_peer_xyz" in out
+
+
+def test_dattri_gradient_check_compares(tiny):
+    pytest.importorskip("dattri")
+    bp, s = tiny
+    rows = s.train + s.queries
+    ref = bp.repinf_example_grads(s, rows, 4)
+    dd = bp.dattri_data(s, 4)
+    assert bp.compare_grads(ref, bp.dattri_grads(s, dd), 1e-4, "dattri")["max_scaled_residual"] < 1e-4
+    # dattri's copy of theta2 is another point: the check sees it
+    w = s.theta.clone()
+    try:
+        s.split.load_downstream_params({s.theta_name: w + 0.5 * torch.randn_like(w)})
+        g_bad = bp.dattri_grads(s, dd)
+    finally:
+        s.split.load_downstream_params({s.theta_name: w})
+    with pytest.raises(bp.GradientMismatchError):
+        bp.compare_grads(ref, g_bad, 1e-4, "dattri (other theta2)")
+
+
+def test_bench_peers_tiny_smoke(tmp_path):
+    pytest.importorskip("kronfluence")
+    pytest.importorskip("dattri")
+    import bench_peers
+
+    only = ["repinf identity", "repinf cg10", "repinf ekfac (emp)", "kronfluence ekfac (emp)", "dattri"]
+    res = bench_peers.main(["--tiny", "--subsets", "3", "--max-iter", "20", "--n-boot", "200", "--no-progress",
+                            "--out", str(tmp_path), "--only", *only])  # fmt: skip
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["best"] == res["best"] and (tmp_path / "results.md").read_text().startswith("# repinf_lens vs")
+    names = {r["method"] for r in res["methods"]}
+    assert names == {"repinf identity", "repinf cg10 (fixed)", "repinf ekfac (emp)", "kronfluence ekfac (emp)",
+                     "dattri cg10", "dattri arnoldi", "dattri datainf", "dattri trak"}, res["skipped"]  # fmt: skip
+    assert not res["skipped"] and res["versions"]["kronfluence"] and res["versions"]["dattri"]
+    assert [c["max_scaled_residual"] < 1e-4 for c in res["gradient_checks"]] == [True, True]
+    by = {r["method"]: r for r in res["methods"]}
+    for r in res["methods"]:
+        assert r["sign_factor"] == 1.0 and r["sign_check_pearson_vs_gradient_dot"] > 0, r["method"]
+        assert len(r["lds_per_query"]) == 3 and -1 <= r["lds_spearman"] <= 1 and r["total_s"] >= r["fit_s"] >= 0
+        assert len(r["scores"]) == 3 and len(r["scores"][0]) == 10
+        b = r["bootstrap_vs_best"]
+        assert math.isnan(b["diff"]) or b["ci95"][0] <= b["diff"] + 1e-9 <= b["ci95"][1] + 2e-9
+    assert by[res["best"]]["bootstrap_vs_best"]["diff"] == 0.0
+    # Kronfluence's EK-FAC with the empirical Fisher and the answer-position token mask is repinf_lens' EK-FAC
+    kf = torch.tensor(by["kronfluence ekfac (emp)"]["scores"])
+    rl = torch.tensor(by["repinf ekfac (emp)"]["scores"])
+    assert float((kf - rl).norm() / rl.norm()) < 1e-3
+    # every method is scored against the same retrained losses
+    assert len(res["ground_truth"]["lds"]["actual"]) == 3 and len(res["ground_truth"]["lds"]["actual"][0]) == 3
+
+
+def test_memory_cap_stops_a_method_and_the_run_goes_on(tmp_path):
+    import bench_peers
+
+    res = bench_peers.main(["--tiny", "--subsets", "2", "--loo", "0", "--max-iter", "5", "--precheck", "0",
+                            "--no-progress", "--out", str(tmp_path), "--only", "repinf identity",
+                            "--max-rss-gb", "0.01"])  # fmt: skip
+    assert res["methods"] == [] and res["best"] is None and res["complete"]
+    assert "MemoryCapExceeded" in res["skipped"]["repinf identity"]
