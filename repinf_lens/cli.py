@@ -63,6 +63,10 @@ def nonneg_int(text: str) -> int:
     return _whole_number(text, 0)
 
 
+_DEFAULT_RANKINGS = ("influence_eq16", "influence", "activation", "frequency", "random")  # analysis.DEFAULT_RANKINGS
+_RANKINGS_HELP = "latent rankings to compare; the first is the reference of the verdicts"
+
+
 def _block_range(text: str) -> tuple[int, ...]:
     """``24-29`` or ``20,22,24``: block indices (``--lora-layers``)."""
     out: list[int] = []
@@ -531,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fa.add_argument("--query-split", default="test")
     fa.add_argument("--query-limit", type=positive_int, default=50, help="the first N test questions")
-    fa.add_argument("--rankings", nargs="+", default=["influence", "activation", "frequency", "random"])
+    fa.add_argument("--rankings", nargs="+", default=list(_DEFAULT_RANKINGS), help=_RANKINGS_HELP)
     fa.add_argument("--ks", nargs="+", type=nonneg_int, default=None, help="default: the paper's 10 25 50 ... 200")
     fa.add_argument("--n-boot", type=nonneg_int, default=1000)
     fa.add_argument(
@@ -562,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--attribution", type=Path, required=True, help="output directory of `attribute`")
     ab.add_argument("--dataset", default="openbookqa")
     ab.add_argument("--query-split", default="test")
-    ab.add_argument("--rankings", nargs="+", default=["influence", "activation", "frequency", "random"])
+    ab.add_argument("--rankings", nargs="+", default=list(_DEFAULT_RANKINGS), help=_RANKINGS_HELP)
     ab.add_argument("--ks", type=nonneg_int, nargs="+", default=None, help="default: the paper's 10 25 50 ... 200")
     ab.add_argument("--n-boot", type=nonneg_int, default=1000)
     ab.add_argument("--out", type=Path, default=Path("runs/ablate"), help="output directory")
@@ -948,7 +952,7 @@ def _cmd_faithfulness(args: argparse.Namespace) -> int:
     for v in summary["verdicts"]:
         counts = ", ".join(f"{k} {v.get(k, 0)}" for k in ("better", "tie", "worse"))
         err = "with" if v["error_term"] else "without"
-        print(f"influence vs {v['baseline']}, {v['mode']} {v['metric']} ({err} error term): {counts} (of ks)")
+        print(f"{args.rankings[0]} vs {v['baseline']}, {v['mode']} {v['metric']} ({err} error term): {counts} (of ks)")
     print(f"files: {args.out}")
     return 0
 

@@ -101,7 +101,7 @@ def test_run_case_studies_end_to_end(split, tmp_path):
             float(pair.example_scores[0, 1]), rel=1e-4, abs=1e-6
         )
         assert 0.0 < case["augmentation"]["rationale_tokens_share"] < 1.0
-        top_lat = res.latent_scores[q].mean(0).topk(4).indices.tolist()
+        top_lat = (-res.latent_scores[q].mean(0)).topk(4).indices.tolist()  # most negative mean IFR first
         assert [t["latent"] for t in case["top_latents"]] == top_lat
     html = (tmp_path / "case_studies.html").read_text()
     assert html.count("Case ") >= 3 and "Reasoning augmentation" in html and "with the rationale appended" in html

@@ -34,7 +34,7 @@ def test_attribute_ablate_report(tmp_path, monkeypatch, capsys):
                  "--out", str(abl)]) == 0  # fmt: skip
     assert (abl / "ablation.png").exists() and (abl / "manifest.json").exists()
     rows = (abl / "ablation_per_query.csv").read_text().splitlines()
-    assert len(rows) - 1 == 4 * 2 * 2 * 2 * 2  # rankings x ks x modes x error variants x queries
+    assert len(rows) - 1 == 5 * 2 * 2 * 2 * 2  # rankings x ks x modes x error variants x queries
     table = tmp_path / "t.json"
     table.write_text(json.dumps([{"space": "sae_latents", "gram_abs": 0.1}]))
     html = tmp_path / "report.html"
@@ -89,5 +89,5 @@ def test_faithfulness_cli(tmp_path, monkeypatch, capsys):
     summary = json.loads((out / "faithfulness.json").read_text())
     assert summary["n_queries"] == 3 and summary["candidates_per_query"] == [3, 3, 3] and summary["ks"] == [2, 4]
     printed = capsys.readouterr().out
-    # 3 baselines x 2 error variants x (3 necessity + 3 sufficiency metrics)
-    assert printed.count("influence vs ") == 3 * 2 * 6
+    # the default reference (influence_eq16) vs 4 others x 2 error variants x (3 necessity + 3 sufficiency metrics)
+    assert printed.count("influence_eq16 vs ") == 4 * 2 * 6 and summary["reference"] == "influence_eq16"

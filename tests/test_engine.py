@@ -340,8 +340,16 @@ def test_result_roundtrip_and_rankings(model3, tmp_path):
     assert top["id"].tolist() == [exs[i]["id"] for i in top["index"]]
     opp = res.top_examples(0, 2, opponents=True)
     assert opp["score"].tolist() == sorted(res.example_scores[0].tolist())[:2]
-    lat = res.top_latents(1, 5)
-    assert lat["latent"].tolist() == torch.topk(res.latent_scores[1].mean(0), 5).indices.tolist()
+    mean_ifr = res.latent_scores[1].mean(0)
+    lat = res.top_latents(1, 5)  # default: most negative mean IFR first (the sign of Eq. 16)
+    assert lat["latent"].tolist() == torch.topk(-mean_ifr, 5).indices.tolist()
+    assert lat["score"].tolist() == pytest.approx(mean_ifr[lat["latent"].tolist()].tolist())
+    text = res.top_latents(1, 5, by="influence")
+    assert text["latent"].tolist() == torch.topk(mean_ifr, 5).indices.tolist()
+    mag = res.top_latents(1, 5, by="influence_abs")
+    assert mag["latent"].tolist() == torch.topk(mean_ifr.abs(), 5).indices.tolist()
+    with pytest.raises(ValueError, match="is not an order"):
+        res.top_latents(1, 5, by="largest")
     sparse, tokens, strs = res.token_latent_scores(0, 2)
     assert sparse.shape == (len(tokens), 48) and len(strs) == len(tokens)
     assert torch.allclose(sparse.to_dense().sum(0), res.latent_scores[0, 2], atol=1e-5)

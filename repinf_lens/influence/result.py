@@ -163,19 +163,33 @@ class InfluenceResult:
         q = self._query_index(q)
         return self._finite(self.latent_scores[q], q, "latent scores").mean(0)
 
-    def top_latents(self, q: int, k: int = 10) -> Any:
-        """The k latents with the largest mean influence over the training examples (DataFrame).
+    def top_latents(self, q: int, k: int = 10, *, by: str = "influence_eq16") -> Any:
+        """The k top latents of query ``q`` by their mean IFR over the training examples (DataFrame).
 
-        Columns: rank, latent, score (mean IFR over training examples), frac_active (share of training
-        examples in which the latent has a non-zero score).
+        ``by`` names the order (the rankings of :mod:`repinf_lens.analysis.rankings`):
+
+        * ``"influence_eq16"`` (default): most NEGATIVE mean IFR first (the sign of the paper's Eq. 16). The
+          latents that carry the examples towards their labels have negative IFR (docs/method.md derives it);
+          removing these from the test input hurts its answer most (the necessity verdicts).
+        * ``"influence"``: largest mean IFR first (the paper's text sign: the latents that raise the train-test
+          gradient alignment).
+        * ``"influence_abs"``: largest ``|mean IFR|`` first.
+
+        Columns: rank, latent, score (the signed mean IFR over training examples; POSITIVE raises the example's
+        proponent score), frac_active (share of training examples in which the latent has a non-zero score).
         """
         import pandas as pd
 
         check_int("top_latents k", k, minimum=1)
+        orders = {"influence_eq16": -1.0, "influence": 1.0, "influence_abs": 0.0}
+        if by not in orders:
+            raise ValueError(f"top_latents by={by!r} is not an order. Fix: one of {sorted(orders)}.")
         q = self._query_index(q)
         s = self.latent_ranking(q)
         k = min(k, s.numel())
-        vals, idx = torch.topk(s, k)
+        key = s.abs() if orders[by] == 0.0 else orders[by] * s
+        idx = torch.topk(key, k).indices
+        vals = s[idx]
         frac = (self.latent_scores[q][:, idx] != 0).float().mean(0)
         return pd.DataFrame(
             {"rank": range(1, k + 1), "latent": idx.tolist(), "score": vals.tolist(), "frac_active": frac.tolist()}

@@ -322,6 +322,14 @@ def top_examples_section(
     return sec
 
 
+_ORDER_CAPTIONS = {
+    "influence_eq16": "Most NEGATIVE first: the latents that carry the training examples towards their labels, "
+    "whose removal from the test input hurts its answer most (docs/method.md, the sign).",
+    "influence": "Largest first: the latents that raise the train-test gradient alignment (the paper's text sign).",
+    "influence_abs": "Largest |s_k| first.",
+}
+
+
 def top_latents_section(
     result: InfluenceResult,
     q: int,
@@ -329,8 +337,12 @@ def top_latents_section(
     k: int = 10,
     labels: Mapping[int, str] | None = None,
     title: str | None = None,
+    by: str = "influence_eq16",
 ) -> Section:
-    """The ``k`` latents with the largest mean influence over the training examples (s_k = mean_i IFR[i, k]).
+    """The ``k`` top latents by their mean influence over the training examples (s_k = mean_i IFR[i, k]).
+
+    ``by``: the order of :meth:`InfluenceResult.top_latents` (default ``"influence_eq16"``: most negative s_k
+    first, the latents the answer rests on; ``"influence"``: largest first).
 
     Args:
         result: an :class:`InfluenceResult`.
@@ -342,7 +354,7 @@ def top_latents_section(
     Returns:
         A :class:`Section`.
     """
-    df = result.top_latents(q, k)
+    df = result.top_latents(q, k, by=by)
     rows = []
     for r in df.to_dict(orient="records"):
         j = int(r["latent"])
@@ -361,7 +373,10 @@ def top_latents_section(
     return Section(
         title or f"Top latents for query {result.query_ids[q]}",
         [
-            _caption("s_k = mean over training examples of IFR[i, k] (POSITIVE = proponent influence)."),
+            _caption(
+                "s_k = mean over training examples of IFR[i, k] (POSITIVE raises the example's proponent score). "
+                + _ORDER_CAPTIONS.get(by, f"Ordered by {by}.")
+            ),
             html_table(rows),
         ],
     )

@@ -167,7 +167,7 @@ def run_faithfulness(
     agg = aggregate(df)
     files = save_ablation(df, out, agg)
     plot_ablation(agg, out / "ablation.png", title=f"{len(q_rows)} questions, {split.hook_name}")
-    comp = compare_rankings(df, n_boot=n_boot, seed=seed)
+    comp = compare_rankings(df, reference=ranking_names[0], n_boot=n_boot, seed=seed)
     comp.to_csv(out / "comparison.csv", index=False)
     verdicts = (
         comp.groupby(["mode", "error_term", "metric", "baseline"])["verdict"].value_counts().unstack(fill_value=0)
@@ -179,6 +179,7 @@ def run_faithfulness(
         "hook_name": split.hook_name,
         "ks": ks,
         "rankings": ranking_names,
+        "reference": ranking_names[0],
         "timings": {**timings, "total_s": round(time.perf_counter() - t0, 1)},
         "verdicts": [
             {
