@@ -817,6 +817,7 @@ def _cmd_export_adapter(args: argparse.Namespace) -> int:
         task,
         _split(args, args.eval_split, args.eval_limit),
         eval_name=args.eval_split,
+        dataset=args.dataset,
         slice_size=args.slice,
         command="repinf-lens " + " ".join(sys.argv[1:]) if sys.argv[1:] else None,
         device=args.device,

@@ -6,7 +6,7 @@
 """
 
 from repinf_lens.curvature.cache import STestCache, cache_key
-from repinf_lens.curvature.hvp import dataset_grad, dataset_hvp, gnhvp, hvp, loss_grad
+from repinf_lens.curvature.hvp import dataset_grad, dataset_hvp, gnhvp, hvp, loss_grad, prepared_dataset_hvp
 from repinf_lens.curvature.kfac import EKFAC, KFAC, FactorBlock, FactorMappingError, KFACFactors, factor_blocks
 from repinf_lens.curvature.solvers import (
     CG,
@@ -54,6 +54,7 @@ __all__ = [
     "hvp",
     "list_solvers",
     "loss_grad",
+    "prepared_dataset_hvp",
     "register_solver",
     "solver_from_dict",
     "unregister_solver",

@@ -42,7 +42,7 @@ from repinf_lens._io import as_rows as io_rows
 from repinf_lens._io import write_json_atomic
 from repinf_lens._shards import open_manifest, shard_checksum, shard_is_done, shard_plan, write_shard
 from repinf_lens.curvature.cache import STestCache, cache_key
-from repinf_lens.curvature.hvp import dataset_hvp, loss_grad
+from repinf_lens.curvature.hvp import dataset_hvp, loss_grad, prepared_dataset_hvp
 from repinf_lens.curvature.solvers import CG, InverseHessianSolver, SolveInfo
 from repinf_lens.errors import NonFiniteError, check_finite, check_int
 from repinf_lens.influence.math import LatentInfluence, check_latent_method, latent_influence_multi, stack_queries
@@ -136,6 +136,13 @@ class InfluenceAttributor:
             shipped L22 split on a CPU (1.0 s next to a 1.5 s swap for 4 examples), hence off by default
             (``diagnostics["baseline"]`` is NaN then; the demo turns it on). A few per cent for ``"ig"``, where it
             is always on.
+        hvp_mode: how the solvers' HVPs are computed during :meth:`s_test`. ``"prepared"`` (default): each
+            Hessian batch's gradient graph is built once per :meth:`s_test` call and every CG iteration pulls its
+            vectors back through it (:func:`~repinf_lens.curvature.prepared_dataset_hvp`; faster per product,
+            the graphs held during the solve; ``benchmarks/bench_hvp.py`` measures both). ``"recompute"``: a
+            fresh forward-over-reverse pass per product (:func:`~repinf_lens.curvature.dataset_hvp`; least
+            memory). Same values up to float rounding; not part of any cache key. With ``amp_dtype`` the
+            products are always recomputed (autocast applies to the pass that runs).
         progress: show tqdm bars.
 
     Usage::
@@ -170,7 +177,11 @@ class InfluenceAttributor:
         ig_steps: int = 64,
         ig_rule: str = "graded",
         baseline: bool = False,
+        hvp_mode: str = "prepared",
     ) -> None:
+        if hvp_mode not in ("prepared", "recompute"):
+            raise ValueError(f"InfluenceAttributor hvp_mode must be 'prepared' or 'recompute', got {hvp_mode!r}.")
+        self.hvp_mode = hvp_mode
         check_int("InfluenceAttributor batch_size", batch_size, minimum=1, why="training examples per batch")
         check_int("InfluenceAttributor swap_chunk_size", swap_chunk_size, minimum=1, allow_none=True)
         check_int("InfluenceAttributor query_chunk_size", query_chunk_size, minimum=1, allow_none=True,
@@ -261,6 +272,21 @@ class InfluenceAttributor:
             out = dataset_hvp(self.split, params, self._hessian_inputs, v, gauss_newton=self.solver.gauss_newton)
         return {k: t.to(v[k].dtype) for k, t in out.items()}
 
+    def _solve_hvp(self) -> Any:
+        """The HVP the solvers get in :meth:`s_test`: prepared once (``hvp_mode="prepared"``) or :meth:`hvp`."""
+        uses_hvp = getattr(self.solver, "uses_hvp", True) and getattr(self.solver, "needs_hessian", True)
+        if self.hvp_mode != "prepared" or self.amp_dtype is not None or self._hessian_inputs is None or not uses_hvp:
+            return self.hvp
+        params = self.split.downstream_params()
+        prepared = prepared_dataset_hvp(
+            self.split, params, self._hessian_inputs, gauss_newton=getattr(self.solver, "gauss_newton", False)
+        )
+
+        def hvp_fn(v: Params) -> Params:
+            return {k: t.to(v[k].dtype) for k, t in prepared(v).items()}
+
+        return hvp_fn
+
     def query_gradient(self, query: Mapping[str, Any]) -> Params:
         """g_test: gradient of the query's loss w.r.t. theta2."""
         inp = self.split.prepare(self.task.collate([query]))
@@ -322,6 +348,7 @@ class InfluenceAttributor:
             out[i] = {k: cached[k].to(params[k].device, params[k].dtype) for k in params}
             infos[i] = SolveInfo(iterations=0, converged=True)
         step = self.query_chunk_size or max(1, len(missing))
+        hvp_fn = self._solve_hvp() if missing else self.hvp
         with tqdm(total=len(missing), desc="s_test", disable=not self.progress or len(missing) <= 1) as bar:
             for lo in range(0, len(missing), step):
                 idx = missing[lo : lo + step]
@@ -335,9 +362,9 @@ class InfluenceAttributor:
                 solve_many = getattr(self.solver, "solve_many", None)
                 try:
                     if solve_many is not None:
-                        sols, sol_infos = solve_many(self.hvp, gs, chunk_size=self.query_chunk_size)
+                        sols, sol_infos = solve_many(hvp_fn, gs, chunk_size=self.query_chunk_size)
                     else:  # a duck-typed solver with only solve()
-                        pairs = [self.solver.solve(self.hvp, g) for g in gs]
+                        pairs = [self.solver.solve(hvp_fn, g) for g in gs]
                         sols, sol_infos = [p[0] for p in pairs], [p[1] for p in pairs]
                 except NonFiniteError as err:
                     ids = [_row_id(rows[i], i) for i in idx]
@@ -360,6 +387,7 @@ class InfluenceAttributor:
                         )
                 del sols
                 bar.update(len(idx))
+        del hvp_fn  # the prepared graphs of the Hessian batches go with it
         if not keep:
             self.solve_infos = [i for i in infos if i is not None]
             return []

@@ -478,6 +478,7 @@ def ship_finetune(
     eval_name: str = "test",
     slice_size: int = 100,
     command: str | None = None,
+    dataset: str | None = None,
     device: str | torch.device | None = None,
     n_ctx: int = 1024,
     progress: bool = True,
@@ -523,6 +524,8 @@ def ship_finetune(
         "timings": meta.get("timings"),
         "code": {"repinf_lens": __version__, "git_commit": commit},
     }
+    if dataset is not None:  # which load_mcqa dataset ``eval_name`` (and the slice) is a split of
+        prov["dataset"] = dataset
     out = export_adapter(run / "adapter", out_dir, provenance=prov)
     rows = [dict(r) for r in eval_dataset]
     base_pred, labels = predict(load_model(base_dir, device=device, n_ctx=n_ctx), task, rows, progress=progress)
