@@ -212,6 +212,28 @@ ENTRIES: tuple[Entry, ...] = (
             "python benchmarks/bench_peers.py --threads 1 --out runs/bench_peers",
         ),
     ),
+    Entry(
+        "faithfulness-ig",
+        "Analysis",
+        25,
+        (
+            f"{RL} faithfulness --offline --model {FT} --template plain {SAE} --query-limit 20 {INDEX} "
+            "--prefilter-top-k 8 --solver cg --max-iter 5 --hessian-examples 4 --batch-size 8 --query-chunk-size 1 "
+            "--latent-method ig --ig-steps 16 --rankings influence_eq16 influence influence_abs activation random "
+            "grad_x_act --out runs/faithfulness_ig_L22",
+            "python benchmarks/ig_verdicts.py --gxi runs/faithfulness_shipped_L22 --ig runs/faithfulness_ig_L22 "
+            "--out docs/verdicts_ig_L22.md",
+        ),
+    ),
+    Entry(
+        "bench-hvp",
+        "Engine performance",
+        4,
+        (
+            "python benchmarks/bench_hvp.py --hook blocks.22.hook_resid_post --threads 1 "
+            "--out benchmarks/results/hvp_L22.json",
+        ),
+    ),
     Entry("bench-prefilter", "Scale", 45, ("python benchmarks/bench_prefilter.py --threads 1",)),
     Entry(
         "bench-scale",
