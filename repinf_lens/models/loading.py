@@ -317,10 +317,7 @@ def _from_local_dir(
 
 #: LoRA finetunes shipped inside the package (``repinf_lens/assets/finetunes/<name>``): ``load_model(name)``
 #: merges the adapter into its base model once (cached) and returns the HookedTransformer, offline.
-SHIPPED_FINETUNES: dict[str, str] = {
-    "smollm2-135m-openbookqa": "finetunes/smollm2-135m-openbookqa",
-    "smollm2-135m-medqa": "finetunes/smollm2-135m-medqa",
-}
+SHIPPED_FINETUNES: dict[str, str] = {"smollm2-135m-openbookqa": "finetunes/smollm2-135m-openbookqa"}
 
 
 def shipped_finetune_dir(name: str) -> Path:

@@ -1,0 +1,114 @@
+"""The cost of s_test, EK-FAC vs CG, side by side in one run on the shipped finetune (issue 18, "Cost").
+
+At ``--hook`` (theta2 = everything downstream), on one thread:
+
+* CG, ``--cg-iters`` iterations over ``--cg-hessian`` Hessian examples (the faithfulness runs' setting), for
+  ``--queries`` queries in lockstep: wall time per query and the stage's peak RSS (prepared HVPs, the default);
+* EK-FAC (true Fisher) fitted ONCE on ``--fit-examples`` training questions: fit time and peak RSS, then s_test for
+  1, 8 and ``--queries`` queries in one batched preconditioning pass each: time per query and peak RSS;
+* the speed-up per query (CG / EK-FAC, after the fit) and the cosine between the two s_tests per query.
+
+The s_test cache is off (every solve is timed). The factors go to a temporary folder unless ``--factor-dir``.
+
+Usage::
+
+    python benchmarks/bench_curvature_cost.py --hook blocks.22.hook_resid_post --threads 1 \\
+        --out benchmarks/results/curvature_cost_L22.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-openbookqa")
+    ap.add_argument("--hook", default="blocks.22.hook_resid_post")
+    ap.add_argument("--queries", type=int, default=8)
+    ap.add_argument("--cg-iters", type=int, default=5)
+    ap.add_argument("--cg-hessian", type=int, default=8)
+    ap.add_argument("--fit-examples", type=int, default=256)
+    ap.add_argument("--damping", type=float, default=1e-3)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--factor-dir", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/curvature_cost.json"))
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from repinf_lens import CG, InfluenceAttributor, MultipleChoiceTask, SplitModel, load_mcqa, load_model
+    from repinf_lens._resources import StageMeter
+    from repinf_lens._tree import tdot
+    from repinf_lens.curvature import EKFAC
+
+    model = load_model(args.model)
+    task = MultipleChoiceTask(model.tokenizer, template="plain")
+    split = SplitModel(model, args.hook, task=task)
+    train = [dict(r) for r in load_mcqa("openbookqa", "train", offline=True)]
+    queries = [dict(r) for r in load_mcqa("openbookqa", "test", offline=True)][: args.queries]
+    n_params = sum(t.numel() for t in split.downstream_params().values())
+    meter = StageMeter()
+    rep: dict = {"model": args.model, "hook": args.hook, "theta2_params": n_params, "threads": args.threads,
+                 "damping": args.damping, "queries": len(queries)}  # fmt: skip
+
+    with meter.stage("cg"):
+        cg = CG(damping=args.damping, max_iter=args.cg_iters, batch_size=args.batch_size)
+        att = InfluenceAttributor(split, hessian=cg, use_cache=False, progress=False, query_chunk_size=None)
+        att.fit(train[: args.cg_hessian])
+        t = time.perf_counter()
+        s_cg = att.s_test(queries)
+        cg_s = time.perf_counter() - t
+    rep["cg"] = {
+        "iterations": args.cg_iters, "hessian_examples": args.cg_hessian, "s": round(cg_s, 1),
+        "s_per_query": round(cg_s / len(queries), 2), "peak_rss_mb": round(meter.stages["cg"]["peak_rss_mb"]),
+    }  # fmt: skip
+    print("cg", rep["cg"], flush=True)
+    del att
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = str(args.factor_dir or Path(tmp) / "factors")
+        ek = EKFAC(damping=args.damping, batch_size=args.batch_size, factor_dir=folder, progress=False)
+        att = InfluenceAttributor(split, hessian=ek, use_cache=False, progress=False, query_chunk_size=None)
+        with meter.stage("ekfac_fit"):
+            t = time.perf_counter()
+            att.fit(train[: args.fit_examples])
+            fit_s = time.perf_counter() - t
+        size = sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+        rep["ekfac_fit"] = {
+            "examples": args.fit_examples, "s": round(fit_s, 1), "factor_mb": round(size / 2**20),
+            "peak_rss_mb": round(meter.stages["ekfac_fit"]["peak_rss_mb"]),
+        }  # fmt: skip
+        print("ekfac_fit", rep["ekfac_fit"], flush=True)
+        rep["ekfac"] = {}
+        s_ek = None
+        for q in sorted({1, min(8, len(queries)), len(queries)}):
+            name = f"ekfac_{q}"
+            with meter.stage(name):
+                t = time.perf_counter()
+                out = att.s_test(queries[:q])
+                dt = time.perf_counter() - t
+            rep["ekfac"][str(q)] = {"s": round(dt, 2), "s_per_query": round(dt / q, 3),
+                                    "peak_rss_mb": round(meter.stages[name]["peak_rss_mb"])}  # fmt: skip
+            print(name, rep["ekfac"][str(q)], flush=True)
+            if q == len(queries):
+                s_ek = out
+    per_q = rep["ekfac"][str(len(queries))]["s_per_query"]
+    rep["speedup_per_query_after_fit"] = round(rep["cg"]["s_per_query"] / per_q, 1)
+    rep["cosine_cg_vs_ekfac"] = [
+        round(float(tdot(a, b) / (tdot(a, a) * tdot(b, b)) ** 0.5), 3) for a, b in zip(s_cg, s_ek, strict=True)
+    ]
+    print(json.dumps({k: rep[k] for k in ("speedup_per_query_after_fit", "cosine_cg_vs_ekfac")}))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rep, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
