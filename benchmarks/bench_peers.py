@@ -613,13 +613,13 @@ class MethodRun:
     cpu_s: float | None = None  # process CPU time of the whole method (robust to other jobs on the machine)
 
 
-def run_repinf(s: Setting, name: str, solver: Any, args: argparse.Namespace) -> MethodRun:
+def run_repinf(s: Setting, name: str, solver: Any, args: argparse.Namespace, hvp_mode: str = "prepared") -> MethodRun:
     from repinf_lens import InfluenceAttributor
 
     with _mem() as mem:
         att = InfluenceAttributor(
             s.split, s.task, hessian=solver, batch_size=args.batch_size, use_cache=False,
-            store_token_scores=False, progress=False,
+            store_token_scores=False, progress=False, hvp_mode=hvp_mode,
         )  # fmt: skip
         t = time.perf_counter()
         if solver.needs_hessian:
@@ -633,7 +633,7 @@ def run_repinf(s: Setting, name: str, solver: Any, args: argparse.Namespace) -> 
     return MethodRun(
         name, "repinf_lens", scores, 1.0, "+ g_test^T (H + lambda)^-1 g_train (positive = proponent)", fit,
         res.meta["seconds_s_test"], res.meta["seconds_influence"], mem.peak_mb,
-        {**settings, "solve_iterations": its},
+        {**settings, "solve_iterations": its, "hvp_mode": hvp_mode},
         "scoring also computes the per-dimension (latent) scores of the activation at the hook",
     )  # fmt: skip
 
@@ -660,6 +660,24 @@ def repinf_methods(s: Setting, args: argparse.Namespace, workdir: Path) -> dict[
             CG(damping=d, max_iter=cg_fixed, tol=0.0, batch_size=bs),
             args,
         ),
+        f"repinf cg{args.dattri_cg_iters} (fixed, recomputed HVPs)": lambda: run_repinf(
+            s,
+            f"repinf cg{args.dattri_cg_iters} (fixed, recomputed HVPs)",
+            CG(damping=d, max_iter=cg_fixed, tol=0.0, batch_size=bs),
+            args,
+            hvp_mode="recompute",
+        ),
+        **{
+            f"repinf pcg{it} ekfac (emp)": (
+                lambda it=it: run_repinf(
+                    s,
+                    f"repinf pcg{it} ekfac (emp)",
+                    CG(damping=d, max_iter=it, tol=0.0, batch_size=bs, preconditioner=factored(EKFAC, "empirical")),
+                    args,
+                )
+            )
+            for it in (5, 10, 20)
+        },
         "repinf kfac (true)": lambda: run_repinf(s, "repinf kfac (true)", factored(KFAC, "true"), args),
         "repinf ekfac (true)": lambda: run_repinf(s, "repinf ekfac (true)", factored(EKFAC, "true"), args),
         "repinf kfac (emp)": lambda: run_repinf(s, "repinf kfac (emp)", factored(KFAC, "empirical"), args),
