@@ -68,8 +68,9 @@ def test_attributor_s_test_is_the_same_with_prepared_and_recomputed_hvps(setup, 
     rows = toy_mcqa_rows(9, seed=5)
     out = {}
     for mode in ("prepared", "recompute"):
-        att = InfluenceAttributor(split, hessian=CG(damping=0.1, max_iter=6, tol=0.0, gauss_newton=gauss_newton),
-                                  use_cache=False, progress=False, hvp_mode=mode).fit(rows[:6], batch_size=4)  # fmt: skip
+        cg = CG(damping=0.1, max_iter=6, tol=0.0, gauss_newton=gauss_newton)
+        att = InfluenceAttributor(split, hessian=cg, use_cache=False, progress=False, hvp_mode=mode)
+        att.fit(rows[:6], batch_size=4)
         out[mode] = att.s_test(rows[6:])
         out[mode + "_hvps"] = [i.n_hvp for i in att.solve_infos]
     assert out["prepared_hvps"] == out["recompute_hvps"] and max(out["prepared_hvps"]) >= 3

@@ -70,6 +70,42 @@ def dataset_hvp(
     return _weighted_sum([(len(inp), {k: t.detach() for k, t in fn(split, params, inp, v).items()}) for inp in inputs])
 
 
+def _prepared_hvp(split: SplitModel, params: Params, inp: SplitInputs) -> Callable[[Params], Params]:
+    """``v -> H v`` of one batch: the pullback of ``theta2 -> grad loss`` at ``params``, taken once."""
+
+    def loss_grad_of(p: Params) -> Params:
+        return grad(lambda q: split.inputs_loss(q, inp))(p)
+
+    pullback = vjp(loss_grad_of, params)[1]
+
+    def step(v: Params) -> Params:
+        return pullback(v)[0]
+
+    return step
+
+
+def _prepared_gnhvp(split: SplitModel, params: Params, inp: SplitInputs) -> Callable[[Params], Params]:
+    """``v -> J^T H_z J v`` of one batch: the logits' linearisation and pullback at ``params``, taken once."""
+    batch = inp.batch
+
+    def logits_fn(p: Params) -> Tensor:
+        return split.logits(inp.latents, batch, p, inp.error, inp.base, inp.anchor)
+
+    def loss_of_logits(y: Tensor) -> Tensor:
+        return split.task.loss(y, batch)
+
+    z, jvp_fn = linearize(logits_fn, params)
+    z = z.detach()
+    pullback = vjp(logits_fn, params)[1]
+    grad_z = grad(loss_of_logits)
+
+    def step(v: Params) -> Params:
+        hz = jvp(grad_z, (z,), (jvp_fn(v),))[1]
+        return pullback(hz)[0]
+
+    return step
+
+
 def prepared_dataset_hvp(
     split: SplitModel, params: Params, inputs: Sequence[SplitInputs], *, gauss_newton: bool = False
 ) -> Callable[[Params], Params]:
@@ -85,29 +121,8 @@ def prepared_dataset_hvp(
     """
     sizes = [len(inp) for inp in inputs]
     total = sum(sizes)
-    steps: list[Callable[[Params], Params]] = []
-    for inp in inputs:
-        if gauss_newton:
-            batch = inp.batch
-
-            def logits_fn(p: Params, inp: SplitInputs = inp) -> Tensor:
-                return split.logits(inp.latents, inp.batch, p, inp.error, inp.base, inp.anchor)
-
-            z, jvp_fn = linearize(logits_fn, params)
-            z = z.detach()
-            pullback = vjp(logits_fn, params)[1]
-            loss_of_logits = grad(lambda y, batch=batch: split.task.loss(y, batch))
-
-            def step(v: Params, z: Tensor = z, jvp_fn=jvp_fn, pullback=pullback, gz=loss_of_logits) -> Params:
-                hz = jvp(gz, (z,), (jvp_fn(v),))[1]
-                return pullback(hz)[0]
-        else:
-            pullback = vjp(grad(lambda q, inp=inp: split.inputs_loss(q, inp)), params)[1]
-
-            def step(v: Params, pullback=pullback) -> Params:
-                return pullback(v)[0]
-
-        steps.append(step)
+    make = _prepared_gnhvp if gauss_newton else _prepared_hvp
+    steps = [make(split, params, inp) for inp in inputs]
 
     def prepared(v: Params) -> Params:
         out: Params = {}
