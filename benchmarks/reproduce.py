@@ -220,6 +220,15 @@ ENTRIES: tuple[Entry, ...] = (
         ),
     ),
     Entry(
+        "bench-curvature-cost",
+        "Engine performance",
+        8,
+        (
+            "python benchmarks/bench_curvature_cost.py --hook blocks.22.hook_resid_post --queries 4 --threads 1 "
+            "--out benchmarks/results/curvature_cost_L22.json",
+        ),
+    ),
+    Entry(
         "bench-hvp",
         "Engine performance",
         4,
