@@ -57,10 +57,10 @@ def test_run_faithfulness_per_question_candidates_and_resume(tmp_path, monkeypat
         assert res.query_ids == [queries[i]["id"]]
         assert res.train_ids == [train[j]["id"] for j in pf.indices[i].tolist()]
     per_query = pd.read_csv(tmp_path / "ablation_per_query.csv")
-    assert len(per_query) == 4 * 2 * 2 * 2 * 4  # rankings x ks x modes x error term x questions
+    assert len(per_query) == 5 * 2 * 2 * 2 * 4  # rankings (DEFAULT_RANKINGS) x ks x modes x error term x questions
     assert sorted(per_query["query"].unique()) == [0, 1, 2, 3]
     comp = pd.read_csv(tmp_path / "comparison.csv")
-    assert set(comp["baseline"]) == {"activation", "frequency", "random"}
+    assert set(comp["baseline"]) == {"influence", "activation", "frequency", "random"}  # vs influence_eq16
     assert set(comp["verdict"]) <= {"better", "worse", "tie"} and (tmp_path / "ablation.png").exists()
     assert json.loads((tmp_path / "faithfulness.json").read_text())["n_queries"] == 4
     # resume: only the question whose table is missing is ablated again

@@ -127,7 +127,7 @@ def test_02_paper_pipeline(tmp_path, monkeypatch):
     assert 5 <= s["n_candidates"] == pf["union"] <= 10  # union of each query's top 5
     assert s["n_queries"] == 2
     assert s["gauss_newton"] is True and max(s["cg_residuals"]) < 1e-2  # run_attribution used the notebook's solver
-    assert s["ablation_rows"] == 4 * 2 * 2 * 2 * 2  # rankings x ks x modes x error term x queries
+    assert s["ablation_rows"] == 5 * 2 * 2 * 2 * 2  # rankings (DEFAULT_RANKINGS) x ks x modes x error term x queries
     assert set(s["ortho_gram_abs"]) == {"token_embeddings", "pre_sae_activations", "sae_latents"}
     result = InfluenceResult.load(work / "attribution" / "result")
     assert result.n_train == s["n_candidates"] and result.n_queries == 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from torch import Tensor
-from torch.func import grad, jvp, linearize, vjp
+from torch.func import grad, jvp, vjp
 
 from repinf_lens.split import Params, SplitInputs, SplitModel
 
@@ -85,7 +85,9 @@ def _prepared_hvp(split: SplitModel, params: Params, inp: SplitInputs) -> Callab
 
 
 def _prepared_gnhvp(split: SplitModel, params: Params, inp: SplitInputs) -> Callable[[Params], Params]:
-    """``v -> J^T H_z J v`` of one batch: the logits' linearisation and pullback at ``params``, taken once."""
+    """``v -> J^T H_z J v`` of one batch: the logits' pullback ``J^T`` at ``params`` taken once; ``J v`` stays a
+    forward-mode pass per call (``torch.func.linearize`` traces the model and breaks on in-place ops of
+    TransformerLens' real checkpoints)."""
     batch = inp.batch
 
     def logits_fn(p: Params) -> Tensor:
@@ -94,13 +96,13 @@ def _prepared_gnhvp(split: SplitModel, params: Params, inp: SplitInputs) -> Call
     def loss_of_logits(y: Tensor) -> Tensor:
         return split.task.loss(y, batch)
 
-    z, jvp_fn = linearize(logits_fn, params)
+    z, pullback = vjp(logits_fn, params)
     z = z.detach()
-    pullback = vjp(logits_fn, params)[1]
     grad_z = grad(loss_of_logits)
 
     def step(v: Params) -> Params:
-        hz = jvp(grad_z, (z,), (jvp_fn(v),))[1]
+        jv = jvp(logits_fn, (params,), (v,))[1]
+        hz = jvp(grad_z, (z,), (jv,))[1]
         return pullback(hz)[0]
 
     return step
@@ -114,8 +116,8 @@ def prepared_dataset_hvp(
     Hessian: per batch, ``vjp`` of ``theta2 -> grad loss`` at ``params`` is taken once and its pullback kept
     (reverse-over-reverse: ``H v = pullback(v)``, H being symmetric), so each later product is one backward
     pass through the saved gradient graph instead of a fresh forward, backward and forward-mode pass.
-    Gauss-Newton: the logits' ``linearize`` (``J v``) and ``vjp`` (``J^T u``) are kept, and ``H_z`` of the
-    task loss at the saved logits is applied in between. The returned function works under ``torch.func.vmap``
+    Gauss-Newton: the logits' ``vjp`` (``J^T u``) is kept; ``J v`` is a forward-mode pass per call and ``H_z`` of
+    the task loss at the saved logits is applied in between. The returned function works under ``torch.func.vmap``
     (batched CG). Memory: the saved graphs of every Hessian batch stay alive as long as the function does
     (measured in ``benchmarks/bench_hvp.py``). Values equal :func:`dataset_hvp` up to float rounding.
     """
