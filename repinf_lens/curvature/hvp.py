@@ -96,8 +96,8 @@ def _prepared_gnhvp(split: SplitModel, params: Params, inp: SplitInputs) -> Call
     def loss_of_logits(y: Tensor) -> Tensor:
         return split.task.loss(y, batch)
 
-    z, pullback = vjp(logits_fn, params)
-    z = z.detach()
+    primal = vjp(logits_fn, params)  # (torch types vjp as a 2- or 3-tuple: has_aux)
+    z, pullback = primal[0].detach(), primal[1]
     grad_z = grad(loss_of_logits)
 
     def step(v: Params) -> Params:
