@@ -20,8 +20,36 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+
+
+def lds_setting(args: argparse.Namespace) -> tuple[Any, list[dict], list[dict], str]:
+    """The harness's setting: ``(split, train rows, query rows, theta2 pattern)`` from ``--tiny``/``--model``,
+    ``--n-train``, ``--queries``, ``--hook``, ``--downstream`` and ``--template`` (a random TopK SAE d 256 / k 16
+    at the hook: example scores do not depend on it with the error term held). Also used by
+    ``sign_by_retraining.py``."""
+    from repinf_lens import MultipleChoiceTask, SplitModel, load_mcqa, load_model
+    from repinf_lens.testing import random_sae
+
+    need = args.n_train + args.queries
+    if args.tiny:
+        from repinf_lens.testing import tiny_model, toy_mcqa_rows
+
+        model = tiny_model(n_layers=2, d_model=32, n_heads=4, d_mlp=64, seed=0)
+        rows = toy_mcqa_rows(need, seed=0)
+    else:
+        model = load_model(args.model, n_ctx=512)
+        data = load_mcqa("openbookqa", "train", offline=True)
+        rows = [dict(data[i]) for i in range(need)]
+    n_layers = int(model.cfg.n_layers)
+    hook = args.hook or f"blocks.{n_layers - 2}.hook_resid_post"
+    downstream = args.downstream or rf"^blocks\.{n_layers - 1}\.mlp\.W_out$"
+    task = MultipleChoiceTask.from_model(model, template=args.template)
+    split = SplitModel(model, hook, random_sae(model, hook, d_sae=256, k=16, seed=0), task=task,
+                       downstream=downstream)  # fmt: skip
+    return split, rows[: args.n_train], rows[args.n_train :], downstream
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -46,34 +74,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out is None:
         args.out = Path(__file__).resolve().parent / "results" / ("lds_tiny.json" if args.tiny else "lds.json")
 
-    from repinf_lens import MultipleChoiceTask, SplitModel, load_mcqa, load_model
     from repinf_lens.analysis.lds import default_solvers, leave_one_out, linear_datamodeling_score
-    from repinf_lens.testing import random_sae
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    need = args.n_train + args.queries
-    if args.tiny:
-        from repinf_lens.testing import tiny_model, toy_mcqa_rows
-
-        model = tiny_model(n_layers=2, d_model=32, n_heads=4, d_mlp=64, seed=0)
-        rows = toy_mcqa_rows(need, seed=0)
-    else:
-        model = load_model(args.model, n_ctx=512)
-        data = load_mcqa("openbookqa", "train", offline=True)
-        rows = [dict(data[i]) for i in range(need)]
-    n_layers = int(model.cfg.n_layers)
-    hook = args.hook or f"blocks.{n_layers - 2}.hook_resid_post"
-    downstream = args.downstream or rf"^blocks\.{n_layers - 1}\.mlp\.W_out$"
-    task = MultipleChoiceTask.from_model(model, template=args.template)
-    split = SplitModel(model, hook, random_sae(model, hook, d_sae=256, k=16, seed=0), task=task,
-                       downstream=downstream)  # fmt: skip
-    train, queries = rows[: args.n_train], rows[args.n_train :]
+    split, train, queries, _ = lds_setting(args)
     solvers = {k: v for k, v in default_solvers(args.damping).items() if k in args.solvers}
     n_theta2 = sum(v.numel() for v in split.downstream_params().values())
     res: dict = {
         "model": "tiny" if args.tiny else (args.model or "default"),
-        "hook": hook,
+        "hook": split.hook_name,
         "theta2": sorted(split.downstream_params()),
         "n_theta2": n_theta2,
         "n_train": len(train),

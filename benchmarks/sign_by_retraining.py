@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_lds import lds_setting  # the LDS harness's setting (benchmarks/ is the script's own folder)
 from torch import Tensor
 
 GROUPS = ("proponents", "opponents", "random")
@@ -179,32 +180,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     from tqdm.auto import tqdm
 
-    from repinf_lens import MultipleChoiceTask, SplitModel, load_mcqa, load_model
     from repinf_lens._stats import spearman
     from repinf_lens.analysis.lds import default_solvers, refit_downstream
     from repinf_lens.influence.attributor import InfluenceAttributor
-    from repinf_lens.testing import random_sae
 
     # --- the setting of benchmarks/bench_lds.py ---
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    need = args.n_train + args.queries
-    if args.tiny:
-        from repinf_lens.testing import tiny_model, toy_mcqa_rows
-
-        model = tiny_model(n_layers=2, d_model=32, n_heads=4, d_mlp=64, seed=0)
-        rows = toy_mcqa_rows(need, seed=0)
-    else:
-        model = load_model(args.model, n_ctx=512)
-        data = load_mcqa("openbookqa", "train", offline=True)
-        rows = [dict(data[i]) for i in range(need)]
-    n_layers = int(model.cfg.n_layers)
-    hook = args.hook or f"blocks.{n_layers - 2}.hook_resid_post"
-    downstream = args.downstream or rf"^blocks\.{n_layers - 1}\.mlp\.W_out$"
-    task = MultipleChoiceTask.from_model(model, template=args.template)
-    split = SplitModel(model, hook, random_sae(model, hook, d_sae=256, k=16, seed=0), task=task,
-                       downstream=downstream)  # fmt: skip
-    train, queries = rows[: args.n_train], rows[args.n_train :]
+    split, train, queries, downstream = lds_setting(args)
+    task, hook = split.task, split.hook_name
     n, n_q, m = len(train), len(queries), args.m
     solver = default_solvers(args.damping, (args.solver,))[args.solver]
     load_s = time.perf_counter() - t0
