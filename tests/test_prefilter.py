@@ -130,11 +130,11 @@ def test_store_resume_after_crash_computes_only_missing_shards(split, tmp_path, 
     calls: list[str] = []
     real = pf._sketch_shard
 
-    def crashing(sketcher, rows, batch_size, bar, check=None):
+    def crashing(sketcher, rows, batch_size, bar, check=None, max_tokens=None):
         calls.append(rows[0]["id"])
         if len(calls) == 2:
             raise RuntimeError("simulated crash")
-        return real(sketcher, rows, batch_size, bar, check)
+        return real(sketcher, rows, batch_size, bar, check, max_tokens)
 
     monkeypatch.setattr(pf, "_sketch_shard", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -188,11 +188,11 @@ def test_check_queries_store_exact_cosines_and_report(split, exact_grads, tmp_pa
     # a crash after the first shard: the rerun recomputes the queries' gradients and only the missing shards
     real, calls, crash = pf._sketch_shard, [], [True]
 
-    def crashing(sketcher, rows, batch_size, bar, check=None):
+    def crashing(sketcher, rows, batch_size, bar, check=None, max_tokens=None):
         calls.append(rows[0]["id"])
         if len(calls) == 2 and crash.pop():
             raise RuntimeError("simulated crash")
-        return real(sketcher, rows, batch_size, bar, check)
+        return real(sketcher, rows, batch_size, bar, check, max_tokens)
 
     import unittest.mock as um
 

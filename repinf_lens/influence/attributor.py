@@ -48,6 +48,7 @@ from repinf_lens.errors import NonFiniteError, check_finite, check_int
 from repinf_lens.influence.math import LatentInfluence, check_latent_method, latent_influence_multi, stack_queries
 from repinf_lens.influence.result import InfluenceResult
 from repinf_lens.split import Params, SplitInputs, SplitModel
+from repinf_lens.task.base import token_batches
 
 __all__ = ["InfluenceAttributor", "as_rows"]
 
@@ -105,6 +106,8 @@ class InfluenceAttributor:
             ``use_cache=False`` disables the cache.
         store_token_scores: keep sparse token-level latent scores in the result (needed for heatmaps).
         swap_chunk_size: run the derivative swap this many examples at a time (lower peak memory, same scores).
+        max_batch_tokens: also cap each training batch at this many padded tokens (rows x the longest row;
+            :func:`~repinf_lens.task.token_batches`), for long prompts (MedQA). Memory only, like ``batch_size``.
         query_chunk_size: queries that share one pass: one swap per training batch (their tangents under
             ``vmap``) and one batched HVP per CG iteration (default 8; ``None`` = all queries at once). Larger is
             faster, but the tangent part of the swap and of the HVPs, and the CG state (about 7 theta2-sized
@@ -178,12 +181,15 @@ class InfluenceAttributor:
         ig_rule: str = "graded",
         baseline: bool = False,
         hvp_mode: str = "prepared",
+        max_batch_tokens: int | None = None,
     ) -> None:
         if hvp_mode not in ("prepared", "recompute"):
             raise ValueError(f"InfluenceAttributor hvp_mode must be 'prepared' or 'recompute', got {hvp_mode!r}.")
         self.hvp_mode = hvp_mode
         check_int("InfluenceAttributor batch_size", batch_size, minimum=1, why="training examples per batch")
         check_int("InfluenceAttributor swap_chunk_size", swap_chunk_size, minimum=1, allow_none=True)
+        check_int("InfluenceAttributor max_batch_tokens", max_batch_tokens, minimum=1, allow_none=True)
+        self.max_batch_tokens = max_batch_tokens
         check_int("InfluenceAttributor query_chunk_size", query_chunk_size, minimum=1, allow_none=True,
                   fix="pass query_chunk_size >= 1, or None for all queries at once.")  # fmt: skip
         self.latent_method, self.ig_steps, self.ig_rule = check_latent_method(
@@ -682,8 +688,8 @@ class InfluenceAttributor:
         ig = self.latent_method == "ig"
         chunk = (self.swap_chunk_size or bs) if ig else self.swap_chunk_size
         unconverged: list[float] = []  # IG: relative identity errors above _IG_WARN_REL
-        for lo in range(start, stop, bs):
-            hi = min(stop, lo + bs)
+        for lo, hi in token_batches(self.task, t_rows[start:stop], bs, self.max_batch_tokens):
+            lo, hi = start + lo, start + hi
             batch = self.task.collate(t_rows[lo:hi])
             inp = self.split.prepare(batch)
             lengths = batch.attention_mask.sum(1)

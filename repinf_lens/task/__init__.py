@@ -29,6 +29,7 @@ from repinf_lens.task.base import (
     require,
     supports,
     task_config,
+    token_batches,
 )
 from repinf_lens.task.completion import CompletionBatch, CompletionTask, mcqa_to_completion
 from repinf_lens.task.evaluate import evaluate, predict
@@ -62,4 +63,5 @@ __all__ = [
     "require",
     "supports",
     "task_config",
+    "token_batches",
 ]

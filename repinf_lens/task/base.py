@@ -59,6 +59,7 @@ __all__ = [
     "require",
     "supports",
     "task_config",
+    "token_batches",
 ]
 
 
@@ -126,6 +127,40 @@ def gather_positions(x: Tensor, pos: Tensor) -> Tensor:
     idx = pos.to(x.device)
     rows = torch.arange(x.shape[0], device=x.device)
     return x[rows, idx] if idx.ndim == 1 else x[rows[:, None], idx]
+
+
+def token_batches(
+    task: Any, rows: Sequence[Mapping[str, Any]], batch_size: int, max_tokens: int | None = None
+) -> list[tuple[int, int]]:
+    """Consecutive ``(lo, hi)`` ranges over ``rows`` for batched passes: at most ``batch_size`` rows each and,
+    with ``max_tokens``, at most ``max_tokens`` PADDED tokens (rows x the longest row's length; a row longer than
+    ``max_tokens`` gets a batch of its own). The order of the rows is kept, so results are written back by slice.
+
+    Memory of a batched gradient grows with rows x length (x length again in attention), so a fixed
+    ``batch_size`` that fits short prompts can exhaust memory on a batch of long ones (MedQA's prompts run from
+    84 to 968 tokens); a token budget keeps the peak near that of ``batch_size`` prompts of length
+    ``max_tokens / batch_size``. Batching never changes a score beyond float rounding.
+
+    Lengths come from the task's ``encode`` capability when it has one, else from a one-row :meth:`Task.collate`.
+    """
+    n = len(rows)
+    if max_tokens is None:
+        return [(lo, min(n, lo + batch_size)) for lo in range(0, n, batch_size)]
+    if supports(task, "encode"):
+        lengths = [len(task.encode(r)) for r in rows]
+    else:
+        lengths = [int(task.collate([r]).tokens.shape[-1]) for r in rows]
+    out: list[tuple[int, int]] = []
+    lo, longest = 0, 0
+    for i, length in enumerate(lengths):
+        width = max(longest, length)
+        if i > lo and (i - lo >= batch_size or (i - lo + 1) * width > max_tokens):
+            out.append((lo, i))
+            lo, width = i, length
+        longest = width
+    if n:
+        out.append((lo, n))
+    return out
 
 
 @runtime_checkable

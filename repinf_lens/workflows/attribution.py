@@ -35,6 +35,7 @@ def build_attributor(
         split.task,
         hessian=solver_from_config(cfg),
         batch_size=cfg.batch_size,
+        max_batch_tokens=cfg.max_batch_tokens,
         query_chunk_size=cfg.query_chunk_size,
         progress=progress,
         latent_method=cfg.latent_method,
@@ -80,7 +81,8 @@ def prefilter_candidates(
         store.check_rows(rows)
     else:
         store = build_sketches(split, split.task, rows, out_dir=sketch_dir, dim=config.sketch_dim,
-                               batch_size=config.batch_size, progress=progress)  # fmt: skip
+                               batch_size=config.batch_size, max_batch_tokens=config.max_batch_tokens,
+                               progress=progress)  # fmt: skip
     t1 = time.perf_counter()
     pf = prefilter(queries, store, split=split, top_fraction=config.prefilter_fraction, top_k=config.prefilter_top_k,
                    batch_size=config.batch_size)  # fmt: skip

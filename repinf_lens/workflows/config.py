@@ -89,6 +89,11 @@ class AttributionConfig:
         None, "prebuilt sketch store: a folder or a shipped index (smollm2-135m-openbookqa-L22)"
     )
     batch_size: int = _knob(8, "examples per forward / backward pass", minimum=1)
+    max_batch_tokens: int | None = _knob(
+        None,
+        "also cap each batch at this many padded tokens (rows x longest): bounds memory on long prompts",
+        minimum=1,
+    )
     shard_size: int = _knob(256, "training examples per result shard (the unit of resuming)", minimum=1)
     query_chunk_size: int | None = _knob(8, "queries solved / scored together (memory grows)", minimum=1)
 
@@ -127,6 +132,8 @@ class AttributionConfig:
         check_latent_method(self.latent_method, self.ig_steps, self.ig_rule, where="AttributionConfig", prefix="ig_")
         check_int("AttributionConfig sketch_dim", self.sketch_dim, minimum=1)
         check_int("AttributionConfig batch_size", self.batch_size, minimum=1)
+        check_int("AttributionConfig max_batch_tokens", self.max_batch_tokens, minimum=1, allow_none=True,
+                  fix="pass max_batch_tokens >= 1 (e.g. 2048), or None for batch_size rows of any length.")  # fmt: skip
         check_int("AttributionConfig shard_size", self.shard_size, minimum=1)
         check_int("AttributionConfig query_chunk_size", self.query_chunk_size, minimum=1, allow_none=True,
                   fix="pass query_chunk_size >= 1, or None for all queries at once.")  # fmt: skip

@@ -34,6 +34,7 @@ from repinf_lens._shards import (
 from repinf_lens.errors import check_choice, check_int
 from repinf_lens.influence.prefilter.metrics import sketch_overlap
 from repinf_lens.influence.prefilter.sketch import GradientSketcher, Projection, compact_grads, grad_dots, grad_norms
+from repinf_lens.task.base import token_batches
 
 __all__ = [
     "ManifestMismatchError",
@@ -240,12 +241,14 @@ def _sketch_shard(
     batch_size: int,
     bar: Any,
     check: Mapping[str, Tensor] | None = None,
+    max_tokens: int | None = None,
 ) -> dict[str, Tensor]:
-    """Sketches and gradient norms of one shard's rows, batch by batch (memory: one batch of gradients), plus
-    the exact inner products with the check queries' gradients when ``check`` is given."""
+    """Sketches and gradient norms of one shard's rows, batch by batch (memory: one batch of gradients, at most
+    ``max_tokens`` padded tokens when given), plus the exact inner products with the check queries' gradients
+    when ``check`` is given."""
     sks, norms, dots = [], [], []
-    for lo in range(0, len(rows), batch_size):
-        batch = rows[lo : lo + batch_size]
+    for lo, hi in token_batches(sketcher.task, rows, batch_size, max_tokens):
+        batch = rows[lo:hi]
         grads: Any = sketcher.per_example_grads(sketcher.split.prepare(sketcher.task.collate(batch)))
         if not sketcher.exact:
             grads = compact_grads(grads)
@@ -262,14 +265,12 @@ def _sketch_shard(
 
 
 def _check_gradients(
-    sketcher: GradientSketcher, rows: Sequence[Mapping[str, Any]], batch_size: int
+    sketcher: GradientSketcher, rows: Sequence[Mapping[str, Any]], batch_size: int, max_tokens: int | None = None
 ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """Full theta2 gradients ``{name: [Q, *shape]}``, sketches ``[Q, dim]`` and norms ``[Q]`` of the check queries."""
     parts: list[dict[str, Tensor]] = []
-    for lo in range(0, len(rows), batch_size):
-        parts.append(
-            sketcher.per_example_grads(sketcher.split.prepare(sketcher.task.collate(rows[lo : lo + batch_size])))
-        )
+    for lo, hi in token_batches(sketcher.task, rows, batch_size, max_tokens):
+        parts.append(sketcher.per_example_grads(sketcher.split.prepare(sketcher.task.collate(rows[lo:hi]))))
     grads = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     del parts
     sketches, norms = sketcher.project(grads).cpu(), grad_norms(grads).cpu()
@@ -294,6 +295,7 @@ def build_sketches(
     progress: bool = True,
     check_queries: Any | None = None,
     storage_dtype: Literal["float32", "float16"] = "float32",
+    max_batch_tokens: int | None = None,
 ) -> SketchStore:
     """Sketch the per-example theta2 gradients of a whole training set ONCE and store them on disk.
 
@@ -322,6 +324,9 @@ def build_sketches(
         storage_dtype: ``"float16"`` halves the store on disk (e.g. an index shipped with a package); the
             rounding (relative 5e-4 per coordinate) is far below the projection's own error at any practical
             ``dim``. Matching always runs in float32.
+        max_batch_tokens: also cap each gradient batch at this many padded tokens (rows x the longest row;
+            :func:`~repinf_lens.task.token_batches`): bounds the peak memory on long prompts (MedQA) without
+            slowing short ones. Memory only: not part of the store's fingerprint.
 
     Returns:
         The :class:`SketchStore`. Cosines between its sketches are POSITIVE for first-order proponents.
@@ -332,6 +337,7 @@ def build_sketches(
     """
     check_int("build_sketches batch_size", batch_size, minimum=1)
     check_int("build_sketches shard_size", shard_size, minimum=1)
+    check_int("build_sketches max_batch_tokens", max_batch_tokens, minimum=1, allow_none=True)
     check_choice("build_sketches storage_dtype", storage_dtype, ("float32", "float16"))
     rows = as_rows(train, "training set")
     sketcher = GradientSketcher(
@@ -393,12 +399,12 @@ def build_sketches(
         check_file = out / "check.safetensors"
         need = bool(todo) or not shard_is_done(check_file, fingerprint=fp, start=0, stop=len(check_rows))
         if need:  # the queries' full gradients (recomputed on resume: cheap next to the training pass)
-            check, q_sk, q_nrm = _check_gradients(sketcher, check_rows, batch_size)
+            check, q_sk, q_nrm = _check_gradients(sketcher, check_rows, batch_size, max_batch_tokens)
             write_shard(check_file, {"query_sketches": q_sk, "query_norms": q_nrm}, fingerprint=fp, start=0,
                         stop=len(check_rows))  # fmt: skip
     with tqdm(total=sum(s["stop"] - s["start"] for s in todo), desc="sketches", disable=not progress) as bar:
         for s in todo:
-            tensors = _sketch_shard(sketcher, rows[s["start"] : s["stop"]], batch_size, bar, check)
+            tensors = _sketch_shard(sketcher, rows[s["start"] : s["stop"]], batch_size, bar, check, max_batch_tokens)
             tensors["sketches"] = tensors["sketches"].to(getattr(torch, storage_dtype))
             manifest["checksums"][s["file"]] = write_shard(
                 out / s["file"], tensors, fingerprint=fp, start=s["start"], stop=s["stop"]
