@@ -52,6 +52,29 @@ def lds_setting(args: argparse.Namespace) -> tuple[Any, list[dict], list[dict], 
     return split, rows[: args.n_train], rows[args.n_train :], downstream
 
 
+def build_solvers(names: list[str], damping: float) -> dict[str, Any]:
+    """The solvers to compare: registered names (``cg``, ``lissa``, ``identity``, ``kfac``, ``ekfac``: their
+    near-exact settings, K-FAC / EK-FAC with the true Fisher), ``kfac-emp`` / ``ekfac-emp`` (empirical Fisher)
+    and ``pcg<N>`` (CG with ``N`` iterations, no tolerance stop, preconditioned by empirical-Fisher EK-FAC)."""
+    import re
+
+    from repinf_lens.analysis.lds import default_solvers
+    from repinf_lens.curvature import CG, EKFAC, KFAC
+
+    out: dict[str, Any] = {}
+    for name in names:
+        pcg = re.fullmatch(r"pcg(\d+)", name)
+        if pcg:
+            out[name] = CG(damping=damping, max_iter=int(pcg.group(1)), tol=0.0,
+                           preconditioner=EKFAC(damping=damping, fisher="empirical", progress=False))  # fmt: skip
+        elif name in ("kfac-emp", "ekfac-emp"):
+            cls = KFAC if name == "kfac-emp" else EKFAC
+            out[name] = cls(damping=damping, fisher="empirical", progress=False)
+        else:
+            out.update(default_solvers(damping, (name,)))
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny random model and toy data (smoke test)")
@@ -65,7 +88,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--fraction", type=float, default=0.5)
     p.add_argument("--loo", type=int, default=0, help="leave-one-out retrains (0: skip)")
     p.add_argument("--damping", type=float, default=1e-2)
-    p.add_argument("--solvers", nargs="+", default=["cg", "identity", "lissa"])
+    p.add_argument(
+        "--solvers",
+        nargs="+",
+        default=["cg", "identity", "lissa"],
+        help="registered names, kfac-emp / ekfac-emp (empirical Fisher), pcg<N> (EK-FAC-preconditioned CG)",
+    )
     p.add_argument("--max-iter", type=int, default=200, help="L-BFGS iterations per retrain")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--out", type=Path, default=None)
@@ -74,12 +102,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out is None:
         args.out = Path(__file__).resolve().parent / "results" / ("lds_tiny.json" if args.tiny else "lds.json")
 
-    from repinf_lens.analysis.lds import default_solvers, leave_one_out, linear_datamodeling_score
+    from repinf_lens.analysis.lds import leave_one_out, linear_datamodeling_score
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
     split, train, queries, _ = lds_setting(args)
-    solvers = {k: v for k, v in default_solvers(args.damping).items() if k in args.solvers}
+    solvers = build_solvers(args.solvers, args.damping)
     n_theta2 = sum(v.numel() for v in split.downstream_params().values())
     res: dict = {
         "model": "tiny" if args.tiny else (args.model or "default"),

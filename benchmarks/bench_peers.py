@@ -328,7 +328,12 @@ class CachedTail:
         opt = inp.batch.option_ids
         remap = torch.tensor([[self._index.get(int(o), -1) if o >= 0 else -1 for o in r] for r in opt.tolist()])
         batch = dataclasses.replace(inp.batch, option_ids=remap.to(opt.dtype))
-        return TailInputs(seen[self.hooks[0]][rows, pos], seen[self.hooks[1]][rows, pos], batch)
+        seq = inp.batch.tokens.shape[1]
+
+        def at_answer(act: Tensor) -> Tensor:  # after the last resid_mid the split runs at the answer only
+            return act[rows, pos] if act.shape[1] == seq else act[:, 0]
+
+        return TailInputs(at_answer(seen[self.hooks[0]]), at_answer(seen[self.hooks[1]]), batch)
 
     def inputs_loss(self, params: dict[str, Tensor], inp: TailInputs, reduction: str = "mean") -> Tensor:
         resid = inp.resid_mid + inp.post @ params[self.s.theta_name] + self.b_out

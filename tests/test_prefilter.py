@@ -86,7 +86,7 @@ def test_exact_path_equals_per_example_autograd(model, tmp_path, hook, use_error
     assert (res.all_scores.double() - _cos(ref_q, ref_t)).abs().max() <= 1e-5
     # the per-example loop gives the same gradients as vmap
     loop = GradientSketcher(split, exact=True, method="loop").sketch(train, batch_size=4)
-    assert torch.allclose(loop, store.sketches, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(loop, store.sketches, rtol=1e-5, atol=1e-6)  # float32 rounding of two summation orders
 
 
 @pytest.mark.parametrize("projection", ["sjlt", "rademacher"])

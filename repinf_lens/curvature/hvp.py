@@ -37,7 +37,7 @@ def gnhvp(split: SplitModel, params: Params, inp: SplitInputs, v: Params) -> Par
     batch = inp.batch
 
     def logits_fn(p: Params) -> Tensor:
-        return split.logits(inp.latents, batch, p, inp.error, inp.base, inp.anchor)
+        return split.logits(inp.latents, batch, p, inp.error, inp.base, inp.anchor, loss_only=True)
 
     z, jv = jvp(logits_fn, (params,), (v,))[:2]  # (torch types jvp/vjp as 2- or 3-tuples: has_aux)
     z = z.detach()
@@ -91,7 +91,7 @@ def _prepared_gnhvp(split: SplitModel, params: Params, inp: SplitInputs) -> Call
     batch = inp.batch
 
     def logits_fn(p: Params) -> Tensor:
-        return split.logits(inp.latents, batch, p, inp.error, inp.base, inp.anchor)
+        return split.logits(inp.latents, batch, p, inp.error, inp.base, inp.anchor, loss_only=True)
 
     def loss_of_logits(y: Tensor) -> Tensor:
         return split.task.loss(y, batch)

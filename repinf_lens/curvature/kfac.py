@@ -887,6 +887,9 @@ class KFAC(InverseHessianSolver):
         check_int(f"{type(self).__name__}.fit_factors batch_size", batch_size, minimum=1, allow_none=True)
         if task is not None and task is not split.task:
             split = split.with_task(task)
+        # token-wise statistics: every position's activation enters the covariances (Kronfluence's convention),
+        # so the downstream function is not pruned to the loss positions here
+        split = split.with_prune(False)
         rows = list(rows)
         if not rows:
             raise ValueError("fit_factors got no Hessian rows. Fix: pass the examples whose mean loss defines H.")

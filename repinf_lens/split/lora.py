@@ -109,9 +109,11 @@ class LoraSplit(SplitModel):
             out[n] = base + lora_delta(n, self._shapes[n], a, b)
         return out
 
-    def _run_downstream(self, x: Tensor, base: Tensor, answer_pos: Tensor, params: Params | None) -> Tensor:
+    def _run_downstream(
+        self, x: Tensor, base: Tensor, answer_pos: Tensor, params: Params | None, loss_only: bool = False
+    ) -> Tensor:
         full = self.expand(params) if params else None
-        return super()._run_downstream(x, base, answer_pos, full)
+        return super()._run_downstream(x, base, answer_pos, full, loss_only)
 
     def fingerprint(self) -> dict[str, Any]:
         """The split's fingerprint plus the adapted matrices and a digest of every LoRA factor (all bytes)."""

@@ -119,6 +119,14 @@ class SplitModel:
             Hessian rows and s_test entries. It halves theta2 below late hooks of a 49k-token vocabulary (53M ->
             25M parameters at ``blocks.22`` of SmolLM2-135M), and with it the memory of s_test, CG and
             sketches. ``False`` keeps the full matrices.
+        prune: compute only what the loss reads, in :meth:`loss` and everything differentiated through it.
+            (1) After the last block's attention (``blocks.{n_layers-1}.hook_resid_mid``, :attr:`prune_hook`) no
+            layer mixes positions, so the last MLP, the final norm and the unembedding run at the loss positions
+            (``batch.answer_pos``) only; applies when the split hook fires before that point. (2) The
+            unembedding computes only the vocabulary columns the loss reads (:meth:`loss_columns`; the others
+            are NaN in the loss's logits, so a task that reads a column it did not declare gets a non-finite
+            loss, not a wrong one); :meth:`logits` still returns every column. Exact; it saves most of the last
+            block's MLP and the d_model x d_vocab unembedding with its transposes. ``False`` computes everything.
 
     Sign convention of scores computed on a split: POSITIVE = proponent (up-weighting the training example
     lowers the test loss).
@@ -134,8 +142,10 @@ class SplitModel:
         use_error_term: bool = True,
         task: Any | None = None,
         trim_unembed: bool = True,
+        prune: bool = True,
     ) -> None:
         self.model = model
+        self._prune = prune
         self.trim_unembed = trim_unembed
         self.sae = sae
         self.use_error_term = use_error_term
@@ -188,6 +198,11 @@ class SplitModel:
                 "Fix: check sae.cfg.metadata.hook_name / hook_name_out."
             )
         self.downstream_saes = self._check_attached_order(attached, order)
+        # after the last attention layer nothing mixes positions, so the downstream function computes the rest
+        # (the last MLP, final norm, unembedding) at the loss positions only: exact, and ~T times less of it
+        last_mid = f"blocks.{model.cfg.n_layers - 1}.hook_resid_mid"
+        before = last_mid in order and order.index(hook_out) < order.index(last_mid)
+        self._prunable_at = last_mid if before else None
         self._act_width = self._activation_width()
         if sae is not None:
             self._check_sae(sae)
@@ -285,6 +300,7 @@ class SplitModel:
                 "columns: the tokenizer does not belong to this model. Fix: build the task from model.tokenizer "
                 "(MultipleChoiceTask.from_model(model)) or load the tokenizer that matches the model."
             )
+        self._loss_cols = None if ids is None else _placement(ids, d_vocab, self.device)
 
     def _check_sae(self, sae: Any) -> None:
         sae_hook = sae_hooks(sae)[0]
@@ -377,6 +393,20 @@ class SplitModel:
         new.__dict__.update(self.__dict__)
         new._task = task
         new._check_task_vocab()
+        return new
+
+    @property
+    def prune_hook(self) -> str | None:
+        """The hook after which the downstream function runs at the loss positions only (``prune``):
+        the last block's ``hook_resid_mid``, or ``None`` when the split hook fires after it or pruning is off."""
+        return self._prunable_at if self._prune else None
+
+    def with_prune(self, prune: bool) -> SplitModel:
+        """A shallow copy of this split with ``prune`` set (e.g. ``False`` for token-wise curvature statistics,
+        which count every position's activation, as K-FAC / EK-FAC and Kronfluence do)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._prune = bool(prune)
         return new
 
     @property
@@ -543,7 +573,15 @@ class SplitModel:
                 x = x + error
         return x.to(self.model.cfg.dtype)
 
-    def _run_downstream(self, x: Tensor, base: Tensor, answer_pos: Tensor, params: Params | None) -> Tensor:
+    def loss_columns(self) -> Tensor | None:
+        """The vocabulary columns the task's loss reads (``task.loss_vocab()``, in its order; ``None``: all)."""
+        # built when the task is set (outside any torch.func transform: a tensor cached from inside one escapes it)
+        cached = self.__dict__.get("_loss_cols")
+        return None if cached is None else cached[1]
+
+    def _run_downstream(
+        self, x: Tensor, base: Tensor, answer_pos: Tensor, params: Params | None, loss_only: bool = False
+    ) -> Tensor:
         model = self.model
         n_layers = model.cfg.n_layers
         # SAELens computes an attached SAE's error term under no_grad, which forward-mode AD ignores: detach it, so
@@ -551,6 +589,16 @@ class SplitModel:
         hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = [
             (f"{a.hook_out}.hook_sae_error", _detach) for a in self.downstream_saes if a.use_error_term
         ]
+        pruned: list[bool] = []
+        prune_at = self.prune_hook
+        if prune_at is not None:
+
+            def prune(act: Tensor, hook: Any) -> Tensor:
+                pruned.append(True)
+                out = gather_positions(act, answer_pos)
+                return out[:, None, :] if out.ndim == 2 else out  # [B, 1 or P, d_model]
+
+            hooks.append((prune_at, prune))
 
         def body() -> Tensor:
             if self.mode == "resid":
@@ -566,14 +614,31 @@ class SplitModel:
         cols = self.unembed_columns() if params else None
         trimmed = {n: params[n] for n in _VOCAB_DIM if n in params} if params and cols is not None else {}
         rest = {k: v for k, v in params.items() if k not in trimmed} if params else {}
+        placement = self.__dict__.get("_loss_cols") if loss_only and self._prune else None
 
         def run() -> Tensor:
             # the positions the loss reads: answer_pos [B] -> [B, d_model], [B, P] -> [B, P, d_model]
-            resid = gather_positions(body(), answer_pos)
+            out = body()
+            if pruned:  # already at the loss positions: [B, 1, d_model] or [B, P, d_model]
+                resid = out[:, 0, :] if answer_pos.ndim == 1 else out
+            else:
+                resid = gather_positions(out, answer_pos)
             one = resid.ndim == 2
             # every step HookedTransformer.forward applies after the last block (repinf_lens.models.hooked.final_logits)
             h = final_norm(model, resid[:, None, :] if one else resid)
-            logits = logit_softcap(model, model.unembed(h))
+            h = h[:, 0, :] if one else h
+            if placement is not None:
+                read_ = placement[1].to(h.device)
+                # the loss reads these columns only: compute them alone (a d_model x n product instead of the
+                # d_model x d_vocab unembedding and its transposes); the others are NaN, so that a task reading
+                # a column it did not declare in loss_vocab() gets a non-finite loss, never a silent wrong one
+                w = trimmed["unembed.W_U"] if "unembed.W_U" in trimmed else model.unembed.W_U.index_select(1, read_)
+                b = trimmed["unembed.b_U"] if "unembed.b_U" in trimmed else model.unembed.b_U.index_select(0, read_)
+                kept = logit_softcap(model, h @ w + b)
+                # placed by a one-hot product (exact; index_copy into a fresh tensor trips functorch's levels)
+                place, unread = (t.to(device=kept.device, dtype=kept.dtype) for t in placement[2:])
+                return kept @ place + unread
+            logits = logit_softcap(model, model.unembed(h[:, None, :] if one else h))
             logits = logits[:, 0, :] if one else logits
             if not trimmed or cols is None:  # (cols is set whenever trimmed is non-empty)
                 return logits
@@ -581,7 +646,7 @@ class SplitModel:
             # the model's own values, constant in theta2)
             w = trimmed["unembed.W_U"] if "unembed.W_U" in trimmed else model.unembed.W_U.index_select(1, cols)
             b = trimmed["unembed.b_U"] if "unembed.b_U" in trimmed else model.unembed.b_U.index_select(0, cols)
-            kept = logit_softcap(model, (h[:, 0, :] if one else h) @ w + b)
+            kept = logit_softcap(model, h @ w + b)
             return logits.index_copy(logits.ndim - 1, cols, kept)
 
         return _call_with_params(model, rest, run) if rest else run()
@@ -594,6 +659,7 @@ class SplitModel:
         error: Tensor | None = None,
         base: Tensor | None = None,
         anchor: tuple[Tensor, Tensor, Tensor] | None = None,
+        loss_only: bool = False,
     ) -> Tensor:
         """Logits at the loss positions ``batch.answer_pos`` of the downstream computation from latents ``r``.
 
@@ -601,12 +667,13 @@ class SplitModel:
 
         ``params`` replaces theta2 (any subset of the model's parameters) when given; the result is
         differentiable in ``r``, ``error`` and ``params``. ``base`` (the downstream block's input, needed for
-        mid-block hook points) is recomputed under ``no_grad`` when not given.
+        mid-block hook points) is recomputed under ``no_grad`` when not given. ``loss_only``: compute only the
+        columns the task's loss reads (:meth:`loss_columns`; what :meth:`loss` uses), the others are NaN.
         """
         if base is None and self.mode == "inner":
             base = self.prepare(batch).base
         x = self.downstream_input(r, error, anchor)
-        return self._run_downstream(x, base if base is not None else x, batch.answer_pos, params)
+        return self._run_downstream(x, base if base is not None else x, batch.answer_pos, params, loss_only)
 
     def loss(
         self,
@@ -618,8 +685,10 @@ class SplitModel:
         reduction: str = "mean",
         anchor: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> Tensor:
-        """Task loss of the downstream computation from latents ``r`` (mean over the batch by default)."""
-        return self.task.loss(self.logits(r, batch, params, error, base, anchor), batch, reduction=reduction)
+        """Task loss of the downstream computation from latents ``r`` (mean over the batch by default); only the
+        vocabulary columns the loss reads (:meth:`loss_columns`) are unembedded."""
+        logits = self.logits(r, batch, params, error, base, anchor, loss_only=True)
+        return self.task.loss(logits, batch, reduction=reduction)
 
     def inputs_loss(self, params: Params, inp: SplitInputs, reduction: str = "mean") -> Tensor:
         """``loss`` on a prepared :class:`SplitInputs` (the function curvature and influence differentiate)."""
@@ -688,6 +757,17 @@ class _Closure(torch.nn.Module):
 
 _VOCAB_DIM = {"unembed.W_U": 1, "unembed.b_U": 0}
 """theta2 entries with a vocabulary dimension (trimmed to the task's loss vocabulary, see ``trim_unembed``)."""
+
+
+def _placement(ids: Any, d_vocab: int, device: torch.device) -> tuple[tuple[int, ...], Tensor, Tensor, Tensor]:
+    """``(ids, ids tensor, one-hot [n, d_vocab], 0 at ids / NaN elsewhere [d_vocab])`` for loss-only logits."""
+    key = tuple(int(i) for i in ids)
+    ids_t = torch.tensor(key, dtype=torch.long, device=device)
+    place = torch.zeros((len(key), d_vocab), device=device)
+    place[torch.arange(len(key), device=device), ids_t] = 1.0
+    unread = torch.full((d_vocab,), float("nan"), device=device)
+    unread[ids_t] = 0.0
+    return key, ids_t, place, unread
 
 
 def _call_with_params(model: torch.nn.Module, params: Mapping[str, Tensor], fn: Callable[[], Tensor]) -> Tensor:
