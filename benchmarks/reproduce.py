@@ -237,6 +237,12 @@ ENTRIES: tuple[Entry, ...] = (
             "--out benchmarks/results/hvp_L22.json",
         ),
     ),
+    Entry(
+        "bench-prune",
+        "Engine performance",
+        6,
+        ("python benchmarks/bench_prune.py --reps 3 --threads 1 --out benchmarks/results/prune.json",),
+    ),
     Entry("bench-prefilter", "Scale", 45, ("python benchmarks/bench_prefilter.py --threads 1",)),
     Entry(
         "bench-scale",
