@@ -31,7 +31,8 @@ def test_swap_equals_per_latent_jvp_on_default_model(default_model, obqa_rows, h
         spliced = split.logits(inp.latents, batch, None, inp.error, inp.base, inp.anchor)
         unanchored = split.logits(inp.latents, batch, None, inp.error, inp.base)
         original = split.original_logits(batch)
-    assert (spliced - original).abs().max().item() <= 1e-5
+    # float32 logits of about 30: the last MLP at the answer position only (prune) re-blocks its sums, ~2e-5
+    assert (spliced - original).abs().max().item() <= 1e-6 * original.abs().max().item() + 1e-5
     assert (unanchored - original).abs().max().item() <= 1e-3  # decode(r) + e re-rounded: ~3e-5 measured
     params = split.downstream_params()
     s = loss_grad(split, params, split.prepare(split.task.collate(obqa_rows[2:3])))
