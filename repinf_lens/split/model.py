@@ -389,10 +389,13 @@ class SplitModel:
 
     def with_task(self, task: Any) -> SplitModel:
         """A shallow copy of this split that computes ``task``'s loss."""
-        new = object.__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        new._task = task
+        new = self._shallow_copy(_task=task)
         new._check_task_vocab()
+        return new
+
+    def _shallow_copy(self, **changes: Any) -> SplitModel:
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__, **changes)
         return new
 
     @property
@@ -404,10 +407,7 @@ class SplitModel:
     def with_prune(self, prune: bool) -> SplitModel:
         """A shallow copy of this split with ``prune`` set (e.g. ``False`` for token-wise curvature statistics,
         which count every position's activation, as K-FAC / EK-FAC and Kronfluence do)."""
-        new = object.__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        new._prune = bool(prune)
-        return new
+        return self._shallow_copy(_prune=bool(prune))
 
     @property
     def act_shape(self) -> tuple[int, ...]:
@@ -427,15 +427,7 @@ class SplitModel:
         """The vocabulary columns theta2's unembedding keeps (``None``: all; see ``trim_unembed``)."""
         if not self.trim_unembed or not any(n in _VOCAB_DIM for n in self.param_names):
             return None
-        fn = getattr(self.task, "loss_vocab", None)
-        ids = fn() if callable(fn) else None
-        if ids is None:
-            return None
-        key = tuple(int(i) for i in ids)
-        cached = self.__dict__.get("_cols")
-        if cached is None or cached[0] != key:
-            self._cols = (key, torch.tensor(key, dtype=torch.long, device=self.device))
-        return self._cols[1]
+        return self.loss_columns()
 
     def downstream_params(self) -> Params:
         """theta2 as a dict ``name -> detached tensor`` (the keys of every theta2-shaped vector).
@@ -589,12 +581,10 @@ class SplitModel:
         hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = [
             (f"{a.hook_out}.hook_sae_error", _detach) for a in self.downstream_saes if a.use_error_term
         ]
-        pruned: list[bool] = []
-        prune_at = self.prune_hook
+        prune_at = self.prune_hook  # fires whenever set: the split hook fires before it, in the last block's input
         if prune_at is not None:
 
             def prune(act: Tensor, hook: Any) -> Tensor:
-                pruned.append(True)
                 out = gather_positions(act, answer_pos)
                 return out[:, None, :] if out.ndim == 2 else out  # [B, 1 or P, d_model]
 
@@ -619,7 +609,7 @@ class SplitModel:
         def run() -> Tensor:
             # the positions the loss reads: answer_pos [B] -> [B, d_model], [B, P] -> [B, P, d_model]
             out = body()
-            if pruned:  # already at the loss positions: [B, 1, d_model] or [B, P, d_model]
+            if prune_at is not None:  # already at the loss positions: [B, 1, d_model] or [B, P, d_model]
                 resid = out[:, 0, :] if answer_pos.ndim == 1 else out
             else:
                 resid = gather_positions(out, answer_pos)
