@@ -350,7 +350,10 @@ def test_attributor_warns_when_ig_has_not_converged(model, task):
 @pytest.mark.parametrize(
     "kw,match",
     [
-        ({"latent_method": "integrated_gradients"}, r"latent_method must be one of \['grad_x_input', 'ig'\].*Fix: "),
+        (
+            {"latent_method": "integrated_gradients"},
+            r"latent_method must be one of \['grad_x_input', 'ig', 'none'\].*Fix: ",
+        ),
         ({"latent_method": "ig", "ig_steps": 0}, r"ig_steps must be an integer >= 1, got 0.*Fix: pass ig_steps=64"),
         ({"latent_method": "ig", "ig_steps": 2.5}, r"ig_steps must be an integer >= 1"),
         ({"latent_method": "ig", "ig_steps": True}, r"ig_steps must be an integer >= 1"),

@@ -202,9 +202,10 @@ def _run(
         predicted: dict[str, Tensor] = {}
         for name, solver in solvers.items():
             t1 = time.perf_counter()
-            att = InfluenceAttributor(
-                split, task, hessian=solver, batch_size=batch_size, use_cache=False, progress=False
-            )
+            att = InfluenceAttributor(  # example scores are all LDS / LOO read: no swap
+                split, task, hessian=solver, batch_size=batch_size, use_cache=False, progress=False,
+                latent_method="none",
+            )  # fmt: skip
             if solver.needs_hessian:
                 att.fit(t_rows)
             scores = att.attribute(q_rows, t_rows).example_scores.double()  # [Q, N]

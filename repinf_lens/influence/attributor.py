@@ -125,7 +125,11 @@ class InfluenceAttributor:
             evaluations per swap, default ``batch_size`` (the same peak memory as a gradient x input swap; raise
             it on a GPU). Example scores are the same for both. Recorded in ``result.meta["latent_method"]`` and
             in the streaming manifest (a streamed folder of one method is never resumed or returned for the
-            other); the s_test cache is shared (s_test does not depend on it).
+            other); the s_test cache is shared (s_test does not depend on it). ``"none"``: example scores only,
+            as Kronfluence, dattri and TRAK compute them: per training batch one forward-mode JVP of the
+            per-example losses along every s_test (no backward pass, no latent or token scores), several times
+            cheaper than a swap; ``latent_scores`` is then ``[Q, N, 0]`` and the latent views of the result refuse
+            (for LDS / LOO harnesses, prefilter checks and bulk example rankings).
         ig_steps, ig_rule: the quadrature of ``"ig"`` (:func:`~repinf_lens.influence.math.ig_quadrature`):
             ``ig_steps`` nodes (default 64); ``ig_rule="graded"`` (default: Gauss-Legendre on the panels
             [0, 1/8, 1/4, 1/2, 1], most nodes where the real model's path varies fastest) or ``"gauss"`` (on
@@ -254,6 +258,11 @@ class InfluenceAttributor:
             if self.amp_dtype is not None:
                 self._fingerprint = {**self._fingerprint, "amp_dtype": str(self.amp_dtype)}
         return self._fingerprint
+
+    @property
+    def _latent_width(self) -> int:
+        """Latent columns of the scores: ``d_sae``, or 0 for ``latent_method="none"`` (example scores only)."""
+        return 0 if self.latent_method == "none" else self.split.d_sae
 
     @property
     def latent_settings(self) -> dict[str, Any]:
@@ -512,7 +521,7 @@ class InfluenceAttributor:
             return None
         assert gathered is not None
         nq, n = len(q_rows), len(t_rows)
-        scores = _Scores.empty(nq, n, self.split.d_sae, 0)
+        scores = _Scores.empty(nq, n, self._latent_width, 0)
         parts = sorted((lo, hi, t) for _, _, pl in gathered for lo, hi, t in pl)
         covered = 0
         for lo, hi, tensors in parts:
@@ -646,7 +655,7 @@ class InfluenceAttributor:
                     manifest["finished"] = sorted(done)
                     write_json_atomic(out / "manifest.json", manifest)
             t_inf = time.perf_counter() - t1
-        scores = _Scores.empty(len(q_rows), n, self.split.d_sae, 0)
+        scores = _Scores.empty(len(q_rows), n, self._latent_width, 0)
         for s in shards:  # one shard read at a time, copied into the preallocated result
             scores.fill(_Scores.from_tensors(load_file(str(out / s["file"])), s["start"], s["stop"], len(q_rows)))
         meta = self._meta(bs, t_solve, t_inf, infos)
@@ -683,8 +692,7 @@ class InfluenceAttributor:
         """
         params = self.split.downstream_params()
         nq = sum(int(next(iter(s.values())).shape[0]) for s in s_stacks)
-        n, d = stop - start, self.split.d_sae
-        part = _Scores.empty(nq, n, d, start)
+        part = _Scores.empty(nq, stop - start, self._latent_width, start)
         ig = self.latent_method == "ig"
         chunk = (self.swap_chunk_size or bs) if ig else self.swap_chunk_size
         unconverged: list[float] = []  # IG: relative identity errors above _IG_WARN_REL

@@ -65,8 +65,9 @@ __all__ = [
     "stack_queries",
 ]
 
-#: the latent-score methods: gradient x input (paper Def. 4.2, one swap) and integrated gradients (exact completeness)
-LATENT_METHODS = ("grad_x_input", "ig")
+#: the latent-score methods: gradient x input (paper Def. 4.2, one swap), integrated gradients (exact completeness)
+#: and ``"none"`` (example scores only: one forward-mode JVP of the per-example losses along each s_test, no swap)
+LATENT_METHODS = ("grad_x_input", "ig", "none")
 #: the quadrature rules of integrated gradients: Gauss-Legendre on panels graded towards a = 0 (the default),
 #: plain Gauss-Legendre, and the midpoint rule (:func:`ig_quadrature`)
 IG_RULES = ("gauss", "graded", "midpoint")
@@ -93,7 +94,8 @@ class LatentInfluence:
         latents: ``[B, T, d_sae]`` the latents r themselves.
         baseline_scores: ``[B]`` P(0) = <s_test, G(0)>, the score with all latents off (SAE error and decoder
             bias kept), or ``None`` when not computed (gradient x input without ``baseline=True``).
-        method: ``"grad_x_input"`` or ``"ig"``.
+        method: ``"grad_x_input"``, ``"ig"`` or ``"none"`` (example scores only: ``token_scores`` ``[B, T, 0]``,
+            ``error_term`` and ``bias_term`` NaN).
     """
 
     token_scores: Float[Tensor, "batch pos d_sae"]
@@ -110,7 +112,10 @@ class LatentInfluence:
 
     @property
     def latent_sum(self) -> Float[Tensor, " batch"]:
-        """Sum of all latent scores per example (compare with ``example_scores - baseline_scores``)."""
+        """Sum of all latent scores per example (compare with ``example_scores - baseline_scores``); NaN for
+        ``method="none"`` (no latent scores were computed)."""
+        if self.method == "none":
+            return torch.full_like(self.example_scores, float("nan"))
         return self.token_scores.sum((1, 2))
 
     @property
@@ -136,8 +141,9 @@ def check_latent_method(
     mname = "latent_method" if prefix else "method"
     check_choice(
         f"{where} {mname}", method, LATENT_METHODS,
-        fix=f"pass {mname}='grad_x_input' (gradient x input, the paper's Def. 4.2: one swap per batch) or "
-        f"{mname}='ig' (integrated gradients: exactly complete latent scores, {prefix}steps + 1 swaps per batch).",
+        fix=f"pass {mname}='grad_x_input' (gradient x input, the paper's Def. 4.2: one swap per batch), "
+        f"{mname}='ig' (integrated gradients: exactly complete latent scores, {prefix}steps + 1 swaps per batch) "
+        f"or {mname}='none' (example scores only: one forward JVP per batch, no latent or token scores).",
     )  # fmt: skip
     check_int(
         f"{where} {prefix}steps", steps, minimum=1,
@@ -414,8 +420,10 @@ def latent_influence_multi(
             batch, ``B * steps`` evaluations for IG).
         query_chunk_size: queries per ``vmap`` (the tangent part costs about ``query_chunk_size`` times the
             memory of one query's; the primal part is recomputed once per query chunk). ``None`` = all at once.
-        method: ``"grad_x_input"`` (the paper's Def. 4.2, one swap) or ``"ig"`` (integrated gradients, exactly
-            complete up to the quadrature error; ``steps + 1`` swaps and a forward JVP).
+        method: ``"grad_x_input"`` (the paper's Def. 4.2, one swap), ``"ig"`` (integrated gradients, exactly
+            complete up to the quadrature error; ``steps + 1`` swaps and a forward JVP) or ``"none"`` (example
+            scores only: the JVP of the per-example losses along each s_test, a forward pass with Q tangents and no
+            backward; ``token_scores`` is ``[B, T, 0]``, ``error_term`` / ``bias_term`` are NaN).
         steps, rule: the quadrature of ``"ig"`` (:func:`ig_quadrature`); checked but unused for gradient x input.
         baseline: also compute ``baseline_scores`` = P(0) for ``"grad_x_input"`` (one forward JVP per batch);
             ``"ig"`` always computes it.
@@ -444,9 +452,39 @@ def latent_influence_multi(
             stacked = stack_queries(s_tests[lo:hi], params)
         if method == "ig":
             out.extend(_ig_core(split, inp, err, params, stacked, steps, rule, chunk_size))
+        elif method == "none":
+            out.extend(_examples_only(split, inp, err, params, stacked, baseline))
         else:
             out.extend(_gxi_chunked(split, inp, err, params, stacked, chunk_size, baseline))
     return out
+
+
+def _examples_only(
+    split: SplitModel, inp: SplitInputs, err: Tensor, params: Params, stacked: Params, baseline: bool
+) -> list[LatentInfluence]:
+    """Example scores only, for a stack of queries: the JVP of ``theta2 -> per-example losses`` along each s_test
+    (``<s_test, G_i>``, the same P(r) the swap returns), one primal forward shared under ``vmap``, no backward."""
+
+    def losses(p: Params) -> tuple[Tensor]:
+        return (split.loss(inp.latents, inp.batch, p, err, inp.base, reduction="none", anchor=inp.anchor),)
+
+    nq = int(next(iter(stacked.values())).shape[0])
+    (d_loss,) = _tangents(losses, params, stacked)
+    p0 = _tangents(_baseline_fn(split, inp, err), params, stacked)[0] if baseline else None
+    empty = inp.latents.new_zeros((*inp.latents.shape[:2], 0))
+    nan = torch.full((len(inp),), float("nan"), dtype=d_loss.dtype, device=d_loss.device)
+    return [
+        LatentInfluence(
+            token_scores=empty,
+            example_scores=d_loss[q],
+            error_term=nan,
+            bias_term=nan,
+            latents=inp.latents,
+            baseline_scores=None if p0 is None else p0[q],
+            method="none",
+        )  # fmt: skip
+        for q in range(nq)
+    ]
 
 
 def _gxi_chunked(

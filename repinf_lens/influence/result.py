@@ -89,6 +89,19 @@ class InfluenceResult:
         rec = self.meta.get("latent_method") if isinstance(self.meta, dict) else None
         return dict(rec) if isinstance(rec, dict) else {"method": "grad_x_input"}
 
+    @property
+    def has_latent_scores(self) -> bool:
+        """False for a result computed with ``latent_method="none"`` (example scores only)."""
+        return self.latent_method.get("method") != "none"
+
+    def _need_latents(self, what: str) -> None:
+        if not self.has_latent_scores:
+            raise SettingsError(
+                f"{what} needs latent scores, but this result holds example scores only (it was computed with "
+                "latent_method='none'). Fix: recompute it with InfluenceAttributor(..., latent_method='grad_x_input') "
+                "(or 'ig'); example_scores and top_examples work as they are."
+            )
+
     def _query_index(self, q: int) -> int:
         if not isinstance(q, numbers.Integral) or isinstance(q, bool) or not -self.n_queries <= q < self.n_queries:
             raise SettingsError(
@@ -121,6 +134,7 @@ class InfluenceResult:
         Returns ``(scores, token_ids, token_strings)`` where ``scores`` is a sparse COO tensor ``[T, d_sae]``
         (only active latents stored) and ``token_strings`` is ``None`` without a tokenizer.
         """
+        self._need_latents("token_latent_scores")
         if not self.token_indices:
             raise ValueError("This result has no token-level scores (computed with store_token_scores=False).")
         idx, val = self.token_indices[q], self.token_values[q]
@@ -160,6 +174,7 @@ class InfluenceResult:
 
     def latent_ranking(self, q: int) -> Float[Tensor, " d_sae"]:
         """s_k = mean over training examples of IFR[i, k] (the paper's latent ranking score) for query ``q``."""
+        self._need_latents("latent_ranking")
         q = self._query_index(q)
         return self._finite(self.latent_scores[q], q, "latent scores").mean(0)
 
@@ -181,6 +196,7 @@ class InfluenceResult:
         import pandas as pd
 
         check_int("top_latents k", k, minimum=1)
+        self._need_latents("top_latents")
         orders = {"influence_eq16": -1.0, "influence": 1.0, "influence_abs": 0.0}
         if by not in orders:
             raise ValueError(f"top_latents by={by!r} is not an order. Fix: one of {sorted(orders)}.")
@@ -210,6 +226,7 @@ class InfluenceResult:
 
         Sign convention: POSITIVE = proponent, for every score here. The method: :attr:`latent_method`.
         """
+        self._need_latents("completeness")
         score = self.example_scores
         nan = torch.full_like(score, float("nan"))
         latent_sum = self.diagnostics.get("latent_sum", self.latent_scores.sum(-1))

@@ -70,6 +70,7 @@ def run_case_studies(
 
     out = Path(out_dir)
     cfg = config or AttributionConfig()
+    cfg.require_latents("run_case_studies")
     for name, value in (("n_cases", n_cases), ("top_examples", top_examples), ("top_latents", top_latents)):
         check_int(f"run_case_studies {name}", value, minimum=1)
     t0 = time.perf_counter()

@@ -78,7 +78,8 @@ class AttributionConfig:
     prefilter_top_k: int | None = _knob(None, "keep this many per query", minimum=1, exclusive="prefilter")
     latent_method: str = _knob(
         "grad_x_input",
-        "latent scores: grad_x_input (the paper, one swap) or ig (exactly complete, ig_steps swaps)",
+        "latent scores: grad_x_input (the paper, one swap), ig (exactly complete, ig_steps swaps) or none "
+        "(example scores only, one forward JVP per batch)",
         choices="latent_methods",
     )
     ig_steps: int = _knob(64, "integrated-gradients quadrature nodes (latent_method ig)", minimum=1)
@@ -96,6 +97,15 @@ class AttributionConfig:
     )
     shard_size: int = _knob(256, "training examples per result shard (the unit of resuming)", minimum=1)
     query_chunk_size: int | None = _knob(8, "queries solved / scored together (memory grows)", minimum=1)
+
+    def require_latents(self, where: str) -> None:
+        """Raise :class:`SettingsError` when ``where`` (a workflow that ranks latents) got ``latent_method="none"``."""
+        if self.latent_method == "none":
+            raise SettingsError(
+                f"{where} ranks SAE latents and tokens, but latent_method='none' computes example scores only. "
+                "Fix: pass latent_method='grad_x_input' (the default) or 'ig'; use `repinf-lens attribute` or "
+                "InfluenceAttributor(latent_method='none') for example scores alone."
+            )
 
     def __post_init__(self) -> None:
         get_solver_class(self.solver, setting="AttributionConfig solver")  # any solver registered by now

@@ -270,6 +270,7 @@ def run_demo(
     from repinf_lens.workflows.report import make_report
 
     cfg = config or DemoConfig()
+    cfg.attribution.require_latents("run_demo")
     bs = cfg.attribution.batch_size
     rebuild = cfg.retrain or cfg.adapter is not None
     if not rebuild:

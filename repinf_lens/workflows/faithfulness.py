@@ -95,6 +95,7 @@ def run_faithfulness(
     from repinf_lens.workflows.config import AttributionConfig
 
     cfg = config or AttributionConfig()
+    cfg.require_latents("run_faithfulness")
     check_int("run_faithfulness n_boot", n_boot, minimum=0, why="bootstrap resamples; 0 = no intervals")
     for k in ks or ():
         check_int("run_faithfulness ks entry", k, minimum=0, why="latents removed / kept")
