@@ -1151,8 +1151,9 @@ def markdown(res: dict[str, Any]) -> str:
         "curvature (factors, Arnoldi iteration, cached training gradients / TRAK features); s_test = query gradients "
         "and their inverse-curvature products; scoring = training gradients and dot products (repinf_lens: "
         "one forward JVP of the training losses along each s_test, example scores only, except the row 'with "
-        "latent scores', which runs the swap for every hook dimension's share; Kronfluence: split at its first training loss "
-        "after the query pass). peak extra RSS = peak resident memory above the level at the method's start. "
+        "latent scores', which runs the swap for every hook dimension's share; Kronfluence: split at its first "
+        "training loss after the query pass). peak extra RSS = peak resident memory above the level at the "
+        "method's start. "
         "Spearman vs repinf CG = mean over queries of the rank correlation of the 64 training scores with repinf "
         "CG's. sign check = Pearson correlation of the scores with the gradient dot products g_test . g_train.",
     ]

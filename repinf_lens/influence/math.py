@@ -482,7 +482,7 @@ def _examples_only(
             latents=inp.latents,
             baseline_scores=None if p0 is None else p0[q],
             method="none",
-        )  # fmt: skip
+        )
         for q in range(nq)
     ]
 
