@@ -355,3 +355,26 @@ def test_ekfac_s_test_is_close_to_cg_on_the_damped_gauss_newton():
     full = cosines(SplitModel(model, HOOK, sae), rows, queries, damping=1.0)
     assert min(full["ekfac"]) > 0.75, full
     assert all(e > i for e, i in zip(full["ekfac"], full["identity"])), full
+
+
+def test_bfloat16_rotations_are_close_to_float32_and_keyed_apart(tmp_path):
+    """``precondition_dtype="bfloat16"``: the same factors (one fit, one fingerprint), s_test within bf16 rounding
+    of the float32 one, and its own s_test cache entries; the default leaves the solver's dict unchanged."""
+    split = llama_split(dtype=torch.float32)
+    rows = toy_mcqa_rows(8, seed=6)
+    folder = str(tmp_path / "f")
+    f32 = EKFAC(damping=0.1, batch_size=4, factor_dir=folder, progress=False)
+    b16 = EKFAC(damping=0.1, batch_size=4, factor_dir=folder, progress=False, precondition_dtype="bfloat16")
+    f32.fit_factors(split, split.task, rows)
+    b16.fit_factors(split, split.task, rows)
+    assert b16.fit_info["covariance"] == "loaded" and b16.factors.fingerprint == f32.factors.fingerprint
+    keys = split.param_names
+    g = rand_like_theta(split, 5)
+    want, got = flat(f32.solve(None, g)[0], keys), flat(b16.solve(None, g)[0], keys)
+    rel = float((got - want).norm() / want.norm())
+    assert 0 < rel < 3e-2, rel  # bf16 keeps ~3 significant digits per product; not bitwise float32
+    assert "precondition_dtype" not in f32.to_dict() and b16.to_dict()["precondition_dtype"] == "bfloat16"
+    assert solver_from_dict(b16.to_dict()) == b16
+    assert f32.cache_identity() != b16.cache_identity()
+    with pytest.raises(Exception, match="precondition_dtype"):
+        EKFAC(damping=0.1, precondition_dtype="float16")
