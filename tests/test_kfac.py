@@ -378,3 +378,29 @@ def test_bfloat16_rotations_are_close_to_float32_and_keyed_apart(tmp_path):
     assert f32.cache_identity() != b16.cache_identity()
     with pytest.raises(Exception, match="precondition_dtype"):
         EKFAC(damping=0.1, precondition_dtype="float16")
+
+
+@pytest.mark.parametrize("make,rows", [(ln_split, lambda: toy_mcqa_rows(7, seed=2)),
+                                       (llama_split, lambda: toy_mcqa_rows(7, seed=2)),
+                                       (completion_split, lambda: completion_rows(7, seed=2))],
+                         ids=["layernorm-gpt2", "rms-gqa-gated", "completion"])  # fmt: skip
+@pytest.mark.parametrize("fisher", ["empirical", "true"])
+def test_a_pruned_fit_gives_the_unpruned_factors(make, rows, fisher, tmp_path):
+    """The fit runs pruned (the last block's MLP, the final norm and W_U at the loss positions only); its factors
+    (A, G, the EK-FAC eigenvalues, the norm diagonals) equal those of a fit over every position, where the maps
+    after the last attention see g = 0 off the loss positions."""
+    split, data = make(), rows()
+    assert split.prune_hook is not None
+    fits = {}
+    for prune in (True, False):
+        s = EKFAC(damping=0.1, batch_size=3, fisher=fisher, factor_dtype="float64", progress=False,
+                  factor_dir=str(tmp_path / str(prune)))  # fmt: skip
+        s.fit_factors(split.with_prune(prune), split.task, data)
+        fits[prune] = s.factors.tensors
+    assert fits[True].keys() == fits[False].keys()
+    last = f"blocks.{split.model.cfg.n_layers - 1}."
+    assert any(k.startswith(last + "mlp") for k in fits[True])  # the pruned maps are in theta2
+    for k in fits[True]:
+        if k.endswith(("/QA", "/QG")):  # eigenvectors: unique up to sign and within degenerate eigenspaces
+            continue
+        torch.testing.assert_close(fits[True][k], fits[False][k], rtol=1e-7, atol=1e-10, msg=k)

@@ -563,7 +563,10 @@ def _positions(x: Tensor, n: int) -> Tensor:
 
 
 def _mask(block: FactorBlock, batch: Any, n_pos: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    if block.positions == "tokens":
+    """``[B, n_pos]``: the real tokens, or the loss positions for maps that see only those: the unembedding, and
+    every map after the last block's attention when the split prunes (``SplitModel(prune=True)``), whose
+    activations then hold the loss positions alone (``n_pos`` differs from the prompt length)."""
+    if block.positions == "tokens" and batch.attention_mask.shape[1] == n_pos:
         m = batch.attention_mask
     else:
         m = getattr(batch, "target_mask", None)
@@ -912,9 +915,9 @@ class KFAC(InverseHessianSolver):
         check_int(f"{type(self).__name__}.fit_factors batch_size", batch_size, minimum=1, allow_none=True)
         if task is not None and task is not split.task:
             split = split.with_task(task)
-        # token-wise statistics: every position's activation enters the covariances (Kronfluence's convention),
-        # so the downstream function is not pruned to the loss positions here
-        split = split.with_prune(False)
+        # the covariances average over the positions whose output gradient is not 0 (the module docstring); after
+        # the last block's attention those are the loss positions alone, the only ones a pruned split computes
+        # there (SplitModel(prune=True)), so the fit runs pruned: the same factors, that part at one position
         rows = list(rows)
         if not rows:
             raise ValueError("fit_factors got no Hessian rows. Fix: pass the examples whose mean loss defines H.")
