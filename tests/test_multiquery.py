@@ -291,3 +291,23 @@ def test_s_test_solves_missing_queries_together_and_caches(small, tmp_path, monk
         _close(tflatten(g), tflatten(w))
     with pytest.raises(ValueError, match="keep=False"):
         chunked.s_test(exs[:1], keep=False)
+
+
+@pytest.mark.parametrize("max_tokens", [None, 40])
+def test_query_gradients_share_the_upstream_and_equal_one_query_at_a_time(model3, max_tokens):
+    """Queries of different lengths in one padded batch (and under a token budget): each g_test equals the gradient
+    of that query alone, prepared and differentiated on its own (no padding)."""
+    hook = "blocks.1.hook_resid_post"
+    split = SplitModel(model3, hook, random_sae(model3, hook, d_sae=48, k=6))
+    rows = toy_mcqa_rows(5, seed=12)
+    lengths = {int(split.task.collate([r]).attention_mask.sum()) for r in rows}
+    assert len(lengths) > 1  # padding happens
+    att = _att(split, Identity(), batch_size=4, max_batch_tokens=max_tokens)
+    got = att.query_gradients(rows)
+    params = split.downstream_params()
+    for row, g in zip(rows, got, strict=True):
+        want = torch.func.grad(lambda p, row=row: split.inputs_loss(p, split.prepare(split.task.collate([row]))))(
+            params
+        )
+        _close(tflatten(g), tflatten(want))
+    _close(tflatten(att.query_gradient(rows[2])), tflatten(got[2]))

@@ -304,11 +304,23 @@ class InfluenceAttributor:
 
     def query_gradient(self, query: Mapping[str, Any]) -> Params:
         """g_test: gradient of the query's loss w.r.t. theta2."""
-        inp = self.split.prepare(self.task.collate([query]))
+        return self.query_gradients([query])[0]
+
+    def query_gradients(self, queries: Any) -> list[Params]:
+        """g_test of every query, in order. The upstream part (theta1 and the SAE encoding) runs once per batch of
+        queries (``batch_size`` rows, ``max_batch_tokens``), then each query's gradient through theta2 alone, so
+        the result equals one :meth:`query_gradient` call per query up to float rounding (right padding leaves
+        every real position's activation as it is)."""
+        rows = as_rows(queries, "query set")
         params = self.split.downstream_params()
-        with self._amp():
-            g = loss_grad(self.split, params, inp)
-        return {k: v.detach().to(params[k].dtype) for k, v in g.items()}
+        out: list[Params] = []
+        for lo, hi in token_batches(self.task, rows, self.batch_size, self.max_batch_tokens):
+            inp = self.split.prepare(self.task.collate(rows[lo:hi]))
+            for i in range(len(inp)):
+                with self._amp():
+                    g = loss_grad(self.split, params, inp.slice(i, i + 1))
+                out.append({k: v.detach().to(params[k].dtype) for k, v in g.items()})
+        return out
 
     def _s_test_key(self, row: Mapping[str, Any]) -> str:
         return cache_key(
@@ -367,7 +379,7 @@ class InfluenceAttributor:
         with tqdm(total=len(missing), desc="s_test", disable=not self.progress or len(missing) <= 1) as bar:
             for lo in range(0, len(missing), step):
                 idx = missing[lo : lo + step]
-                gs = [self.query_gradient(rows[i]) for i in idx]
+                gs = self.query_gradients([rows[i] for i in idx])
                 for i, g in zip(idx, gs):
                     check_finite(
                         f"The test gradient g_test of query {_row_id(rows[i], i)!r}", g, where="(before the solve)",
