@@ -656,9 +656,19 @@ def repinf_methods(s: Setting, args: argparse.Namespace, workdir: Path) -> dict[
     bs = args.batch_size
     cg_fixed = args.dattri_cg_iters  # exactly dattri's iteration count (tol 0: no early stop)
 
-    def factored(cls: Any, fisher: str) -> Any:
+    def factored(cls: Any, fisher: str, rotations: str = "float32") -> Any:
         folder = tempfile.mkdtemp(prefix=f"{cls.name}-{fisher}-", dir=workdir)  # fresh: the fit is timed
-        return cls(damping=d, batch_size=bs, fisher=fisher, factor_dir=folder, progress=False)
+        return cls(damping=d, batch_size=bs, fisher=fisher, factor_dir=folder, progress=False,
+                   precondition_dtype=rotations)  # fmt: skip
+
+    def pcg(it: int, rotations: str = "float32", latent_method: str = "none") -> Callable[[], MethodRun]:
+        name = f"repinf pcg{it} ekfac (emp" + (", bf16 rotations" if rotations != "float32" else "") + ")"
+        name += ", with latent scores" if latent_method != "none" else ""
+        pre = factored(EKFAC, "empirical", rotations)
+        return name, lambda: run_repinf(
+            s, name, CG(damping=d, max_iter=it, tol=0.0, batch_size=bs, preconditioner=pre), args,
+            latent_method=latent_method,
+        )  # fmt: skip
 
     return {
         "repinf identity": lambda: run_repinf(s, "repinf identity", Identity(damping=d), args),
@@ -678,23 +688,10 @@ def repinf_methods(s: Setting, args: argparse.Namespace, workdir: Path) -> dict[
             args,
             hvp_mode="recompute",
         ),
-        **{
-            f"repinf pcg{it} ekfac (emp)": (
-                lambda it=it: run_repinf(
-                    s,
-                    f"repinf pcg{it} ekfac (emp)",
-                    CG(damping=d, max_iter=it, tol=0.0, batch_size=bs, preconditioner=factored(EKFAC, "empirical")),
-                    args,
-                )
-            )
-            for it in (5, 10, 20)
-        },
-        "repinf pcg10 ekfac (emp), with latent scores": lambda: run_repinf(
-            s,
-            "repinf pcg10 ekfac (emp), with latent scores",
-            CG(damping=d, max_iter=10, tol=0.0, batch_size=bs, preconditioner=factored(EKFAC, "empirical")),
-            args,
-            latent_method="grad_x_input",
+        **dict(
+            [pcg(it) for it in (5, 10, 20)]
+            + [pcg(it, "bfloat16") for it in (2, 3, 5, 10)]
+            + [pcg(10, latent_method="grad_x_input")]
         ),
         "repinf kfac (true)": lambda: run_repinf(s, "repinf kfac (true)", factored(KFAC, "true"), args),
         "repinf ekfac (true)": lambda: run_repinf(s, "repinf ekfac (true)", factored(EKFAC, "true"), args),
