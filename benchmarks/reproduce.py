@@ -207,6 +207,16 @@ ENTRIES: tuple[Entry, ...] = (
         ),
     ),
     Entry(
+        "lds-block29",
+        "Peers",
+        60,
+        (
+            "python benchmarks/bench_lds.py --n-train 64 --queries 8 --subsets 16 --loo 0 --downstream "
+            "'^blocks\\.29\\.' --solvers cg identity kfac ekfac kfac-emp ekfac-emp pcg10 pcg20 --threads 1 "
+            "--out runs/lds_block29.json",
+        ),
+    ),
+    Entry(
         "faithfulness-ig",
         "Analysis",
         25,
@@ -226,6 +236,24 @@ ENTRIES: tuple[Entry, ...] = (
         (
             "python benchmarks/bench_curvature_cost.py --hook blocks.22.hook_resid_post --queries 4 --threads 1 "
             "--out benchmarks/results/curvature_cost_L22.json",
+        ),
+    ),
+    Entry(
+        "bench-curvature-cost-L8",
+        "Engine performance",
+        25,
+        (
+            "python benchmarks/bench_curvature_cost.py --hook blocks.8.hook_resid_post --queries 64 --stream "
+            "--query-chunk 8 --fit-examples 64 --threads 1 --out benchmarks/results/curvature_cost_L8_stream.json",
+        ),
+    ),
+    Entry(
+        "bench-hvp-L8",
+        "Engine performance",
+        10,
+        (
+            "python benchmarks/bench_hvp.py --hook blocks.8.hook_resid_post --hessian-examples 4 --batch-size 4 "
+            "--queries 4 --cg-iters 2 --reps 1 --modes prepared --threads 1 --out benchmarks/results/hvp_L8.json",
         ),
     ),
     Entry(
