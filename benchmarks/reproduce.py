@@ -207,6 +207,21 @@ ENTRIES: tuple[Entry, ...] = (
         ),
     ),
     Entry(
+        "faithfulness-ekfac-vs-cg",
+        "Analysis",
+        25,
+        (
+            f"{RL} faithfulness --offline --model {FT} --template plain {SAE} --query-limit 20 {INDEX} "
+            "--prefilter-top-k 8 --solver cg --max-iter 5 --hessian-examples 4 --batch-size 8 --query-chunk-size 1 "
+            "--rankings influence_eq16 influence activation random --out runs/faithfulness_cg20_L22",
+            f"{RL} faithfulness --offline --model {FT} --template plain {SAE} --query-limit 20 {INDEX} "
+            "--prefilter-top-k 8 --solver ekfac --hessian-examples 64 --batch-size 8 --query-chunk-size 8 "
+            "--rankings influence_eq16 influence activation random --out runs/faithfulness_ekfac_L22",
+            "python benchmarks/curvature_verdicts.py --a runs/faithfulness_ekfac_L22 --a-label ekfac "
+            "--b runs/faithfulness_cg20_L22 --b-label cg --out docs/verdicts_ekfac_vs_cg_L22.md",
+        ),
+    ),
+    Entry(
         "lds-block29",
         "Peers",
         60,
