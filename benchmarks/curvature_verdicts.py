@@ -25,7 +25,7 @@ SHOW = (
 )
 
 
-def load(folder: Path, label: str):  # noqa: ANN201
+def load(folder: Path, label: str):
     import pandas as pd
 
     tables = sorted((folder / "per_query").glob("*.csv"))
