@@ -737,6 +737,14 @@ class KFACFactors:
         rotation products (default: the factors'); ``torch.bfloat16`` runs them 2-3x faster on CPUs with
         AVX512-BF16 and on GPUs (Kronfluence's ``precondition_dtype``); the division stays in the factors' dtype.
         """
+        self.check_keys(g)
+        out: dict[str, Tensor] = {}
+        for b in self.blocks:
+            out.update(self.precondition_block(b, g, damping=damping, ekfac=ekfac, dtype=dtype))
+        return {k: out[k] for k in g}
+
+    def check_keys(self, g: Mapping[str, Tensor]) -> None:
+        """Raise ``ValueError`` unless ``g`` holds exactly the theta2 entries the factors were fitted for."""
         shapes = {p: s for b in self.blocks for p, s in zip(b.params, b.shapes)}
         bad = sorted(set(g) ^ set(shapes)) + sorted(
             k for k in set(g) & set(shapes) if tuple(g[k].shape[g[k].ndim - len(shapes[k]) :]) != shapes[k]
@@ -747,28 +755,29 @@ class KFACFactors:
                 "were fitted for another split. Fix: call attributor.fit(rows) (solver.fit_factors(split, task, "
                 "rows)) for this split."
             )
-        out: dict[str, Tensor] = {}
+
+    def precondition_block(
+        self, b: FactorBlock, g: Mapping[str, Tensor], *, damping: float, ekfac: bool, dtype: torch.dtype | None = None
+    ) -> dict[str, Tensor]:
+        """:meth:`precondition` of one block: its entries of ``g`` (any leading dims) -> theirs of the result."""
         t = self.tensors
-        for b in self.blocks:
-            if b.kind == "diagonal":
-                v = g[b.name]
-                out[b.name] = (v.to(t[f"{b.name}/D"].dtype) / (t[f"{b.name}/D"] + damping)).to(v.dtype)
-                continue
-            ref = g[b.params[0]]
-            qa, qg = t[f"{b.name}/QA"], t[f"{b.name}/QG"]
-            fdt = qa.dtype
-            if dtype is not None and dtype != fdt:
-                qa, qg = qa.to(dtype), qg.to(dtype)
-            m = b.to_matrix(g).to(qa.dtype)
-            rot = (qg.T @ m @ qa).to(fdt)
-            if ekfac:
-                den = t[f"{b.name}/L"] + damping
-            else:
-                den = t[f"{b.name}/lG"][:, None] * t[f"{b.name}/lA"][None, :] + damping
-            back = qg @ (rot / den).to(qa.dtype) @ qa.T
-            for k, v in b.from_matrix(back.to(ref.dtype)).items():
-                out[k] = v
-        return {k: out[k] for k in g}
+        if b.kind == "diagonal":
+            v = g[b.name]
+            return {b.name: (v.to(t[f"{b.name}/D"].dtype) / (t[f"{b.name}/D"] + damping)).to(v.dtype)}
+        ref = g[b.params[0]]
+        qa, qg = t[f"{b.name}/QA"], t[f"{b.name}/QG"]
+        fdt = qa.dtype
+        if dtype is not None and dtype != fdt:
+            qa, qg = qa.to(dtype), qg.to(dtype)
+        m = b.to_matrix(g).to(qa.dtype)
+        rot = (qg.T @ m @ qa).to(fdt)
+        del m
+        if ekfac:
+            den = t[f"{b.name}/L"] + damping
+        else:
+            den = t[f"{b.name}/lG"][:, None] * t[f"{b.name}/lA"][None, :] + damping
+        back = qg @ (rot / den).to(qa.dtype) @ qa.T
+        return b.from_matrix(back.to(ref.dtype))
 
 
 def _write_tensors(path: Path, tensors: Mapping[str, Tensor], meta: Mapping[str, Any], fingerprint: str) -> None:
@@ -1072,9 +1081,17 @@ class KFAC(InverseHessianSolver):
         if not gs:
             return [], []
         factors = self._fitted()
-        stacked = {k: torch.stack([g[k] for g in gs]) for k in gs[0]}
-        s = factors.precondition(stacked, damping=self.damping, ekfac=self.corrected, dtype=self._rotation_dtype())
-        outs = [self._checked({k: v[i] for k, v in s.items()}, query=i) for i in range(len(gs))]
+        for g in gs:
+            factors.check_keys(g)
+        # block by block: only one block's entries are stacked at a time, so the peak is the queries' gradients,
+        # their results and one block's temporaries (not a stacked copy of every gradient besides)
+        s: dict[str, Tensor] = {}
+        for b in factors.blocks:
+            sub = {k: torch.stack([g[k] for g in gs]) for k in b.params}
+            s.update(factors.precondition_block(b, sub, damping=self.damping, ekfac=self.corrected,
+                                                dtype=self._rotation_dtype()))  # fmt: skip
+            del sub
+        outs = [self._checked({k: s[k][i] for k in gs[0]}, query=i) for i in range(len(gs))]
         return outs, [SolveInfo(iterations=1, converged=True) for _ in gs]
 
 
