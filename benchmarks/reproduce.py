@@ -259,7 +259,7 @@ ENTRIES: tuple[Entry, ...] = (
         25,
         (
             "python benchmarks/bench_curvature_cost.py --hook blocks.8.hook_resid_post --queries 64 --stream "
-            "--query-chunk 8 --fit-examples 64 --threads 1 --out benchmarks/results/curvature_cost_L8_stream.json",
+            "--query-chunk 1 --fit-examples 64 --threads 1 --out benchmarks/results/curvature_cost_L8_stream.json",
         ),
     ),
     Entry(
