@@ -224,7 +224,7 @@ ENTRIES: tuple[Entry, ...] = (
     Entry(
         "lds-block29",
         "Peers",
-        60,
+        110,
         (
             "python benchmarks/bench_lds.py --n-train 64 --queries 8 --subsets 16 --loo 0 --downstream "
             "'^blocks\\.29\\.' --solvers cg identity kfac ekfac kfac-emp ekfac-emp pcg10 pcg20 --threads 1 "
