@@ -87,16 +87,7 @@ def main() -> int:
         folder = str(args.factor_dir or Path(tmp) / "factors")
         ek = EKFAC(damping=args.damping, batch_size=args.batch_size, factor_dir=folder, progress=False)
         att = InfluenceAttributor(split, hessian=ek, use_cache=False, progress=False, query_chunk_size=None)
-        with meter.stage("ekfac_fit"):
-            t = time.perf_counter()
-            att.fit(train[: args.fit_examples])
-            fit_s = time.perf_counter() - t
-        size = sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
-        rep["ekfac_fit"] = {
-            "examples": args.fit_examples, "s": round(fit_s, 1), "factor_mb": round(size / 2**20),
-            "peak_rss_mb": round(meter.stages["ekfac_fit"]["peak_rss_mb"]),
-        }  # fmt: skip
-        print("ekfac_fit", rep["ekfac_fit"], flush=True)
+        fit_ekfac(att, train[: args.fit_examples], folder, meter, rep)
         rep["ekfac"] = {}
         s_ek = None
         for q in sorted({1, min(8, len(queries)), len(queries)}):
@@ -143,6 +134,20 @@ def _cos(tdot, a, b) -> float:
     return float(tdot(a, b) / (tdot(a, a) * tdot(b, b)) ** 0.5)
 
 
+def fit_ekfac(att, rows, folder, meter, rep) -> None:
+    """The one-off EK-FAC fit, timed: ``rep["ekfac_fit"]`` (seconds, factor size on disk, the stage's peak RSS)."""
+    with meter.stage("ekfac_fit"):
+        t = time.perf_counter()
+        att.fit(rows)
+        fit_s = time.perf_counter() - t
+    size = sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+    rep["ekfac_fit"] = {
+        "examples": len(rows), "s": round(fit_s, 1), "factor_mb": round(size / 2**20),
+        "peak_rss_mb": round(meter.stages["ekfac_fit"]["peak_rss_mb"]),
+    }  # fmt: skip
+    print("ekfac_fit", rep["ekfac_fit"], flush=True)
+
+
 def stream(args, split, train, queries, meter, rep) -> int:
     """EK-FAC fit, then every query's s_test into a temporary s_test cache, ``--query-chunk`` at a time."""
     from repinf_lens import InfluenceAttributor
@@ -154,16 +159,7 @@ def stream(args, split, train, queries, meter, rep) -> int:
         att = InfluenceAttributor(
             split, hessian=ek, cache_dir=Path(tmp) / "s_test", progress=False, query_chunk_size=args.query_chunk
         )
-        with meter.stage("ekfac_fit"):
-            t = time.perf_counter()
-            att.fit(train[: args.fit_examples])
-            fit_s = time.perf_counter() - t
-        size = sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
-        rep["ekfac_fit"] = {
-            "examples": args.fit_examples, "s": round(fit_s, 1), "factor_mb": round(size / 2**20),
-            "peak_rss_mb": round(meter.stages["ekfac_fit"]["peak_rss_mb"]),
-        }  # fmt: skip
-        print("ekfac_fit", rep["ekfac_fit"], flush=True)
+        fit_ekfac(att, train[: args.fit_examples], folder, meter, rep)
         with meter.stage("ekfac_stream"):
             t = time.perf_counter()
             att.s_test(queries, keep=False)
