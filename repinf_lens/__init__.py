@@ -20,7 +20,9 @@ family, reached as ``rl.<module>.<name>`` (``import repinf_lens as rl``):
 * ``SplitModel``: the model cut at a hook with the SAE spliced in (theta2 downstream); ``check_split``: the split
   against TransformerLens' own forward (inputs and errors: ``repinf_lens.split``; LoRA theta2:
   ``repinf_lens.split.lora``);
-* ``CG`` (the default solver), ``Identity`` (gradient dot product, TracIn-style), ``register_solver`` (your own);
+* ``CG`` (the default solver; ``CG(preconditioner=EKFAC(...))``: preconditioned CG), ``KFAC`` / ``EKFAC`` (factors
+  fitted once on TransformerLens hook points, then each query in one preconditioning pass), ``Identity`` (gradient
+  dot product, TracIn-style), ``register_solver`` (your own);
 * ``InfluenceAttributor``: fit, s_test, attribute; ``InfluenceResult``: top examples, latents, tokens; save/load;
 * ``build_sketches`` / ``prefilter``: the gradient-similarity prefilter over a large training set;
 * ``RepinfLensError``: the base class of every error the package raises on purpose;
@@ -46,7 +48,7 @@ The stage runners behind the ``repinf-lens`` command are in ``repinf_lens.workfl
 
 from repinf_lens import analysis, curvature, data, errors, influence, models, saes, testing, viz
 from repinf_lens._version import __version__
-from repinf_lens.curvature import CG, Identity, register_solver
+from repinf_lens.curvature import CG, EKFAC, KFAC, Identity, register_solver
 from repinf_lens.data import load_mcqa
 from repinf_lens.errors import RepinfLensError
 from repinf_lens.influence import InfluenceAttributor, InfluenceResult, check_split
@@ -59,6 +61,8 @@ from repinf_lens.workflows.finetuning import finetune
 
 __all__ = [
     "CG",
+    "EKFAC",
+    "KFAC",
     "CompletionTask",
     "Identity",
     "InfluenceAttributor",

@@ -104,7 +104,7 @@ from repinf_lens._shards import (
     read_verified,
     write_shard,
 )
-from repinf_lens.curvature.solvers import HVPFn, InverseHessianSolver, SolveInfo, register_solver
+from repinf_lens.curvature.solvers import HVPFn, InverseHessianSolver, PrepareFn, SolveInfo, register_solver
 from repinf_lens.errors import RepinfLensError, SettingsError, check_choice, check_int
 from repinf_lens.models.hooked import logit_softcap
 from repinf_lens.split import Params, SplitInputs, SplitModel
@@ -909,12 +909,14 @@ class KFAC(InverseHessianSolver):
 
     def fit_factors(
         self, split: Any, task: Any, rows: Sequence[Mapping[str, Any]], *, batch_size: int | None = None,
-        progress: bool = True,
+        progress: bool = True, prepare: PrepareFn | None = None,
     ) -> None:  # fmt: skip
         """Fit (or read back) the factors of ``split``'s theta2 on ``rows``; then :meth:`solve` uses them.
 
-        Streams ``rows`` in batches of ``batch_size`` (default: the solver's): the upstream part runs once per
-        batch (``split.prepare``) and the downstream part once per batch and pass (K-FAC: one pass; EK-FAC: a
+        Streams ``rows`` in batches of ``batch_size`` (default: the solver's): the upstream part runs per batch
+        and pass (``prepare(rows)``, default ``split.prepare(task.collate(rows))``; ``InfluenceAttributor.fit``
+        passes one that keeps the prepared inputs, so EK-FAC's second pass and the later scoring of the same rows
+        reuse the first pass's) and the downstream part once per batch and pass (K-FAC: one pass; EK-FAC: a
         second, correction pass). ``self.fit_info`` records what was computed and what was reused.
 
         Raises:
@@ -955,7 +957,7 @@ class KFAC(InverseHessianSolver):
         loaded = _read_tensors(folder / "factors.safetensors", fp_hash)
         if loaded is None:
             sums = self._run_stage(
-                "covariance", split, blocks, rows, batches, folder, fp_hash, dtype, None, manifest, info, show
+                "covariance", split, blocks, rows, batches, folder, fp_hash, dtype, None, manifest, info, show, prepare
             )
             tensors, counts = _reduce_covariances(blocks, sums, dtype)
             meta = {**meta_base, **counts}
@@ -973,7 +975,7 @@ class KFAC(InverseHessianSolver):
             if lam is None:
                 eigen = {k: v.to(split.device) for k, v in tensors.items() if k.endswith(("/QA", "/QG"))}
                 sums = self._run_stage(
-                    "lambda", split, blocks, rows, batches, folder, lam_fp, dtype, eigen, manifest, info, show
+                    "lambda", split, blocks, rows, batches, folder, lam_fp, dtype, eigen, manifest, info, show, prepare
                 )
                 n = float(sums["n_examples"])
                 lam_t = {f"{b.name}/L": (sums[f"{b.name}/L_sum"] / n).to(dtype) for b in blocks if b.kind == "kfac"}
@@ -1018,6 +1020,7 @@ class KFAC(InverseHessianSolver):
         self, stage: str, split: SplitModel, blocks: list[FactorBlock], rows: list[Mapping[str, Any]],
         batches: list[tuple[int, int]], folder: Path, stage_fp: str, dtype: torch.dtype,
         eigen: Mapping[str, Tensor] | None, manifest: dict[str, Any], info: dict[str, Any], show: bool,
+        prepare: PrepareFn | None,
     ) -> dict[str, Tensor]:  # fmt: skip
         """Accumulate one pass over the batches, checkpointing the running sums every ``shard_batches`` batches."""
         partial = folder / f"{stage}.partial.safetensors"
@@ -1040,7 +1043,7 @@ class KFAC(InverseHessianSolver):
                 shard_sums: dict[str, Tensor] = {}
                 for bi in range(k * self.shard_batches, min(len(batches), (k + 1) * self.shard_batches)):
                     lo, hi = batches[bi]
-                    inp = split.prepare(task.collate(rows[lo:hi]))
+                    inp = prepare(rows[lo:hi]) if prepare is not None else split.prepare(task.collate(rows[lo:hi]))
                     stats = batch_statistics(
                         split, blocks, inp, stage=stage, fisher=self.fisher, generator=_batch_generator(self.seed, bi),
                         eigen=eigen, dtype=dtype, check=(bi == 0 and stage == "covariance"),

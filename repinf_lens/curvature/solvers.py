@@ -73,6 +73,7 @@ __all__ = [
 
 Tree = dict[str, Tensor]
 HVPFn = Callable[[Tree], Tree]
+PrepareFn = Callable[[Sequence[Mapping[str, Any]]], Any]  # one batch of rows -> its SplitInputs
 _S = TypeVar("_S", bound="InverseHessianSolver")
 
 #: The solver knobs of ``AttributionConfig`` and ``repinf-lens attribute`` (``--damping``, ``--gauss-newton``,
@@ -233,7 +234,7 @@ class InverseHessianSolver:
 
     def fit_factors(
         self, split: Any, task: Any, rows: Sequence[Mapping[str, Any]], *, batch_size: int | None = None,
-        progress: bool = True,
+        progress: bool = True, prepare: PrepareFn | None = None,
     ) -> None:  # fmt: skip
         """Fit the solver's curvature model on the Hessian rows (only for solvers with :attr:`fits_factors`).
 
@@ -243,6 +244,10 @@ class InverseHessianSolver:
             rows: the Hessian data (the examples whose MEAN loss defines H).
             batch_size: examples per pass (default: the solver's ``batch_size``).
             progress: show tqdm bars.
+            prepare: ``rows -> SplitInputs`` of one batch of rows (default ``split.prepare(task.collate(rows))``).
+                ``InfluenceAttributor.fit`` passes one that keeps the prepared inputs, so a second pass over the
+                rows, the HVP batches and the scoring of the same rows reuse them instead of rerunning the
+                upstream part.
         """
         raise NotImplementedError(
             f"{type(self).__name__} reads the curvature through HVPs and fits nothing. Fix: call "
@@ -339,13 +344,13 @@ class CG(InverseHessianSolver):
 
     def fit_factors(
         self, split: Any, task: Any, rows: Sequence[Mapping[str, Any]], *, batch_size: int | None = None,
-        progress: bool = True,
+        progress: bool = True, prepare: PrepareFn | None = None,
     ) -> None:  # fmt: skip
         """Fit the preconditioner's factors (the HVP batches are prepared by ``InfluenceAttributor.fit``)."""
         if self.preconditioner is None:
-            super().fit_factors(split, task, rows, batch_size=batch_size, progress=progress)
+            super().fit_factors(split, task, rows, batch_size=batch_size, progress=progress, prepare=prepare)
         self.preconditioner.fit_factors(split, task, rows, batch_size=batch_size or self.batch_size,
-                                        progress=progress)  # fmt: skip
+                                        progress=progress, prepare=prepare)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         """The settings; ``preconditioner`` only when there is one, so plain CG's dict (and with it every s_test

@@ -108,6 +108,14 @@ class InfluenceAttributor:
         swap_chunk_size: run the derivative swap this many examples at a time (lower peak memory, same scores).
         max_batch_tokens: also cap each training batch at this many padded tokens (rows x the longest row;
             :func:`~repinf_lens.task.token_batches`), for long prompts (MedQA). Memory only, like ``batch_size``.
+        input_cache_mb: the upstream part (everything below the split, :meth:`SplitModel.prepare
+            <repinf_lens.split.SplitModel.prepare>`) of each Hessian batch runs ONCE: :meth:`fit` keeps its
+            prepared inputs, up to this many MB (default 2048; ``None`` = no cap), and every later pass over the
+            same batch reuses them: the solver's factor passes (K-FAC's covariances, EK-FAC's correction pass), the
+            HVP batches and the scoring of those rows (when ``train`` is the Hessian data batched alike: the same
+            rows and batch size, no ``max_batch_tokens``). The reuse is exact (the same tensors). CG's HVP batches
+            are kept whatever the cap (the solver needs them); ``0`` keeps nothing else. ``result.meta
+            ["reused_upstream_batches"]`` counts the training batches scored from kept inputs.
         query_chunk_size: queries that share one pass: one swap per training batch (their tangents under
             ``vmap``) and one batched HVP per CG iteration (default 8; ``None`` = all queries at once). Larger is
             faster, but the tangent part of the swap and of the HVPs, and the CG state (about 7 theta2-sized
@@ -186,6 +194,7 @@ class InfluenceAttributor:
         baseline: bool = False,
         hvp_mode: str = "prepared",
         max_batch_tokens: int | None = None,
+        input_cache_mb: float | None = 2048.0,
     ) -> None:
         if hvp_mode not in ("prepared", "recompute"):
             raise ValueError(f"InfluenceAttributor hvp_mode must be 'prepared' or 'recompute', got {hvp_mode!r}.")
@@ -194,6 +203,11 @@ class InfluenceAttributor:
         check_int("InfluenceAttributor swap_chunk_size", swap_chunk_size, minimum=1, allow_none=True)
         check_int("InfluenceAttributor max_batch_tokens", max_batch_tokens, minimum=1, allow_none=True)
         self.max_batch_tokens = max_batch_tokens
+        if input_cache_mb is not None and not (float(input_cache_mb) >= 0):
+            raise ValueError(
+                f"InfluenceAttributor input_cache_mb must be >= 0 MB (or None for no cap), got {input_cache_mb!r}. "
+                "Fix: pass e.g. 2048, or 0 to keep only what the solver needs."
+            )
         check_int("InfluenceAttributor query_chunk_size", query_chunk_size, minimum=1, allow_none=True,
                   fix="pass query_chunk_size >= 1, or None for all queries at once.")  # fmt: skip
         self.latent_method, self.ig_steps, self.ig_rule = check_latent_method(
@@ -211,6 +225,7 @@ class InfluenceAttributor:
         self.amp_dtype = amp_dtype
         self.cache = STestCache(Path(cache_dir) if cache_dir else default_cache_dir("s_test")) if use_cache else None
         self._hessian_inputs: list[SplitInputs] | None = None
+        self._inputs = _InputStore(self.split, None if input_cache_mb is None else float(input_cache_mb) * 2**20)
         self._factors_fitted = False
         self._hessian_key: str | None = None
         self._fingerprint: dict[str, Any] | None = None
@@ -223,23 +238,34 @@ class InfluenceAttributor:
         A solver that fits its own curvature model (``solver.fits_factors``: :class:`~repinf_lens.curvature.KFAC`,
         :class:`~repinf_lens.curvature.EKFAC`, or CG with such a ``preconditioner``) gets the split, the task and
         the rows (``solver.fit_factors``) and streams them itself; the Hessian batches are then prepared only when
-        the solver also uses HVPs (``solver.uses_hvp``: preconditioned CG does, K-FAC / EK-FAC do not).
+        the solver also uses HVPs (``solver.uses_hvp``: preconditioned CG does, K-FAC / EK-FAC do not). Either way
+        each batch's upstream part runs once: its prepared inputs are kept (``input_cache_mb``) for the factor
+        passes, the HVPs and the scoring of the same rows.
         """
         check_int("fit batch_size", batch_size, minimum=1, allow_none=True)
         rows = as_rows(hessian_dataset, "Hessian dataset")
         self._factors_fitted = False
-        if getattr(self.solver, "fits_factors", False):  # (duck-typed solvers have only solve())
-            self.solver.fit_factors(self.split, self.task, rows, batch_size=batch_size, progress=self.progress)
-            self._factors_fitted = True
-        self._hessian_key = _data_hash(rows)
-        if not getattr(self.solver, "uses_hvp", True):  # factors only (KFAC, EKFAC): no batches are kept
-            self._hessian_inputs = None
-            return self
-        bs = batch_size or self.solver.batch_size
-        self._hessian_inputs = [
-            self.split.prepare(self.task.collate(rows[i : i + bs]))
-            for i in tqdm(range(0, len(rows), bs), desc="hessian data", disable=not self.progress)
-        ]
+        self._hessian_inputs = None
+        uses_hvp = bool(getattr(self.solver, "uses_hvp", True))
+        self._inputs.clear()
+        self._inputs.keep_all = uses_hvp  # CG's HVP batches are held anyway: keep them all for reuse
+        self._inputs.collecting = True
+        try:
+            if getattr(self.solver, "fits_factors", False):  # (duck-typed solvers have only solve())
+                fit = self.solver.fit_factors
+                extra = {"prepare": self._inputs.prepare} if _accepts(fit, "prepare") else {}  # older solvers
+                fit(self.split, self.task, rows, batch_size=batch_size, progress=self.progress, **extra)
+                self._factors_fitted = True
+            self._hessian_key = _data_hash(rows)
+            if not uses_hvp:  # factors only (KFAC, EKFAC): no HVP batches
+                return self
+            bs = batch_size or self.solver.batch_size
+            self._hessian_inputs = [
+                self._inputs.prepare(rows[i : i + bs])
+                for i in tqdm(range(0, len(rows), bs), desc="hessian data", disable=not self.progress)
+            ]
+        finally:
+            self._inputs.collecting = False
         return self
 
     def _solver_identity(self) -> dict[str, Any]:
@@ -711,7 +737,7 @@ class InfluenceAttributor:
         for lo, hi in token_batches(self.task, t_rows[start:stop], bs, self.max_batch_tokens):
             lo, hi = start + lo, start + hi
             batch = self.task.collate(t_rows[lo:hi])
-            inp = self.split.prepare(batch)
+            inp = self._inputs.prepare(t_rows[lo:hi], batch=batch)  # kept by fit() for these rows, or computed
             lengths = batch.attention_mask.sum(1)
             part.train_tokens.extend(batch.tokens[i, : int(lengths[i])].cpu() for i in range(len(batch)))
             sl = slice(lo - start, hi - start)
@@ -756,6 +782,11 @@ class InfluenceAttributor:
             )
         return part
 
+    def _take_hits(self) -> int:
+        """Training batches scored from kept upstream inputs since the last result (then reset)."""
+        hits, self._inputs.hits = self._inputs.hits, 0
+        return hits
+
     def _meta(self, bs: int, t_solve: float, t_inf: float, infos: Sequence[SolveInfo]) -> dict[str, Any]:
         return {
             "hook_name": self.split.hook_name,
@@ -771,6 +802,8 @@ class InfluenceAttributor:
             "query_chunk_size": self.query_chunk_size,
             "amp_dtype": None if self.amp_dtype is None else str(self.amp_dtype),
             "latent_method": self.latent_settings,
+            # training batches whose upstream inputs fit() had kept (input_cache_mb): not recomputed
+            "reused_upstream_batches": self._take_hits(),
             # what `InfluenceResult.check_split` compares before ablations / reports reuse the result
             "split_fingerprint": self.fingerprint,
         }
@@ -803,6 +836,63 @@ class InfluenceAttributor:
 _DIAG = ("latent_sum", "error_term", "bias_term", "baseline")
 #: integrated gradients whose identity error exceeds this share of the score are reported (a RuntimeWarning)
 _IG_WARN_REL = 1e-2
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    """Whether ``fn`` takes the keyword ``name`` (or ``**kwargs``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _nbytes(inp: SplitInputs) -> int:
+    """Bytes held by a batch's prepared inputs (its tensors and the task batch's)."""
+    import dataclasses
+
+    tensors = [inp.latents, inp.base, inp.error, *(inp.anchor or ())]
+    tensors += [getattr(inp.batch, f.name) for f in dataclasses.fields(inp.batch)]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
+
+
+class _InputStore:
+    """Prepared upstream inputs (:meth:`SplitModel.prepare`) of row batches, keyed by the batch's rows.
+
+    While :meth:`InfluenceAttributor.fit` runs (``collecting``), every batch prepared through :meth:`prepare` is
+    kept (all of them when ``keep_all``: the solver holds them for its HVPs anyway; else while the total stays
+    under ``budget`` bytes, ``None`` = no cap). A later :meth:`prepare` of the same rows (the same content, in the
+    same order, batched alike) returns the kept tensors instead of running the upstream part again: a factor
+    pass, the HVP batches and the scoring of the Hessian rows all reuse one upstream pass. Outside ``fit``
+    nothing is added (scoring a large training set streams). ``hits`` counts the reuses outside ``fit``.
+    """
+
+    def __init__(self, split: SplitModel, budget: float | None) -> None:
+        self.split, self.budget = split, budget
+        self.keep_all = False
+        self.collecting = False
+        self.hits = 0
+        self._kept: dict[str, SplitInputs] = {}
+        self._bytes = 0
+
+    def clear(self) -> None:
+        self._kept, self._bytes, self.hits = {}, 0, 0
+
+    def prepare(self, rows: Sequence[Mapping[str, Any]], *, batch: Any = None) -> SplitInputs:
+        """The prepared inputs of ``rows`` (one batch, ``batch`` = its collated task batch when at hand)."""
+        key = f"{len(rows)}:{_data_hash(rows)}" if (self._kept or self.collecting) else None
+        if key is not None and key in self._kept:
+            self.hits += 0 if self.collecting else 1
+            return self._kept[key]
+        inp = self.split.prepare(batch if batch is not None else self.split.task.collate(list(rows)))
+        if key is not None and self.collecting:
+            size = _nbytes(inp)
+            if self.keep_all or self.budget is None or self._bytes + size <= self.budget:
+                self._kept[key] = inp
+                self._bytes += size
+        return inp
 
 
 def _ig_unconverged(li: LatentInfluence) -> list[float]:
