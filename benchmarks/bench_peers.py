@@ -56,6 +56,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -185,6 +186,59 @@ def _timed(fn: Callable[..., Any], box: list[float]) -> Callable[..., Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- setting
+@dataclass(frozen=True)
+class TwinMap:
+    """One matrix of theta2: its TransformerLens name, the HF twin's ``nn.Linear`` holding it, and the layouts."""
+
+    tl: str  # e.g. "blocks.29.attn.W_Q" ([n_heads, d_model, d_head])
+    hf: str  # e.g. "model.layers.29.self_attn.q_proj" (weight [n_heads * d_head, d_model])
+    to_hf: Callable[[Tensor], Tensor]  # TL layout -> the HF weight
+    to_tl: Callable[[Tensor], Tensor]  # the HF weight (or its gradient) -> TL layout
+
+
+def twin_maps(model: Any, layer: int, which: str) -> list[TwinMap]:
+    """theta2's matrices in block ``layer`` of a Llama-family model: ``"w_out"`` (the MLP's ``W_out``) or ``"block"``
+    (every linear map of the block: ``W_Q``, ``W_K``, ``W_V`` (grouped-query: ``_W_K`` / ``_W_V``), ``W_O``,
+    ``W_gate``, ``W_in``, ``W_out``; the norm weights and TL's zero biases have no ``nn.Linear`` a peer could
+    track, so they stay out of theta2 for every method)."""
+    import einops
+
+    names = {n for n, _ in model.named_parameters()}
+    pre, hf = f"blocks.{layer}.", f"model.layers.{layer}."
+    n_heads = int(model.cfg.n_heads)
+    n_kv = int(getattr(model.cfg, "n_key_value_heads", None) or n_heads)
+
+    def t(w: Tensor) -> Tensor:
+        return w.T
+
+    def heads_in(n: int) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+        return (lambda w: einops.rearrange(w, "n m h -> (n h) m"),
+                lambda w: einops.rearrange(w, "(n h) m -> n m h", n=n))  # fmt: skip
+
+    def tl_name(short: str) -> str:  # grouped-query K / V are TL's raw _W_K / _W_V
+        return pre + (f"attn._{short}" if pre + f"attn._{short}" in names else f"attn.{short}")
+
+    w_out = TwinMap(pre + "mlp.W_out", hf + "mlp.down_proj", t, t)
+    if which == "w_out":
+        return [w_out]
+    if which != "block":
+        raise ValueError(f"--theta2 must be 'w_out' or 'block', got {which!r}.")
+    return [
+        TwinMap(pre + "attn.W_Q", hf + "self_attn.q_proj", *heads_in(n_heads)),
+        TwinMap(tl_name("W_K"), hf + "self_attn.k_proj", *heads_in(n_kv)),
+        TwinMap(tl_name("W_V"), hf + "self_attn.v_proj", *heads_in(n_kv)),
+        TwinMap(
+            pre + "attn.W_O",
+            hf + "self_attn.o_proj",
+            lambda w: einops.rearrange(w, "n h m -> m (n h)"),
+            lambda w: einops.rearrange(w, "m (n h) -> n h m", n=n_heads),
+        ),
+        TwinMap(pre + "mlp.W_gate", hf + "mlp.gate_proj", t, t),
+        TwinMap(pre + "mlp.W_in", hf + "mlp.up_proj", t, t),
+        w_out,
+    ]
+
+
 @dataclass
 class Setting:
     """The model, its HF twin, the split and the rows every method shares."""
@@ -195,19 +249,32 @@ class Setting:
     task: Any
     train: list[dict[str, Any]]
     queries: list[dict[str, Any]]
-    theta_name: str  # TL name of theta2
-    hf_module: str  # HF module whose weight is theta2^T
+    maps: list[TwinMap]  # theta2's matrices (TL name, HF module, layouts), in a fixed order
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def theta(self) -> Tensor:
-        return self.split.downstream_params()[self.theta_name]
+    def theta_names(self) -> list[str]:
+        return [m.tl for m in self.maps]
 
-    def load_theta(self, w: Tensor) -> None:
-        """Write theta2 into the TL model and (transposed) into the HF twin."""
-        self.split.load_downstream_params({self.theta_name: w})
+    @property
+    def hf_modules(self) -> list[str]:
+        return [m.hf for m in self.maps]
+
+    @property
+    def theta(self) -> dict[str, Tensor]:
+        params = self.split.downstream_params()
+        return {n: params[n] for n in self.theta_names}
+
+    @property
+    def n_theta2(self) -> int:
+        return sum(v.numel() for v in self.theta.values())
+
+    def load_theta(self, params: dict[str, Tensor]) -> None:
+        """Write theta2 into the TL model and (in the HF layout) into the HF twin."""
+        self.split.load_downstream_params({n: params[n] for n in self.theta_names})
         with torch.no_grad():
-            self.hf.get_submodule(self.hf_module).weight.copy_(w.T)
+            for m in self.maps:
+                self.hf.get_submodule(m.hf).weight.copy_(m.to_hf(params[m.tl]))
 
 
 def build_setting(args: argparse.Namespace) -> Setting:
@@ -232,33 +299,36 @@ def build_setting(args: argparse.Namespace) -> Setting:
         source = f"openbookqa/{args.split} rows 0..{need - 1} (offline)"
     n_layers = int(model.cfg.n_layers)
     hook = f"blocks.{n_layers - 2}.hook_resid_post"
-    theta_name = f"blocks.{n_layers - 1}.mlp.W_out"
+    maps = twin_maps(model, n_layers - 1, args.theta2)
     task = MultipleChoiceTask.from_model(model, template=args.template)
-    split = SplitModel(model, hook, None, task=task, downstream=rf"^{theta_name.replace('.', '[.]')}$")
-    hf_module = f"model.layers.{n_layers - 1}.mlp.down_proj"
-    w_tl = split.downstream_params()[theta_name]
-    w_hf = hf.get_submodule(hf_module).weight
-    if tuple(w_hf.shape) != tuple(w_tl.T.shape) or not torch.equal(w_hf.detach(), w_tl.T):
-        raise GradientMismatchError(
-            f"The HF twin's {hf_module}.weight {tuple(w_hf.shape)} is not the TL {theta_name} {tuple(w_tl.shape)} "
-            "transposed: the twin is another model. Fix: load both from the same folder (--model)."
-        )
+    pattern = "|".join(re.escape(m.tl) for m in maps)
+    split = SplitModel(model, hook, None, task=task, downstream=rf"^({pattern})$")
+    params = split.downstream_params()
+    if sorted(params) != sorted(m.tl for m in maps):
+        raise GradientMismatchError(f"theta2 is {sorted(params)}, not the matrices {[m.tl for m in maps]}.")
+    for m in maps:
+        w_tl, w_hf = params[m.tl], hf.get_submodule(m.hf).weight
+        if tuple(w_hf.shape) != tuple(m.to_hf(w_tl).shape) or not torch.equal(w_hf.detach(), m.to_hf(w_tl)):
+            raise GradientMismatchError(
+                f"The HF twin's {m.hf}.weight {tuple(w_hf.shape)} is not the TL {m.tl} {tuple(w_tl.shape)} in the HF "
+                "layout: the twin is another model. Fix: load both from the same folder (--model)."
+            )
     for p in hf.parameters():
         p.requires_grad_(False)
     info = {
         "model": "tiny" if args.tiny else (args.model or "default (SmolLM2-135M-Instruct)"),
         "rows": source,
         "hook": hook,
-        "theta2": theta_name,
-        "hf_module": hf_module,
-        "n_theta2": w_tl.numel(),
+        "theta2": ", ".join(m.tl for m in maps),
+        "hf_module": ", ".join(m.hf for m in maps),
+        "n_theta2": sum(v.numel() for v in params.values()),
         "template": args.template,
         "sae": None,
         "n_train": args.n_train,
         "queries": args.queries,
         "damping": args.damping,
     }
-    return Setting(model, hf, split, task, rows[: args.n_train], rows[args.n_train :], theta_name, hf_module, info)
+    return Setting(model, hf, split, task, rows[: args.n_train], rows[args.n_train :], maps, info)
 
 
 # ---------------------------------------------------------------------------------------------------- ground truth
@@ -307,6 +377,9 @@ class CachedTail:
 
         self.s, self._norm, self._cap = s, final_norm, logit_softcap
         model, layer = s.model, int(s.model.cfg.n_layers) - 1
+        if s.theta_names != [f"blocks.{layer}.mlp.W_out"]:
+            raise ValueError(f"CachedTail is the loss of the last W_out alone, not of {s.theta_names}.")
+        self.name = s.theta_names[0]
         self.hooks = (f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.mlp.hook_post")
         self.b_out = model.blocks[layer].mlp.b_out.detach()
         self.cols = torch.tensor(sorted(set(s.task.letter_ids)), dtype=torch.long)
@@ -336,14 +409,14 @@ class CachedTail:
         return TailInputs(at_answer(seen[self.hooks[0]]), at_answer(seen[self.hooks[1]]), batch)
 
     def inputs_loss(self, params: dict[str, Tensor], inp: TailInputs, reduction: str = "mean") -> Tensor:
-        resid = inp.resid_mid + inp.post @ params[self.s.theta_name] + self.b_out
+        resid = inp.resid_mid + inp.post @ params[self.name] + self.b_out
         h = self._norm(self.s.model, resid[:, None, :])[:, 0]
         logits = self._cap(self.s.model, h @ self.w_u + self.b_u)
         return self.s.task.loss(logits, inp.batch, reduction=reduction)
 
     def verify(self, inputs: Sequence[Any], tails: Sequence[TailInputs], tol: float) -> dict[str, Any]:
         """Losses and gradients vs ``split.inputs_loss`` at theta2 and at a perturbed theta2; raise above ``tol``."""
-        name = self.s.theta_name
+        name = self.name
         w0 = self.s.split.downstream_params()[name]
         g = torch.Generator().manual_seed(0)
         out: dict[str, Any] = {}
@@ -386,35 +459,125 @@ def retrain(s: Setting, weights: dict[str, Tensor], args: argparse.Namespace) ->
     out: dict[str, Any] = {}
     objective: Any = split
     fit_inputs: list[Any] = inputs
-    if args.cached_tail:
+    use_tail = args.cached_tail and args.theta2 == "w_out"  # (the whole block: the split's own loss)
+    if use_tail:
         objective = CachedTail(s)
         fit_inputs = [objective.tail_inputs(i) for i in inputs]
         out["cached_tail_check"] = objective.verify(inputs, fit_inputs, args.grad_tol)
     kw = dict(damping=args.damping, max_iter=args.max_iter)
+    ckpt = TruthCheckpoint(args.out / "ground_truth.partial.safetensors", s, weights, args, theta0, use_tail)
     t0, c0 = time.perf_counter(), time.process_time()
-    full = refit_downstream(objective, fit_inputs, torch.ones(len(s.train)), theta0, theta0, **kw)
-    out["full_refit_s"], out["full_refit_cpu_s"] = (
-        round(time.perf_counter() - t0, 1),
-        round(time.process_time() - c0, 1),
-    )
-    s.load_theta(full[s.theta_name])
+    full = ckpt.full
+    if full is None:
+        full = refit_downstream(objective, fit_inputs, torch.ones(len(s.train)), theta0, theta0, **kw)
+        ckpt.save_full(full, time.perf_counter() - t0, time.process_time() - c0)
+    out["full_refit_s"], out["full_refit_cpu_s"] = ckpt.seconds("full")
+    s.load_theta(full)
     base = _test_losses(split, full, q_inputs)
     out["base_test_loss"] = base.tolist()
-    out["objective"] = "CachedTail (answer-position W_out loss)" if args.cached_tail else "split.inputs_loss"
+    out["objective"] = "CachedTail (answer-position W_out loss)" if use_tail else "split.inputs_loss"
+    if ckpt.resumed:
+        out["resumed_from_checkpoint"] = ckpt.resumed
     for kind, w in weights.items():
-        t, c = time.perf_counter(), time.process_time()
-        actual = []
-        for row in tqdm(w, desc=f"{kind} retraining", disable=not args.progress):
-            p = refit_downstream(objective, fit_inputs, row, full, theta0, **kw)
-            actual.append(_test_losses(split, p, q_inputs) - base)
-        out[kind] = {"actual": torch.stack(actual, 1), "seconds": round(time.perf_counter() - t, 1),
-                     "cpu_s": round(time.process_time() - c, 1)}  # fmt: skip
+        actual = ckpt.done(kind)
+        with tqdm(total=len(w), initial=len(actual), desc=f"{kind} retraining", disable=not args.progress) as bar:
+            for row in w[len(actual) :]:
+                t, c = time.perf_counter(), time.process_time()
+                p = refit_downstream(objective, fit_inputs, row, full, theta0, **kw)
+                actual.append(_test_losses(split, p, q_inputs) - base)
+                ckpt.save_refit(kind, actual, time.perf_counter() - t, time.process_time() - c)
+                bar.update(1)
+        secs, cpu = ckpt.seconds(kind)
+        out[kind] = {"actual": torch.stack(actual, 1), "seconds": secs, "cpu_s": cpu}
     return out
+
+
+class TruthCheckpoint:
+    """The retraining's finished work (theta2*, then each refit's test-loss changes), written after every refit.
+
+    One safetensors file (atomic, with the sha256 of its tensors) whose header holds the fingerprint of everything
+    the refits depend on (setting, rows, masks, theta2 at the start, L-BFGS settings). A rerun with the same
+    fingerprint resumes after the last finished refit (the retraining of the whole last block takes about 75 min on
+    one thread); another fingerprint, or a corrupt file, starts over (the file is replaced).
+    """
+
+    def __init__(
+        self, path: Path, s: Setting, weights: dict[str, Tensor], args: argparse.Namespace,
+        theta0: dict[str, Tensor], use_tail: bool,
+    ) -> None:  # fmt: skip
+        from repinf_lens._fingerprint import state_digest
+        from repinf_lens._shards import fingerprint_hash, read_verified
+
+        self.path = path
+        fp = {
+            "setting": {k: v for k, v in s.info.items()},
+            "rows": [r.get("id") for r in s.train + s.queries],
+            "weights": state_digest({k: v.contiguous() for k, v in weights.items()}, cache=False),
+            "theta0": state_digest({k: v.contiguous() for k, v in theta0.items()}, cache=False),
+            "max_iter": args.max_iter,
+            "batch_size": args.batch_size,
+            "objective": "cached_tail" if use_tail else "split",
+            "threads": args.threads,
+        }
+        self.fingerprint = fingerprint_hash(json.loads(json.dumps(fp, default=str)))
+        self.tensors: dict[str, Tensor] = {}
+        self.meta: dict[str, Any] = {}
+        self.resumed: dict[str, int] = {}
+        if path.exists():
+            header, tensors, problem = read_verified(path)
+            if problem is None and header.get("fingerprint") == self.fingerprint and tensors is not None:
+                self.tensors, self.meta = tensors, json.loads(header.get("bench_peers", "{}"))
+                self.resumed = {k: int(v.shape[1]) for k, v in tensors.items() if k.startswith("actual/")}
+                if "full/" + s.theta_names[0] in tensors:
+                    self.resumed["full"] = 1
+                print(f"[bench_peers] retraining resumes from {path}: {self.resumed}", flush=True)
+            else:
+                why = problem or "another setting (its fingerprint differs)"
+                print(f"[bench_peers] ignoring {path} ({why}); the retraining starts over", flush=True)
+
+    @property
+    def full(self) -> dict[str, Tensor] | None:
+        full = {k[len("full/") :]: v for k, v in self.tensors.items() if k.startswith("full/")}
+        return full or None
+
+    def done(self, kind: str) -> list[Tensor]:
+        t = self.tensors.get(f"actual/{kind}")
+        return [] if t is None else list(t.double().unbind(1))
+
+    def seconds(self, kind: str) -> tuple[float, float]:
+        wall, cpu = self.meta.get(kind, (0.0, 0.0))
+        return round(wall, 1), round(cpu, 1)
+
+    def _add_seconds(self, kind: str, wall: float, cpu: float) -> None:
+        w0, c0 = self.meta.get(kind, (0.0, 0.0))
+        self.meta[kind] = (w0 + wall, c0 + cpu)
+
+    def _write(self) -> None:
+        from safetensors.torch import save_file
+
+        from repinf_lens._fingerprint import state_digest
+        from repinf_lens._io import atomic_file
+        from repinf_lens._shards import CONTENT_KEY
+
+        cpu = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
+        with atomic_file(self.path) as tmp:
+            save_file(cpu, tmp, metadata={"fingerprint": self.fingerprint, "bench_peers": json.dumps(self.meta),
+                                          CONTENT_KEY: state_digest(cpu, cache=False)})  # fmt: skip
+
+    def save_full(self, full: dict[str, Tensor], wall: float, cpu: float) -> None:
+        self.tensors.update({f"full/{k}": v for k, v in full.items()})
+        self._add_seconds("full", wall, cpu)
+        self._write()
+
+    def save_refit(self, kind: str, actual: list[Tensor], wall: float, cpu: float) -> None:
+        self.tensors[f"actual/{kind}"] = torch.stack(actual, 1)
+        self._add_seconds(kind, wall, cpu)
+        self._write()
 
 
 # ---------------------------------------------------------------------------------------------------- gradients
 def repinf_example_grads(s: Setting, rows: Sequence[dict[str, Any]], bs: int) -> Tensor:
-    """``[N, n_theta2]`` per-example gradients of repinf_lens' split loss (TL layout ``[d_mlp, d_model]``, flat)."""
+    """``[N, n_theta2]`` per-example gradients of repinf_lens' split loss (TL layouts, flat, in ``s.maps`` order)."""
     from repinf_lens.curvature.hvp import loss_grad
 
     params = s.split.downstream_params()
@@ -422,7 +585,8 @@ def repinf_example_grads(s: Setting, rows: Sequence[dict[str, Any]], bs: int) ->
     for lo in range(0, len(rows), bs):
         inp = s.split.prepare(s.task.collate(rows[lo : lo + bs]))
         for i in range(len(inp)):
-            out.append(loss_grad(s.split, params, inp.slice(i, i + 1))[s.theta_name].detach().flatten())
+            g = loss_grad(s.split, params, inp.slice(i, i + 1))
+            out.append(torch.cat([g[n].detach().flatten() for n in s.theta_names]))
     return torch.stack(out)
 
 
@@ -507,21 +671,24 @@ def hf_collate(items: Sequence[dict[str, Tensor]], pad_id: int = 0) -> dict[str,
 
 
 def hf_example_grads(s: Setting, rows: Sequence[dict[str, Any]], bs: int) -> tuple[Tensor, Tensor]:
-    """``([N, n_theta2], [N])``: the HF twin's per-example down_proj gradients (transposed to TL layout) and losses."""
+    """``([N, n_theta2], [N])``: the HF twin's per-example gradients of theta2's modules (in TL layouts, flat, in
+    ``s.maps`` order) and losses."""
     loss = HFTwinLoss(s.task)
-    w = s.hf.get_submodule(s.hf_module).weight
+    ws = [s.hf.get_submodule(m.hf).weight for m in s.maps]
     items = hf_items(s.task, rows)
     grads, losses = [], []
-    w.requires_grad_(True)
+    for w in ws:
+        w.requires_grad_(True)
     try:
         for lo in range(0, len(items), bs):
             per = loss.losses(hf_collate(items[lo : lo + bs], s.task.pad_id), s.hf)
             for i in range(len(per)):
-                (g,) = torch.autograd.grad(per[i], w, retain_graph=i + 1 < len(per))
-                grads.append(g.T.detach().flatten())
+                gs = torch.autograd.grad(per[i], ws, retain_graph=i + 1 < len(per))
+                grads.append(torch.cat([m.to_tl(g).detach().flatten() for m, g in zip(s.maps, gs, strict=True)]))
             losses.append(per.detach())
     finally:
-        w.requires_grad_(False)
+        for w in ws:
+            w.requires_grad_(False)
     return torch.stack(grads), torch.cat(losses)
 
 
@@ -590,7 +757,8 @@ def gradient_checks(
     checks = []
     if kronfluence:
         g_hf, l_hf = hf_example_grads(s, rows, bs)
-        c = compare_grads(ref, g_hf, args.grad_tol, "HF twin down_proj (the loss Kronfluence differentiates)")
+        c = compare_grads(ref, g_hf, args.grad_tol, f"HF twin {', '.join(m.hf.rsplit('.', 1)[-1] for m in s.maps)} "
+                          "(the loss Kronfluence differentiates)")  # fmt: skip
         c["max_abs_loss_diff"] = float((l_hf - losses).abs().max())
         checks.append(c)
         del g_hf
@@ -643,9 +811,12 @@ def run_repinf(
     return MethodRun(
         name, "repinf_lens", scores, 1.0, "+ g_test^T (H + lambda)^-1 g_train (positive = proponent)", fit,
         res.meta["seconds_s_test"], res.meta["seconds_influence"], mem.peak_mb,
-        {**settings, "solve_iterations": its, "hvp_mode": hvp_mode, "latent_method": latent_method},
-        "example scores only (one forward JVP per training batch)" if latent_method == "none"
-        else "scoring also computes the per-dimension (latent) scores of the activation at the hook (the swap)",
+        {**settings, "solve_iterations": its, "hvp_mode": hvp_mode, "latent_method": latent_method,
+         "reused_upstream_batches": res.meta.get("reused_upstream_batches")},
+        ("example scores only (one forward JVP per training batch)" if latent_method == "none"
+         else "scoring also computes the per-dimension (latent) scores of the activation at the hook (the swap)")
+        + ("; the upstream part (blocks below the hook) ran once, in fit: scoring reused its inputs"
+           if res.meta.get("reused_upstream_batches") else ""),
     )  # fmt: skip
 
 
@@ -690,7 +861,7 @@ def repinf_methods(s: Setting, args: argparse.Namespace, workdir: Path) -> dict[
         ),
         **dict(
             [pcg(it) for it in (5, 10, 20)]
-            + [pcg(it, "bfloat16") for it in (2, 3, 5, 10)]
+            + [pcg(it, "bfloat16") for it in (2, 3, 5, 10, 15, 20)]
             + [pcg(10, latent_method="grad_x_input")]
         ),
         "repinf kfac (true)": lambda: run_repinf(s, "repinf kfac (true)", factored(KFAC, "true"), args),
@@ -700,8 +871,8 @@ def repinf_methods(s: Setting, args: argparse.Namespace, workdir: Path) -> dict[
     }
 
 
-def kronfluence_task(task: Any, module: str, mask: str) -> Any:
-    """A Kronfluence ``Task`` whose loss is repinf_lens' multiple-choice loss (summed) and tracks only ``module``."""
+def kronfluence_task(task: Any, modules: Sequence[str], mask: str) -> Any:
+    """A Kronfluence ``Task`` whose loss is repinf_lens' multiple-choice loss (summed) and tracks only ``modules``."""
     from kronfluence.task import Task
 
     loss = HFTwinLoss(task)
@@ -720,7 +891,7 @@ def kronfluence_task(task: Any, module: str, mask: str) -> Any:
             return loss.losses(batch, model).sum()
 
         def get_influence_tracked_modules(self) -> list[str]:
-            return [module]
+            return list(modules)
 
         def get_attention_mask(self, batch: Any) -> Tensor:
             return batch["answer_mask"] if self.mask == "answer" else batch["attention_mask"]
@@ -750,7 +921,7 @@ def kronfluence_methods(
 
     train_ds = ItemDataset(hf_items(s.task, s.train))
     query_ds = ItemDataset(hf_items(s.task, s.queries))
-    ktask = kronfluence_task(s.task, s.hf_module, "answer")
+    ktask = kronfluence_task(s.task, s.hf_modules, "answer")
     state: dict[str, Any] = {}
 
     def run(strategy: str, fisher: str, mask: str) -> MethodRun:
@@ -851,19 +1022,21 @@ def dattri_data(
 
 
 def dattri_functions(s: Setting) -> tuple[Any, Callable, Callable, Callable]:
-    """``(theta module, loss, margin, correct probability)``: functions of ``{"w": theta2}`` and one data tuple.
+    """``(theta module, loss, margin, correct probability)``: functions of ``{"w0": ..., "w1": ...}`` (theta2's
+    matrices in ``s.maps`` order) and one data tuple.
 
     The data tuple holds a batch (``x [B, T, d]``) or one example (``x [T, d]``, TRAK's per-example vmap); the loss
     is the MEAN of repinf_lens' split loss over the batch (so its Hessian is the one repinf_lens' solvers invert).
     """
     from repinf_lens.task.mcqa import MCQABatch
 
-    split, task, name = s.split, s.task, s.theta_name
+    split, task, names = s.split, s.task, s.theta_names
 
     class Theta(torch.nn.Module):
-        def __init__(self, w: Tensor) -> None:
+        def __init__(self, theta: dict[str, Tensor]) -> None:
             super().__init__()
-            self.w = torch.nn.Parameter(w.detach().clone())
+            for i, n in enumerate(names):  # (parameter names cannot hold dots: w0, w1, ... in theta2's order)
+                self.register_parameter(f"w{i}", torch.nn.Parameter(theta[n].detach().clone()))
 
     def option_logp(params: dict[str, Tensor], data: Sequence[Tensor]) -> Tensor:
         x, pos, lab, opt = data
@@ -873,7 +1046,7 @@ def dattri_functions(s: Setting) -> tuple[Any, Callable, Callable, Callable]:
             tokens=torch.zeros(x.shape[:2], dtype=torch.long), attention_mask=torch.ones(x.shape[:2], dtype=torch.long),
             answer_pos=pos, labels=lab, option_ids=opt,
         )  # fmt: skip
-        logits = split.logits(x, b, {name: params["w"]})
+        logits = split.logits(x, b, {n: params[f"w{i}"] for i, n in enumerate(names)})
         return task.option_logits(logits, b).log_softmax(-1).gather(1, lab[:, None])[:, 0], b, logits
 
     def loss(params: dict[str, Tensor], data: Sequence[Tensor]) -> Tensor:
@@ -957,7 +1130,7 @@ def dattri_methods(
     # projects with N(0, 1) entries, so E ||x_i||^2 = proj_dim ||grad loss_i||^2 / ((1 - p_i)^2 n_theta2)
     p_train = torch.exp(-train_losses)
     mean_sq = float((train_grad_sq / (1 - p_train).clamp_min(1e-6) ** 2).mean())
-    trak_reg = args.trak_reg_rel * args.trak_proj_dim * mean_sq / s.theta.numel()
+    trak_reg = args.trak_reg_rel * args.trak_proj_dim * mean_sq / s.n_theta2
 
     def run_trak() -> MethodRun:
         with _mem() as mem, torch.no_grad():  # (see run_inner_product)
@@ -1163,6 +1336,12 @@ def markdown(res: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny random HF Llama and toy rows (smoke test, seconds)")
+    p.add_argument(
+        "--theta2",
+        choices=("w_out", "block"),
+        default="w_out",
+        help="theta2: the last block's mlp.W_out (default) or all its linear maps (q/k/v/o, gate/up/down)",
+    )
     p.add_argument("--model", default=None, help="local HF folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--split", default="train", help="OpenBookQA split the rows come from")
     p.add_argument("--template", default="plain")
@@ -1239,7 +1418,7 @@ def _main(args: argparse.Namespace, workdir: Path, t_start: float) -> dict[str, 
         print(f"[bench_peers {time.perf_counter() - t_start:7.1f} s] {msg}", flush=True)
 
     s = build_setting(args)
-    log(f"setting: {s.info['model']}, theta2 {s.theta_name} ({s.info['n_theta2']} parameters)")
+    log(f"setting: {s.info['model']}, theta2 {s.info['theta2']} ({s.info['n_theta2']} parameters)")
 
     # a quick gradient check at the starting theta2 first, so a mismatch aborts before the long retraining
     pre = None
@@ -1328,6 +1507,7 @@ def _main(args: argparse.Namespace, workdir: Path, t_start: float) -> dict[str, 
             "full_refit_cpu_s",
             "base_test_loss",
             "train_loss_at_theta_star",
+            "resumed_from_checkpoint",
         )
         gt_out: dict[str, Any] = {k: gt[k] for k in keep if k in gt}
         gt_out["lds"] = {"n_subsets": args.subsets, "fraction": args.fraction, "seconds": gt["lds"]["seconds"],

@@ -207,6 +207,19 @@ ENTRIES: tuple[Entry, ...] = (
         ),
     ),
     Entry(
+        "bench-peers-block",
+        "Peers",
+        130,  # ~75 min of retraining (checkpointed: a rerun resumes after the last finished refit), then the methods
+        (
+            "pip install --no-deps kronfluence==1.0.1 dattri==0.3.0 einconv opt-einsum",
+            "python benchmarks/bench_peers.py --theta2 block --loo 0 --threads 1 --no-progress "
+            "--out runs/bench_peers_block --only 'repinf identity' 'repinf cg100' 'repinf cg20 (fixed)' "
+            "'repinf pcg10 ekfac (emp)' 'repinf pcg20 ekfac (emp)' 'pcg10 ekfac (emp, bf16' 'pcg20 ekfac (emp, bf16' "
+            "'repinf kfac' 'repinf ekfac' 'kronfluence ekfac (emp)' 'kronfluence kfac (emp)' "
+            "'kronfluence ekfac (true)' 'kronfluence kfac (true)' dattri",
+        ),
+    ),
+    Entry(
         "faithfulness-ekfac-vs-cg",
         "Analysis",
         25,
@@ -252,6 +265,12 @@ ENTRIES: tuple[Entry, ...] = (
             "python benchmarks/bench_curvature_cost.py --hook blocks.22.hook_resid_post --queries 4 --threads 1 "
             "--out benchmarks/results/curvature_cost_L22.json",
         ),
+    ),
+    Entry(
+        "bench-e2e-L22",
+        "Scale",
+        35,
+        ("python benchmarks/bench_e2e.py --queries 64 --top-k 16 --threads 1 --out benchmarks/results/e2e_L22.json",),
     ),
     Entry(
         "bench-curvature-cost-L8",

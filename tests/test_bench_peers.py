@@ -80,12 +80,13 @@ def test_dattri_gradient_check_compares(tiny):
     dd = bp.dattri_data(s, 4)
     assert bp.compare_grads(ref, bp.dattri_grads(s, dd), 1e-4, "dattri")["max_scaled_residual"] < 1e-4
     # dattri's copy of theta2 is another point: the check sees it
-    w = s.theta.clone()
+    name = s.theta_names[0]
+    w = s.theta[name].clone()
     try:
-        s.split.load_downstream_params({s.theta_name: w + 0.5 * torch.randn_like(w)})
+        s.split.load_downstream_params({name: w + 0.5 * torch.randn_like(w)})
         g_bad = bp.dattri_grads(s, dd)
     finally:
-        s.split.load_downstream_params({s.theta_name: w})
+        s.split.load_downstream_params({name: w})
     with pytest.raises(bp.GradientMismatchError):
         bp.compare_grads(ref, g_bad, 1e-4, "dattri (other theta2)")
 
@@ -135,3 +136,55 @@ def test_memory_cap_stops_a_method_and_the_run_goes_on(tmp_path):
                             "--max-rss-gb", "0.01"])  # fmt: skip
     assert res["methods"] == [] and res["best"] is None and res["complete"]
     assert "MemoryCapExceeded" in res["skipped"]["repinf identity"]
+
+
+def test_the_whole_block_setting_matches_the_hf_twin_map_by_map(tmp_path):
+    """--theta2 block: the 7 linear maps of the last block (grouped-query K/V included), each equal to its HF
+    module in the HF layout, and per-example gradients equal to the HF twin's autograd (an independent model)."""
+    import bench_peers as bp
+
+    args = bp.parse_args(["--tiny", "--theta2", "block", "--n-train", "4", "--queries", "1"])
+    args.workdir = str(tmp_path)
+    s = bp.build_setting(args)
+    short = [m.tl.rsplit(".", 1)[-1] for m in s.maps]
+    assert short[0] == "W_Q" and short[3:] == ["W_O", "W_gate", "W_in", "W_out"] and len(short) == 7
+    assert sorted(s.split.downstream_params()) == sorted(s.theta_names)
+    assert s.n_theta2 == sum(s.hf.get_submodule(m.hf).weight.numel() for m in s.maps)
+    for m in s.maps:  # the layouts round-trip
+        w = s.theta[m.tl]
+        assert torch.equal(m.to_tl(m.to_hf(w)), w)
+    rows = s.train + s.queries
+    ref = bp.repinf_example_grads(s, rows, 4)
+    g_hf, _ = bp.hf_example_grads(s, rows, 4)
+    assert bp.compare_grads(ref, g_hf, 1e-4, "HF twin, whole block")["max_scaled_residual"] < 1e-4
+    # a map loaded into the TL model only: the twin now computes another function, and the check sees it
+    name = s.maps[0].tl
+    w = s.theta[name].clone()
+    try:
+        s.split.load_downstream_params({name: w + 0.3 * torch.randn_like(w)})
+        with pytest.raises(bp.GradientMismatchError):
+            bp.compare_grads(bp.repinf_example_grads(s, rows, 4), g_hf, 1e-4, "HF twin (other W_Q)")
+    finally:
+        s.split.load_downstream_params({name: w})
+
+
+def test_the_retraining_resumes_from_its_checkpoint(tmp_path, capsys):
+    import bench_peers as bp
+
+    argv = ["--tiny", "--theta2", "block", "--n-train", "6", "--queries", "2", "--subsets", "3", "--loo", "0",
+            "--max-iter", "5", "--precheck", "0", "--no-progress", "--out", str(tmp_path),
+            "--only", "repinf identity"]  # fmt: skip
+    first = bp.main(argv)
+    ckpt = tmp_path / "ground_truth.partial.safetensors"
+    assert ckpt.exists() and "resumed_from_checkpoint" not in first["ground_truth"]
+    again = bp.main(argv)  # every refit is read back, none rerun
+    assert again["ground_truth"]["resumed_from_checkpoint"] == {"actual/lds": 3, "full": 1}
+    assert again["ground_truth"]["lds"]["actual"] == first["ground_truth"]["lds"]["actual"]
+    assert again["methods"][0]["scores"] == first["methods"][0]["scores"]
+    # a corrupt checkpoint is ignored (named), and the retraining starts over with the same result
+    ckpt.write_bytes(ckpt.read_bytes()[:-16])
+    capsys.readouterr()
+    fresh = bp.main(argv)
+    assert "ignoring" in capsys.readouterr().out and "resumed_from_checkpoint" not in fresh["ground_truth"]
+    assert torch.allclose(torch.tensor(fresh["ground_truth"]["lds"]["actual"]),
+                          torch.tensor(first["ground_truth"]["lds"]["actual"]), atol=1e-9)  # fmt: skip
