@@ -447,9 +447,6 @@ def retrain(s: Setting, weights: dict[str, Tensor], args: argparse.Namespace) ->
     its tolerances) on the training batches; with the cached tail (default) its loss is :class:`CachedTail`'s
     (verified equal to the split's). The test losses are always the split's own.
     """
-    from tqdm.auto import tqdm
-
-    from repinf_lens.analysis.lds import refit_downstream
 
     bs = args.batch_size
     split, task = s.split, s.task
@@ -466,6 +463,23 @@ def retrain(s: Setting, weights: dict[str, Tensor], args: argparse.Namespace) ->
         out["cached_tail_check"] = objective.verify(inputs, fit_inputs, args.grad_tol)
     kw = dict(damping=args.damping, max_iter=args.max_iter)
     ckpt = TruthCheckpoint(args.out / "ground_truth.partial.safetensors", s, weights, args, theta0, use_tail)
+    torch.set_num_threads(args.truth_threads or args.threads)
+    try:
+        return _retrain(s, split, objective, fit_inputs, q_inputs, weights, theta0, ckpt, out, kw, args)
+    finally:
+        torch.set_num_threads(args.threads)
+
+
+def _retrain(
+    s: Setting, split: Any, objective: Any, fit_inputs: list[Any], q_inputs: list[Any], weights: dict[str, Tensor],
+    theta0: dict[str, Tensor], ckpt: TruthCheckpoint, out: dict[str, Any], kw: dict[str, Any],
+    args: argparse.Namespace,
+) -> dict[str, Any]:  # fmt: skip
+    """:func:`retrain`'s refits, under the thread count it set."""
+    from tqdm.auto import tqdm
+
+    from repinf_lens.analysis.lds import refit_downstream
+
     t0, c0 = time.perf_counter(), time.process_time()
     full = ckpt.full
     if full is None:
@@ -475,7 +489,8 @@ def retrain(s: Setting, weights: dict[str, Tensor], args: argparse.Namespace) ->
     s.load_theta(full)
     base = _test_losses(split, full, q_inputs)
     out["base_test_loss"] = base.tolist()
-    out["objective"] = "CachedTail (answer-position W_out loss)" if use_tail else "split.inputs_loss"
+    out["objective"] = "split.inputs_loss" if objective is split else "CachedTail (answer-position W_out loss)"
+    out["threads"] = args.truth_threads or args.threads
     if ckpt.resumed:
         out["resumed_from_checkpoint"] = ckpt.resumed
     for kind, w in weights.items():
@@ -517,7 +532,7 @@ class TruthCheckpoint:
             "max_iter": args.max_iter,
             "batch_size": args.batch_size,
             "objective": "cached_tail" if use_tail else "split",
-            "threads": args.threads,
+            "threads": args.truth_threads or args.threads,
         }
         self.fingerprint = fingerprint_hash(json.loads(json.dumps(fp, default=str)))
         self.tensors: dict[str, Tensor] = {}
@@ -1372,6 +1387,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-rss-gb", type=float, default=5.0, help="stop a method whose process RSS exceeds this (GiB)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--truth-threads",
+        type=int,
+        default=None,
+        help="threads of the retraining only (default --threads); every method still runs on --threads",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--keep-workdir", action="store_true", help="keep the fitted factors and peer outputs")
     p.add_argument("--out", type=Path, default=Path("runs/bench_peers"))

@@ -404,3 +404,37 @@ def test_a_pruned_fit_gives_the_unpruned_factors(make, rows, fisher, tmp_path):
         if k.endswith(("/QA", "/QG")):  # eigenvectors: unique up to sign and within degenerate eigenspaces
             continue
         torch.testing.assert_close(fits[True][k], fits[False][k], rtol=1e-7, atol=1e-10, msg=k)
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_the_null_space_shortcut_equals_the_full_rotation_and_shrinks_it(cls):
+    """Factors fitted on few examples have a null space (the maps after the last attention see only the loss
+    position): ``null_space_tol`` rotates onto the kept eigenvectors only, and the s_test equals the full rotation's
+    to that relative tolerance, for one query and for a batch of them."""
+    split = llama_split()
+    rows = toy_mcqa_rows(5, seed=3)
+    full = cls(damping=0.05, batch_size=5, factor_dtype="float64", progress=False, null_space_tol=0.0)
+    full.fit_factors(split, split.task, rows)
+    short = cls(damping=0.05, batch_size=5, factor_dtype="float64", progress=False)
+    short.factors = full.factors
+    ranks = full.factors.kept_ranks(damping=0.05, ekfac=cls.corrected, null_tol=short.null_space_tol)
+    mlp_out = next(v for k, v in ranks.items() if "W_out" in k)
+    assert mlp_out[2] <= 5 + 1 < mlp_out[3], ranks  # 5 loss positions (+ a homogeneous coordinate) of d_mlp 24
+    assert any(r[2] < r[3] or r[0] < r[1] for r in ranks.values())
+    keys = split.param_names
+    gs = [rand_like_theta(split, i) for i in range(3)]
+    for g in gs:
+        want, got = flat(full.solve(None, g)[0], keys), flat(short.solve(None, g)[0], keys)
+        assert float((got - want).norm() / want.norm()) < 1e-9
+    many, _ = short.solve_many(None, gs)
+    for g, m in zip(gs, many):
+        assert float((flat(m, keys) - flat(short.solve(None, g)[0], keys)).norm()) < 1e-10 * flat(m, keys).norm()
+    # a coarse tolerance changes the result, but by no more than that tolerance (each eigen-direction's factor)
+    coarse = cls(damping=0.05, batch_size=5, factor_dtype="float64", progress=False, null_space_tol=1e-2)
+    coarse.factors = full.factors
+    want, got = flat(full.solve(None, gs[0])[0], keys), flat(coarse.solve(None, gs[0])[0], keys)
+    assert 0 < float((got - want).norm() / want.norm()) <= 1e-2
+    assert "null_space_tol" not in short.to_dict() and coarse.to_dict()["null_space_tol"] == 1e-2
+    assert solver_from_dict(coarse.to_dict()) == coarse
+    with pytest.raises(Exception, match="null_space_tol"):
+        cls(damping=0.1, null_space_tol=-1.0)

@@ -105,7 +105,7 @@ from repinf_lens._shards import (
     write_shard,
 )
 from repinf_lens.curvature.solvers import HVPFn, InverseHessianSolver, PrepareFn, SolveInfo, register_solver
-from repinf_lens.errors import RepinfLensError, SettingsError, check_choice, check_int
+from repinf_lens.errors import RepinfLensError, SettingsError, check_choice, check_float, check_int
 from repinf_lens.models.hooked import logit_softcap
 from repinf_lens.split import Params, SplitInputs, SplitModel
 from repinf_lens.task import CompletionTask, MultipleChoiceTask
@@ -131,6 +131,8 @@ _NORMALISATION = (
     "the N examples (g = d l_n / d out_{n,t}); Lambda = (1/N) sum_n (Q_G^T dW_n Q_A)^2, dW_n = sum_t g a^T; "
     "D = (1/N) sum_n (grad l_n)^2: G (x) A approximates the Fisher of the MEAN loss over examples."
 )
+#: settings :meth:`KFAC.to_dict` leaves out at these values (added after s_test caches existed)
+_DEFAULTS: dict[str, Any] = {"precondition_dtype": "float32", "null_space_tol": 1e-6}
 _FILES = ("covariance.partial.safetensors", "lambda.partial.safetensors", "factors.safetensors", "lambda.safetensors")
 
 
@@ -717,6 +719,8 @@ class KFACFactors:
     meta: dict[str, Any]
     fingerprint: str
     folder: Path | None = None
+    #: per (block, damping, ekfac, null_tol, dtype): the kept eigenvectors and scales (:meth:`_reduced_block`)
+    _reduced: dict[tuple, tuple[Tensor, Tensor, Tensor] | None] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def has_lambda(self) -> bool:
@@ -728,7 +732,13 @@ class KFACFactors:
         return dataclasses.replace(self, tensors={k: v.to(device) for k, v in self.tensors.items()})
 
     def precondition(
-        self, g: Mapping[str, Tensor], *, damping: float, ekfac: bool, dtype: torch.dtype | None = None
+        self,
+        g: Mapping[str, Tensor],
+        *,
+        damping: float,
+        ekfac: bool,
+        dtype: torch.dtype | None = None,
+        null_tol: float = 0.0,
     ) -> dict[str, Tensor]:
         """``(F + damping I)^-1 g`` blockwise, for ``g`` with any leading dims (a stack of queries).
 
@@ -736,12 +746,58 @@ class KFACFactors:
         ``Lambda + damping`` instead; diagonal blocks: ``g / (D + damping)``. ``dtype``: the dtype of the four
         rotation products (default: the factors'); ``torch.bfloat16`` runs them 2-3x faster on CPUs with
         AVX512-BF16 and on GPUs (Kronfluence's ``precondition_dtype``); the division stays in the factors' dtype.
+
+        ``null_tol`` > 0: the eigenvectors of ``G`` (rows) / ``A`` (columns) along which every curvature entry
+        (``lambda_G lambda_A^T`` or ``Lambda``) is at most ``null_tol * damping`` are not rotated onto: there the
+        result is ``V / damping`` (each such entry of the preconditioner differs from that by a relative
+        ``null_tol`` at most), ``V / damping + Q_G' [(Q_G'^T V Q_A') * (1 / (curv' + damping) - 1 / damping)]
+        Q_A'^T`` with the kept columns ``'``. The factors of a map that saw fewer (example, position) pairs than its
+        width (after the last attention layer the pruned split's maps see only the loss positions) have such a
+        null space, and the rotations shrink with it.
         """
         self.check_keys(g)
         out: dict[str, Tensor] = {}
         for b in self.blocks:
-            out.update(self.precondition_block(b, g, damping=damping, ekfac=ekfac, dtype=dtype))
+            out.update(self.precondition_block(b, g, damping=damping, ekfac=ekfac, dtype=dtype, null_tol=null_tol))
         return {k: out[k] for k in g}
+
+    def kept_ranks(self, *, damping: float, ekfac: bool, null_tol: float) -> dict[str, tuple[int, int, int, int]]:
+        """Per factored block: ``(kept G eigenvectors, out dim, kept A eigenvectors, in dim)`` under ``null_tol``."""
+        out: dict[str, tuple[int, int, int, int]] = {}
+        for b in self.blocks:
+            if b.kind == "diagonal":
+                continue
+            dg, da = self.tensors[f"{b.name}/QG"].shape[0], self.tensors[f"{b.name}/QA"].shape[0]
+            red = self._reduced_block(b, damping=damping, ekfac=ekfac, null_tol=null_tol, dtype=None)
+            out[b.name] = (dg, dg, da, da) if red is None else (red[0].shape[1], dg, red[1].shape[1], da)
+        return out
+
+    def _reduced_block(
+        self, b: FactorBlock, *, damping: float, ekfac: bool, null_tol: float, dtype: torch.dtype | None
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(Q_G', Q_A', 1 / (curv' + damping) - 1 / damping)`` of the kept eigenvectors, or None to rotate fully
+        (``null_tol`` 0, or the rotations would not shrink)."""
+        if null_tol <= 0:
+            return None
+        key = (b.name, float(damping), bool(ekfac), float(null_tol), dtype)
+        if key not in self._reduced:
+            t = self.tensors
+            qa, qg = t[f"{b.name}/QA"], t[f"{b.name}/QG"]
+            curv = t[f"{b.name}/L"] if ekfac else t[f"{b.name}/lG"][:, None] * t[f"{b.name}/lA"][None, :]
+            big = curv > null_tol * damping
+            kg, ka = big.any(1).nonzero().squeeze(1), big.any(0).nonzero().squeeze(1)
+            dg, da = qg.shape[0], qa.shape[0]
+            full = dg * da * (dg + da)
+            reduced = min(dg * da * len(ka) + len(kg) * dg * len(ka), dg * da * len(kg) + len(kg) * da * len(ka))
+            hit: tuple[Tensor, Tensor, Tensor] | None = None
+            if reduced < 0.8 * full:
+                scale = 1.0 / (curv[kg][:, ka] + damping) - 1.0 / damping
+                qg_r, qa_r = qg[:, kg], qa[:, ka]
+                if dtype is not None:
+                    qg_r, qa_r = qg_r.to(dtype), qa_r.to(dtype)
+                hit = (qg_r.contiguous(), qa_r.contiguous(), scale.contiguous())
+            self._reduced[key] = hit
+        return self._reduced[key]
 
     def check_keys(self, g: Mapping[str, Tensor]) -> None:
         """Raise ``ValueError`` unless ``g`` holds exactly the theta2 entries the factors were fitted for."""
@@ -757,7 +813,14 @@ class KFACFactors:
             )
 
     def precondition_block(
-        self, b: FactorBlock, g: Mapping[str, Tensor], *, damping: float, ekfac: bool, dtype: torch.dtype | None = None
+        self,
+        b: FactorBlock,
+        g: Mapping[str, Tensor],
+        *,
+        damping: float,
+        ekfac: bool,
+        dtype: torch.dtype | None = None,
+        null_tol: float = 0.0,
     ) -> dict[str, Tensor]:
         """:meth:`precondition` of one block: its entries of ``g`` (any leading dims) -> theirs of the result."""
         t = self.tensors
@@ -765,6 +828,20 @@ class KFACFactors:
             v = g[b.name]
             return {b.name: (v.to(t[f"{b.name}/D"].dtype) / (t[f"{b.name}/D"] + damping)).to(v.dtype)}
         ref = g[b.params[0]]
+        red = self._reduced_block(b, damping=damping, ekfac=ekfac, null_tol=null_tol, dtype=dtype)
+        if red is not None:
+            qg_r, qa_r, scale = red
+            fdt = scale.dtype
+            m = b.to_matrix(g).to(fdt)
+            mr = m.to(qa_r.dtype)
+            # the cheaper order of Q_G'^T V Q_A' (and the same order back)
+            (dg, rg), (da, ra) = qg_r.shape, qa_r.shape
+            g_first = rg * dg * da + rg * da * ra <= dg * da * ra + rg * dg * ra
+            rot = ((qg_r.T @ mr) @ qa_r) if g_first else (qg_r.T @ (mr @ qa_r))
+            del mr
+            inner = (rot.to(fdt) * scale).to(qa_r.dtype)
+            back = (qg_r @ (inner @ qa_r.T)) if g_first else ((qg_r @ inner) @ qa_r.T)
+            return b.from_matrix((m / damping + back.to(fdt)).to(ref.dtype))
         qa, qg = t[f"{b.name}/QA"], t[f"{b.name}/QG"]
         fdt = qa.dtype
         if dtype is not None and dtype != fdt:
@@ -823,6 +900,11 @@ class KFAC(InverseHessianSolver):
             ``precondition_dtype``). bfloat16 runs them 2-3x faster on CPUs with AVX512-BF16 and on GPUs, at about
             3 significant digits (``benchmarks/bench_curvature_cost.py`` measures both); part of the s_test cache
             key, not of the factors' fingerprint (the same factors serve both).
+        null_space_tol: eigen-directions of a map's factors along which the curvature is at most this times
+            ``damping`` are applied as ``1 / damping`` without rotating onto them (relative error at most this;
+            exact where the fit data never reached, e.g. the maps after the last attention layer, which see only
+            the loss positions: their rotations shrink from the map's width to the number of fitted examples).
+            0 rotates fully. Not part of the s_test cache key at the default.
         max_factor_dim: refuse factors wider than this (memory grows with its square).
         overwrite: replace a ``factor_dir`` fitted on other inputs instead of raising.
         progress: show tqdm bars while fitting.
@@ -840,6 +922,7 @@ class KFAC(InverseHessianSolver):
     shard_batches: int = 16
     factor_dtype: str = "float32"
     precondition_dtype: str = "float32"
+    null_space_tol: float = 1e-6
     max_factor_dim: int = 16384
     overwrite: bool = False
     progress: bool = True
@@ -859,6 +942,7 @@ class KFAC(InverseHessianSolver):
         check_int(f"{cls} max_factor_dim", self.max_factor_dim, minimum=1)
         check_choice(f"{cls} factor_dtype", self.factor_dtype, ("float32", "float64"))
         check_choice(f"{cls} precondition_dtype", self.precondition_dtype, ("float32", "bfloat16"))
+        check_float(f"{cls} null_space_tol", self.null_space_tol, minimum=0.0, maximum=1e-2)
         self.factors: KFACFactors | None = None
         self.fit_info: dict[str, Any] = {}
 
@@ -871,11 +955,12 @@ class KFAC(InverseHessianSolver):
         return False
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings; ``precondition_dtype`` only when it is not the default, so s_test cache keys and run
-        manifests written before it existed stay valid."""
+        """The settings; ``precondition_dtype`` and ``null_space_tol`` only when they are not the defaults, so
+        s_test cache keys and run manifests written before they existed stay valid."""
         d = super().to_dict()
-        if d.get("precondition_dtype") == "float32":
-            d.pop("precondition_dtype")
+        for k in ("precondition_dtype", "null_space_tol"):
+            if d.get(k) == _DEFAULTS[k]:
+                d.pop(k)
         return d
 
     def _rotation_dtype(self) -> torch.dtype | None:
@@ -1074,7 +1159,8 @@ class KFAC(InverseHessianSolver):
 
     def solve(self, hvp_fn: HVPFn, g: Tree) -> tuple[Tree, SolveInfo]:
         """``(F + damping I)^-1 g`` with the fitted factors (``hvp_fn`` is not used)."""
-        s = self._fitted().precondition(g, damping=self.damping, ekfac=self.corrected, dtype=self._rotation_dtype())
+        s = self._fitted().precondition(g, damping=self.damping, ekfac=self.corrected, dtype=self._rotation_dtype(),
+                                        null_tol=self.null_space_tol)  # fmt: skip
         return self._checked(s), SolveInfo(iterations=1, converged=True)
 
     def solve_many(
@@ -1091,8 +1177,12 @@ class KFAC(InverseHessianSolver):
         s: dict[str, Tensor] = {}
         for b in factors.blocks:
             sub = {k: torch.stack([g[k] for g in gs]) for k in b.params}
-            s.update(factors.precondition_block(b, sub, damping=self.damping, ekfac=self.corrected,
-                                                dtype=self._rotation_dtype()))  # fmt: skip
+            s.update(
+                factors.precondition_block(
+                    b, sub, damping=self.damping, ekfac=self.corrected, dtype=self._rotation_dtype(),
+                    null_tol=self.null_space_tol,
+                )
+            )  # fmt: skip
             del sub
         outs = [self._checked({k: s[k][i] for k in gs[0]}, query=i) for i in range(len(gs))]
         return outs, [SolveInfo(iterations=1, converged=True) for _ in gs]
