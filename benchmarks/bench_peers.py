@@ -842,15 +842,21 @@ def repinf_methods(s: Setting, args: argparse.Namespace, workdir: Path) -> dict[
     bs = args.batch_size
     cg_fixed = args.dattri_cg_iters  # exactly dattri's iteration count (tol 0: no early stop)
 
-    def factored(cls: Any, fisher: str, rotations: str = "float32") -> Any:
+    def factored(cls: Any, fisher: str, rotations: str = "float32", full: bool = False) -> Any:
+        """``full``: rotate onto every eigenvector (``null_space_tol=0``; the default skips the factors' null
+        space)."""
         folder = tempfile.mkdtemp(prefix=f"{cls.name}-{fisher}-", dir=workdir)  # fresh: the fit is timed
+        extra = {"null_space_tol": 0.0} if full else {}
         return cls(damping=d, batch_size=bs, fisher=fisher, factor_dir=folder, progress=False,
-                   precondition_dtype=rotations)  # fmt: skip
+                   precondition_dtype=rotations, **extra)  # fmt: skip
 
-    def pcg(it: int, rotations: str = "float32", latent_method: str = "none") -> Callable[[], MethodRun]:
-        name = f"repinf pcg{it} ekfac (emp" + (", bf16 rotations" if rotations != "float32" else "") + ")"
+    def pcg(
+        it: int, rotations: str = "float32", latent_method: str = "none", full: bool = False
+    ) -> tuple[str, Callable[[], MethodRun]]:
+        name = f"repinf pcg{it} ekfac (emp" + (", bf16 rotations" if rotations != "float32" else "")
+        name += (", full rotations" if full else "") + ")"
         name += ", with latent scores" if latent_method != "none" else ""
-        pre = factored(EKFAC, "empirical", rotations)
+        pre = factored(EKFAC, "empirical", rotations, full)
         return name, lambda: run_repinf(
             s, name, CG(damping=d, max_iter=it, tol=0.0, batch_size=bs, preconditioner=pre), args,
             latent_method=latent_method,
@@ -875,14 +881,18 @@ def repinf_methods(s: Setting, args: argparse.Namespace, workdir: Path) -> dict[
             hvp_mode="recompute",
         ),
         **dict(
-            [pcg(it) for it in (5, 10, 20)]
+            [pcg(it) for it in (5, 10, 15, 20)]
             + [pcg(it, "bfloat16") for it in (2, 3, 5, 10, 15, 20)]
+            + [pcg(20, full=True), pcg(20, "bfloat16", full=True)]
             + [pcg(10, latent_method="grad_x_input")]
         ),
         "repinf kfac (true)": lambda: run_repinf(s, "repinf kfac (true)", factored(KFAC, "true"), args),
         "repinf ekfac (true)": lambda: run_repinf(s, "repinf ekfac (true)", factored(EKFAC, "true"), args),
         "repinf kfac (emp)": lambda: run_repinf(s, "repinf kfac (emp)", factored(KFAC, "empirical"), args),
         "repinf ekfac (emp)": lambda: run_repinf(s, "repinf ekfac (emp)", factored(EKFAC, "empirical"), args),
+        "repinf ekfac (emp, full rotations)": lambda: run_repinf(
+            s, "repinf ekfac (emp, full rotations)", factored(EKFAC, "empirical", full=True), args
+        ),
     }
 
 

@@ -215,7 +215,7 @@ ENTRIES: tuple[Entry, ...] = (
             "python benchmarks/bench_peers.py --theta2 block --loo 0 --threads 1 --truth-threads 2 --max-rss-gb 12 "
             "--no-progress "
             "--out runs/bench_peers_block --only 'repinf identity' 'repinf cg100' 'repinf cg20 (fixed)' "
-            "'repinf pcg10 ekfac (emp)' 'repinf pcg20 ekfac (emp)' 'pcg10 ekfac (emp, bf16' 'pcg20 ekfac (emp, bf16' "
+            "'repinf pcg10 ekfac (emp)' 'repinf pcg20 ekfac (emp)' "
             "'repinf kfac' 'repinf ekfac' 'kronfluence ekfac (emp)' 'kronfluence kfac (emp)' "
             "'kronfluence ekfac (true)' 'kronfluence kfac (true)' dattri",
         ),

@@ -429,6 +429,15 @@ def test_the_null_space_shortcut_equals_the_full_rotation_and_shrinks_it(cls):
     many, _ = short.solve_many(None, gs)
     for g, m in zip(gs, many):
         assert float((flat(m, keys) - flat(short.solve(None, g)[0], keys)).norm()) < 1e-10 * flat(m, keys).norm()
+    # bfloat16 rotations apply only where the full rotation runs: a reduced block stays in the factors' dtype
+    # (in bf16 its 1/damping term would scale the rounding of the kept part and make the preconditioner indefinite)
+    b16 = cls(damping=0.05, batch_size=5, factor_dtype="float64", progress=False, precondition_dtype="bfloat16")
+    b16.factors = full.factors
+    s64, s16 = short.solve(None, gs[0])[0], b16.solve(None, gs[0])[0]
+    reduced = [p for b in full.factors.blocks if b.name in ranks and ranks[b.name][2] < ranks[b.name][3]
+               for p in b.params]  # fmt: skip
+    assert reduced and all(torch.equal(s64[p], s16[p]) for p in reduced)
+    assert any(not torch.equal(s64[p], s16[p]) for p in s64 if p not in reduced)  # the others did rotate in bf16
     # a coarse tolerance changes the result, but by no more than that tolerance (each eigen-direction's factor)
     coarse = cls(damping=0.05, batch_size=5, factor_dtype="float64", progress=False, null_space_tol=1e-2)
     coarse.factors = full.factors
