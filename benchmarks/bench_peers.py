@@ -490,7 +490,6 @@ def _retrain(
     base = _test_losses(split, full, q_inputs)
     out["base_test_loss"] = base.tolist()
     out["objective"] = "split.inputs_loss" if objective is split else "CachedTail (answer-position W_out loss)"
-    out["threads"] = args.truth_threads or args.threads
     if ckpt.resumed:
         out["resumed_from_checkpoint"] = ckpt.resumed
     for kind, w in weights.items():
@@ -504,6 +503,7 @@ def _retrain(
                 bar.update(1)
         secs, cpu = ckpt.seconds(kind)
         out[kind] = {"actual": torch.stack(actual, 1), "seconds": secs, "cpu_s": cpu}
+    out["threads"] = ckpt.threads_used
     return out
 
 
@@ -532,16 +532,20 @@ class TruthCheckpoint:
             "max_iter": args.max_iter,
             "batch_size": args.batch_size,
             "objective": "cached_tail" if use_tail else "split",
-            "threads": args.truth_threads or args.threads,
-        }
+        }  # (not the thread count: it changes the refits' float rounding only; the counts used are recorded)
         self.fingerprint = fingerprint_hash(json.loads(json.dumps(fp, default=str)))
+        # checkpoints of the earlier format put the thread count in the fingerprint: accept any count
+        legacy = {fingerprint_hash(json.loads(json.dumps({**fp, "threads": t}, default=str))): t for t in range(1, 257)}
         self.tensors: dict[str, Tensor] = {}
         self.meta: dict[str, Any] = {}
         self.resumed: dict[str, int] = {}
         if path.exists():
             header, tensors, problem = read_verified(path)
-            if problem is None and header.get("fingerprint") == self.fingerprint and tensors is not None:
+            got = header.get("fingerprint")
+            if problem is None and (got == self.fingerprint or got in legacy) and tensors is not None:
                 self.tensors, self.meta = tensors, json.loads(header.get("bench_peers", "{}"))
+                if got in legacy:  # every refit of that file ran with its one thread count
+                    self.meta.setdefault("threads_used", [legacy[got]])
                 self.resumed = {k: int(v.shape[1]) for k, v in tensors.items() if k.startswith("actual/")}
                 if "full/" + s.theta_names[0] in tensors:
                     self.resumed["full"] = 1
@@ -566,6 +570,12 @@ class TruthCheckpoint:
     def _add_seconds(self, kind: str, wall: float, cpu: float) -> None:
         w0, c0 = self.meta.get(kind, (0.0, 0.0))
         self.meta[kind] = (w0 + wall, c0 + cpu)
+        self.meta["threads_used"] = sorted(set(self.meta.get("threads_used", [])) | {torch.get_num_threads()})
+
+    @property
+    def threads_used(self) -> list[int]:
+        """The thread counts the refits ran with (several when a resumed run used another ``--truth-threads``)."""
+        return list(self.meta.get("threads_used", []))
 
     def _write(self) -> None:
         from safetensors.torch import save_file
@@ -881,9 +891,9 @@ def repinf_methods(s: Setting, args: argparse.Namespace, workdir: Path) -> dict[
             hvp_mode="recompute",
         ),
         **dict(
-            [pcg(it) for it in (5, 10, 15, 20)]
-            + [pcg(it, "bfloat16") for it in (2, 3, 5, 10, 15, 20)]
-            + [pcg(20, full=True), pcg(20, "bfloat16", full=True)]
+            [pcg(it) for it in (2, 3, 5, 10, 15, 20)]
+            + [pcg(5, "bfloat16")]  # (where the null-space shortcut applies its rotations stay float32)
+            + [pcg(20, full=True), pcg(15, "bfloat16", full=True), pcg(20, "bfloat16", full=True)]
             + [pcg(10, latent_method="grad_x_input")]
         ),
         "repinf kfac (true)": lambda: run_repinf(s, "repinf kfac (true)", factored(KFAC, "true"), args),
