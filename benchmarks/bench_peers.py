@@ -1549,6 +1549,7 @@ def _main(args: argparse.Namespace, workdir: Path, t_start: float) -> dict[str, 
             "base_test_loss",
             "train_loss_at_theta_star",
             "resumed_from_checkpoint",
+            "threads",
         )
         gt_out: dict[str, Any] = {k: gt[k] for k in keep if k in gt}
         gt_out["lds"] = {"n_subsets": args.subsets, "fraction": args.fraction, "seconds": gt["lds"]["seconds"],

@@ -180,6 +180,7 @@ def test_the_retraining_resumes_from_its_checkpoint(tmp_path, capsys):
     again = bp.main(argv)  # every refit is read back, none rerun
     assert again["ground_truth"]["resumed_from_checkpoint"] == {"actual/lds": 3, "full": 1}
     assert again["ground_truth"]["lds"]["actual"] == first["ground_truth"]["lds"]["actual"]
+    assert first["ground_truth"]["threads"] == again["ground_truth"]["threads"] == [1]  # the refits' thread counts
     assert again["methods"][0]["scores"] == first["methods"][0]["scores"]
     # a corrupt checkpoint is ignored (named), and the retraining starts over with the same result
     ckpt.write_bytes(ckpt.read_bytes()[:-16])
