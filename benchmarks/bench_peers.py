@@ -1415,6 +1415,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--keep-workdir", action="store_true", help="keep the fitted factors and peer outputs")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="merge these results.json (parts of one benchmark, one retraining checkpoint) into --out; runs nothing",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/bench_peers"))
     args = p.parse_args(argv)
     tiny = args.tiny
@@ -1429,8 +1436,69 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def merge_results(paths: Sequence[Path], out: Path, *, n_boot: int, seed: int) -> dict[str, Any]:
+    """One table from runs that split the methods between processes over ONE retraining ground truth.
+
+    Each ``results.json`` must hold the same setting and the same retrained losses (the refits of one checkpoint:
+    copy ``ground_truth.partial.safetensors`` into every ``--out``); the per-query LDS / LOO values are kept, the
+    best method and every paired bootstrap against it are recomputed over the union, and ``merged_from`` records
+    each part's command and wall time (the parts ran side by side, one core each).
+    """
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    first = parts[0]
+    for p, r in zip(paths[1:], parts[1:]):
+        for key in ("setting", "versions"):
+            if r[key] != first[key]:
+                raise ValueError(f"{p}: another {key} than {paths[0]} ({r[key]} vs {first[key]}): not one benchmark.")
+        for kind in ("lds", "loo"):
+            a, b = first["ground_truth"].get(kind), r["ground_truth"].get(kind)
+            if (a is None) != (b is None) or (
+                a is not None and (a["actual"], a.get("weights")) != (b["actual"], b.get("weights"))
+            ):
+                raise ValueError(
+                    f"{p}: its {kind} ground truth differs from {paths[0]}'s. Fix: run every part from one retraining "
+                    "checkpoint (copy ground_truth.partial.safetensors into each --out)."
+                )  # fmt: skip
+    rows = [m for r in parts for m in r["methods"]]
+    names = [m["method"] for m in rows]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a method ran in two parts: {sorted({n for n in names if names.count(n) > 1})}.")
+    lds_pq = {m["method"]: m["lds_per_query"] for m in rows}
+    lds_mean = {k: _nanmean(v) for k, v in lds_pq.items()}
+    best = max(lds_mean, key=lambda k: -math.inf if math.isnan(lds_mean[k]) else lds_mean[k])
+    boot = paired_bootstrap(lds_pq, best, n_boot, seed)
+    cg = next((m for m in rows if m["method"] == f"repinf cg{first['args']['cg_iters']}"), None)
+    for m in rows:
+        m["bootstrap_vs_best"] = boot[m["method"]]
+        if cg is not None:
+            m["spearman_vs_repinf_cg"] = score_agreement(torch.tensor(m["scores"]), torch.tensor(cg["scores"]))
+    skipped = {k: v for r in parts for k, v in r["skipped"].items() if k not in names}
+    res = {
+        **first,
+        "complete": all(r["complete"] for r in parts),
+        "command": None,
+        "merged_from": [
+            {"path": str(p), "command": r["command"], "total_s": r["total_s"]} for p, r in zip(paths, parts)
+        ],
+        "best": best,
+        "n_boot": n_boot,
+        "methods": rows,
+        "skipped": skipped,
+        "peak_rss_process_mb": max(r["peak_rss_process_mb"] for r in parts),
+        "total_s": max(r["total_s"] for r in parts),
+        "total_cpu_s": round(sum(r["total_cpu_s"] for r in parts), 1),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    (out / "results.md").write_text(markdown(res))
+    print(f"[bench_peers] merged {len(parts)} parts ({len(rows)} methods): {out / 'results.json'}", flush=True)
+    return res
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.merge:
+        return merge_results(args.merge, args.out, n_boot=args.n_boot, seed=args.seed)
     torch.set_num_threads(args.threads)
     RSS_CAP[0] = int(args.max_rss_gb * 2**30) if args.max_rss_gb > 0 else None
     t_start = time.perf_counter()

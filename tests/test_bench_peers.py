@@ -189,3 +189,37 @@ def test_the_retraining_resumes_from_its_checkpoint(tmp_path, capsys):
     assert "ignoring" in capsys.readouterr().out and "resumed_from_checkpoint" not in fresh["ground_truth"]
     assert torch.allclose(torch.tensor(fresh["ground_truth"]["lds"]["actual"]),
                           torch.tensor(first["ground_truth"]["lds"]["actual"]), atol=1e-9)  # fmt: skip
+
+
+def test_parts_over_one_checkpoint_merge_into_the_single_run_table(tmp_path):
+    """Methods split between two processes over one retraining checkpoint merge into the table one process gives:
+    the same per-method LDS, the same best, the same bootstrap; parts of another ground truth are refused."""
+    import shutil
+
+    import bench_peers as bp
+
+    base = ["--tiny", "--theta2", "block", "--n-train", "6", "--queries", "2", "--subsets", "3", "--loo", "0",
+            "--max-iter", "5", "--precheck", "0", "--no-progress", "--n-boot", "300"]  # fmt: skip
+    one = bp.main([*base, "--out", str(tmp_path / "one"), "--only", "repinf identity", "repinf cg10"])
+    for part in ("a", "b"):
+        (tmp_path / part).mkdir()
+        shutil.copy(tmp_path / "one" / "ground_truth.partial.safetensors", tmp_path / part)
+    bp.main([*base, "--out", str(tmp_path / "a"), "--only", "repinf identity"])
+    b = bp.main([*base, "--out", str(tmp_path / "b"), "--only", "repinf cg10"])
+    assert b["ground_truth"]["resumed_from_checkpoint"] == {"actual/lds": 3, "full": 1}
+    merged = bp.main(["--merge", str(tmp_path / "a/results.json"), str(tmp_path / "b/results.json"),
+                      "--out", str(tmp_path / "m"), "--n-boot", "300"])  # fmt: skip
+    assert merged["best"] == one["best"] and len(merged["merged_from"]) == 2
+    by_one = {r["method"]: r for r in one["methods"]}
+    for r in merged["methods"]:
+        assert r["lds_spearman"] == by_one[r["method"]]["lds_spearman"]
+        assert r["bootstrap_vs_best"] == by_one[r["method"]]["bootstrap_vs_best"]
+    assert (tmp_path / "m/results.md").read_text().startswith("# repinf_lens vs")
+    # another ground truth (a different subset draw) is refused, naming the fix
+    c = json.loads((tmp_path / "b/results.json").read_text())
+    c["ground_truth"]["lds"]["actual"][0][0] += 1.0
+    (tmp_path / "c.json").write_text(json.dumps(c))
+    with pytest.raises(ValueError, match="ground truth differs"):
+        bp.merge_results([tmp_path / "a/results.json", tmp_path / "c.json"], tmp_path / "x", n_boot=10, seed=0)
+    with pytest.raises(ValueError, match="ran in two parts"):
+        bp.merge_results([tmp_path / "a/results.json", tmp_path / "a/results.json"], tmp_path / "x", n_boot=10, seed=0)
