@@ -778,14 +778,15 @@ class KFACFactors:
         return out
 
     def _reduced_block(
-        self, b: FactorBlock, *, damping: float, ekfac: bool, null_tol: float
+        self, b: FactorBlock, *, damping: float, ekfac: bool, null_tol: float, max_cost: float = 0.8
     ) -> tuple[Tensor, Tensor, Tensor] | None:
         """``(Q_G', Q_A', 1 / (curv' + damping) - 1 / damping)`` of the kept eigenvectors (the factors' dtype), or
         None to rotate fully (``null_tol`` 0, rotations that would not shrink, or rounding that ``1 / damping``
-        would scale above 1e-3)."""
+        would scale above 1e-3). ``max_cost``: take the reduced rotations only below this fraction of the full
+        rotations' multiply-adds (lower when the full rotations run in bfloat16, about 2.3x faster per product)."""
         if null_tol <= 0:
             return None
-        key = (b.name, float(damping), bool(ekfac), float(null_tol))
+        key = (b.name, float(damping), bool(ekfac), float(null_tol), float(max_cost))
         if key not in self._reduced:
             t = self.tensors
             qa, qg = t[f"{b.name}/QA"], t[f"{b.name}/QG"]
@@ -797,7 +798,7 @@ class KFACFactors:
             reduced = min(dg * da * len(ka) + len(kg) * dg * len(ka), dg * da * len(kg) + len(kg) * da * len(ka))
             hit: tuple[Tensor, Tensor, Tensor] | None = None
             scaled_rounding = torch.finfo(curv.dtype).eps * float(curv.max()) / damping
-            if reduced < 0.8 * full and scaled_rounding <= 1e-3:
+            if reduced < max_cost * full and scaled_rounding <= 1e-3:
                 scale = 1.0 / (curv[kg][:, ka] + damping) - 1.0 / damping
                 hit = (qg[:, kg].contiguous(), qa[:, ka].contiguous(), scale.contiguous())
             self._reduced[key] = hit
@@ -832,7 +833,8 @@ class KFACFactors:
             v = g[b.name]
             return {b.name: (v.to(t[f"{b.name}/D"].dtype) / (t[f"{b.name}/D"] + damping)).to(v.dtype)}
         ref = g[b.params[0]]
-        red = self._reduced_block(b, damping=damping, ekfac=ekfac, null_tol=null_tol)
+        low = dtype is not None and dtype != t[f"{b.name}/QA"].dtype
+        red = self._reduced_block(b, damping=damping, ekfac=ekfac, null_tol=null_tol, max_cost=0.4 if low else 0.8)
         if red is not None:
             qg_r, qa_r, scale = red
             m = b.to_matrix(g).to(scale.dtype)
