@@ -209,7 +209,7 @@ ENTRIES: tuple[Entry, ...] = (
     Entry(
         "bench-peers-block",
         "Peers",
-        130,  # ~75 min of retraining (checkpointed: a rerun resumes after the last finished refit), then the methods
+        140,  # ~100 min of retraining (checkpointed: a rerun resumes after the last finished refit), ~40 of methods
         (
             "pip install --no-deps kronfluence==1.0.1 dattri==0.3.0 einconv opt-einsum",
             "python benchmarks/bench_peers.py --theta2 block --loo 0 --threads 1 --max-rss-gb 12 --grad-tol 3e-4 "
