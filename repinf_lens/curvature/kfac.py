@@ -746,8 +746,9 @@ class KFACFactors:
 
         K-FAC blocks: ``Q_G [(Q_G^T V Q_A) / (lambda_G lambda_A^T + damping)] Q_A^T``; EK-FAC: divided by
         ``Lambda + damping`` instead; diagonal blocks: ``g / (D + damping)``. ``dtype``: the dtype of the four
-        rotation products (default: the factors'); ``torch.bfloat16`` runs them 2-3x faster on CPUs with
-        AVX512-BF16 and on GPUs (Kronfluence's ``precondition_dtype``); the division stays in the factors' dtype.
+        rotation products (default: the factors'); ``torch.bfloat16`` ran them 2-3x faster on AMD EPYCs with
+        AVX512-BF16 (slower on an Intel Xeon: it depends on the CPU) and is usual on GPUs (Kronfluence's
+        ``precondition_dtype``); the division stays in the factors' dtype.
 
         ``null_tol`` > 0: the eigenvectors of ``G`` (rows) / ``A`` (columns) along which every curvature entry
         (``lambda_G lambda_A^T`` or ``Lambda``) is at most ``null_tol * damping`` are not rotated onto: there the
@@ -900,7 +901,8 @@ class KFAC(InverseHessianSolver):
             in (eigendecompositions always in float64).
         precondition_dtype: ``"float32"`` (default: the factors' dtype) or ``"bfloat16"``: the dtype of the
             rotations into and out of the Kronecker eigenbasis in :meth:`solve` (Kronfluence's
-            ``precondition_dtype``). bfloat16 runs them 2-3x faster on CPUs with AVX512-BF16 and on GPUs, at about
+            ``precondition_dtype``). bfloat16 ran them 2-3x faster on the AMD EPYCs (AVX512-BF16) of the first
+            benchmarks, but 1.6x SLOWER than float32 on an Intel Xeon of a later run: measure on your CPU; about
             3 significant digits (``benchmarks/bench_curvature_cost.py`` measures both); part of the s_test cache
             key, not of the factors' fingerprint (the same factors serve both).
         null_space_tol: eigen-directions of a map's factors along which the curvature is at most this times
