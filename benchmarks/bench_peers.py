@@ -63,7 +63,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -445,8 +445,12 @@ def retrain(s: Setting, weights: dict[str, Tensor], args: argparse.Namespace) ->
 
     Every refit is :func:`repinf_lens.analysis.lds.refit_downstream` (L-BFGS, the proximal objective, ``max_iter``,
     its tolerances) on the training batches; with the cached tail (default) its loss is :class:`CachedTail`'s
-    (verified equal to the split's). The test losses are always the split's own.
+    (verified equal to the split's). The test losses are always the split's own. The refits run on
+    ``--truth-threads`` (default ``--threads``).
     """
+    from tqdm.auto import tqdm
+
+    from repinf_lens.analysis.lds import refit_downstream
 
     bs = args.batch_size
     split, task = s.split, s.task
@@ -465,44 +469,31 @@ def retrain(s: Setting, weights: dict[str, Tensor], args: argparse.Namespace) ->
     ckpt = TruthCheckpoint(args.out / "ground_truth.partial.safetensors", s, weights, args, theta0, use_tail)
     torch.set_num_threads(args.truth_threads or args.threads)
     try:
-        return _retrain(s, split, objective, fit_inputs, q_inputs, weights, theta0, ckpt, out, kw, args)
+        t0, c0 = time.perf_counter(), time.process_time()
+        full = ckpt.full
+        if full is None:
+            full = refit_downstream(objective, fit_inputs, torch.ones(len(s.train)), theta0, theta0, **kw)
+            ckpt.save_full(full, time.perf_counter() - t0, time.process_time() - c0)
+        out["full_refit_s"], out["full_refit_cpu_s"] = ckpt.seconds("full")
+        s.load_theta(full)
+        base = _test_losses(split, full, q_inputs)
+        out["base_test_loss"] = base.tolist()
+        out["objective"] = "CachedTail (answer-position W_out loss)" if use_tail else "split.inputs_loss"
+        if ckpt.resumed:
+            out["resumed_from_checkpoint"] = ckpt.resumed
+        for kind, w in weights.items():
+            actual = ckpt.done(kind)
+            with tqdm(total=len(w), initial=len(actual), desc=f"{kind} retraining", disable=not args.progress) as bar:
+                for row in w[len(actual) :]:
+                    t, c = time.perf_counter(), time.process_time()
+                    p = refit_downstream(objective, fit_inputs, row, full, theta0, **kw)
+                    actual.append(_test_losses(split, p, q_inputs) - base)
+                    ckpt.save_refit(kind, actual, time.perf_counter() - t, time.process_time() - c)
+                    bar.update(1)
+            secs, cpu = ckpt.seconds(kind)
+            out[kind] = {"actual": torch.stack(actual, 1), "seconds": secs, "cpu_s": cpu}
     finally:
         torch.set_num_threads(args.threads)
-
-
-def _retrain(
-    s: Setting, split: Any, objective: Any, fit_inputs: list[Any], q_inputs: list[Any], weights: dict[str, Tensor],
-    theta0: dict[str, Tensor], ckpt: TruthCheckpoint, out: dict[str, Any], kw: dict[str, Any],
-    args: argparse.Namespace,
-) -> dict[str, Any]:  # fmt: skip
-    """:func:`retrain`'s refits, under the thread count it set."""
-    from tqdm.auto import tqdm
-
-    from repinf_lens.analysis.lds import refit_downstream
-
-    t0, c0 = time.perf_counter(), time.process_time()
-    full = ckpt.full
-    if full is None:
-        full = refit_downstream(objective, fit_inputs, torch.ones(len(s.train)), theta0, theta0, **kw)
-        ckpt.save_full(full, time.perf_counter() - t0, time.process_time() - c0)
-    out["full_refit_s"], out["full_refit_cpu_s"] = ckpt.seconds("full")
-    s.load_theta(full)
-    base = _test_losses(split, full, q_inputs)
-    out["base_test_loss"] = base.tolist()
-    out["objective"] = "split.inputs_loss" if objective is split else "CachedTail (answer-position W_out loss)"
-    if ckpt.resumed:
-        out["resumed_from_checkpoint"] = ckpt.resumed
-    for kind, w in weights.items():
-        actual = ckpt.done(kind)
-        with tqdm(total=len(w), initial=len(actual), desc=f"{kind} retraining", disable=not args.progress) as bar:
-            for row in w[len(actual) :]:
-                t, c = time.perf_counter(), time.process_time()
-                p = refit_downstream(objective, fit_inputs, row, full, theta0, **kw)
-                actual.append(_test_losses(split, p, q_inputs) - base)
-                ckpt.save_refit(kind, actual, time.perf_counter() - t, time.process_time() - c)
-                bar.update(1)
-        secs, cpu = ckpt.seconds(kind)
-        out[kind] = {"actual": torch.stack(actual, 1), "seconds": secs, "cpu_s": cpu}
     out["threads"] = ckpt.threads_used
     return out
 
@@ -534,14 +525,16 @@ class TruthCheckpoint:
             "objective": "cached_tail" if use_tail else "split",
         }  # (not the thread count: it changes the refits' float rounding only; the counts used are recorded)
         self.fingerprint = fingerprint_hash(json.loads(json.dumps(fp, default=str)))
-        # checkpoints of the earlier format put the thread count in the fingerprint: accept any count
-        legacy = {fingerprint_hash(json.loads(json.dumps({**fp, "threads": t}, default=str))): t for t in range(1, 257)}
         self.tensors: dict[str, Tensor] = {}
         self.meta: dict[str, Any] = {}
         self.resumed: dict[str, int] = {}
         if path.exists():
             header, tensors, problem = read_verified(path)
             got = header.get("fingerprint")
+            legacy: dict[str, int] = {}
+            if got != self.fingerprint:  # the earlier format put the thread count in the fingerprint: accept any
+                legacy = {fingerprint_hash(json.loads(json.dumps({**fp, "threads": t}, default=str))): t
+                          for t in range(1, 257)}  # fmt: skip
             if problem is None and (got == self.fingerprint or got in legacy) and tensors is not None:
                 self.tensors, self.meta = tensors, json.loads(header.get("bench_peers", "{}"))
                 if got in legacy:  # every refit of that file ran with its one thread count
@@ -1247,6 +1240,11 @@ def _nanmean(xs: Sequence[float]) -> float:
     return float(sum(v) / len(v)) if v else float("nan")
 
 
+def best_method(lds_mean: Mapping[str, float]) -> str | None:
+    """The method of the highest mean LDS (NaN counts as the lowest), None when there is none."""
+    return max(lds_mean, key=lambda k: -math.inf if math.isnan(lds_mean[k]) else lds_mean[k], default=None)
+
+
 def paired_bootstrap(per_query: dict[str, list[float]], best: str, n_boot: int, seed: int) -> dict[str, dict]:
     """Bootstrap over queries of ``mean_q (LDS_m - LDS_best)``: mean, 95 % interval, P(resampled diff >= 0)."""
     g = torch.Generator().manual_seed(seed)
@@ -1465,7 +1463,7 @@ def merge_results(paths: Sequence[Path], out: Path, *, n_boot: int, seed: int) -
         raise ValueError(f"a method ran in two parts: {sorted({n for n in names if names.count(n) > 1})}.")
     lds_pq = {m["method"]: m["lds_per_query"] for m in rows}
     lds_mean = {k: _nanmean(v) for k, v in lds_pq.items()}
-    best = max(lds_mean, key=lambda k: -math.inf if math.isnan(lds_mean[k]) else lds_mean[k])
+    best = best_method(lds_mean)
     boot = paired_bootstrap(lds_pq, best, n_boot, seed)
     cg = next((m for m in rows if m["method"] == f"repinf cg{first['args']['cg_iters']}"), None)
     for m in rows:
@@ -1571,7 +1569,7 @@ def _main(args: argparse.Namespace, workdir: Path, t_start: float) -> dict[str, 
         # metrics against the same retrained losses
         lds_pq = {r.name: per_query_spearman("lds", r.scores, weights["lds"], gt["lds"]["actual"]) for r in runs}
         lds_mean = {k: _nanmean(v) for k, v in lds_pq.items()}
-        best = max(lds_mean, key=lambda k: -math.inf if math.isnan(lds_mean[k]) else lds_mean[k], default=None)
+        best = best_method(lds_mean)
         boot = paired_bootstrap(lds_pq, best, args.n_boot, args.seed) if best is not None else {}
         loo_pq = (
             {r.name: per_query_spearman("loo", r.scores, weights["loo"], gt["loo"]["actual"]) for r in runs}
