@@ -21,6 +21,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _memory import PeakRSS
+
 
 def _setup(args: argparse.Namespace):
     from repinf_lens import SplitModel, load_mcqa, load_model
@@ -41,49 +45,6 @@ def _setup(args: argparse.Namespace):
     return split, rows, batch
 
 
-class _PeakRSS:
-    """Sample this process's RSS every 2 ms in a thread; ``peak_mb`` is the maximum above the starting RSS.
-
-    Freed memory is returned to the OS first (``malloc_trim``) so the starting RSS is not inflated by the
-    model-loading phase; large tensors are mmap-allocated by glibc and show up in RSS as they are created.
-    """
-
-    def __enter__(self) -> _PeakRSS:
-        import ctypes
-        import gc
-        import threading
-
-        import psutil
-
-        gc.collect()
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        self._proc = psutil.Process()
-        self.start = self._proc.memory_info().rss
-        self.peak = self.start
-        self._stop = threading.Event()
-
-        def sample() -> None:
-            while not self._stop.is_set():
-                self.peak = max(self.peak, self._proc.memory_info().rss)
-                self._stop.wait(0.002)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    @property
-    def peak_mb(self) -> float:
-        return (self.peak - self.start) / 2**20
-
-
 def _measure_memory(kind: str, args_dict: dict, queue: mp.Queue) -> None:
     args = argparse.Namespace(**args_dict)
     torch.set_num_threads(args.threads)
@@ -101,7 +62,7 @@ def _measure_memory(kind: str, args_dict: dict, queue: mp.Queue) -> None:
         else (lambda: latent_influence(split, s, inp, params, chunk_size=chunk))
     )
     fn()  # warm-up outside the measurement (kernels, decompositions)
-    with _PeakRSS() as mem:
+    with PeakRSS(interval=0.002, trim=True) as mem:
         out = fn()
     del out
     queue.put(mem.peak_mb)

@@ -60,7 +60,6 @@ import re
 import shutil
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -70,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _memory import PeakRSS
 from torch import Tensor
 
 PEERS = {"kronfluence": "1.0.1", "dattri": "0.3.0"}
@@ -101,67 +101,6 @@ def peer_version(name: str) -> str | None:
         return version(name)
     except PackageNotFoundError:
         return None
-
-
-def _rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-class MemoryCapExceeded(RuntimeError):
-    """A method's process RSS went above ``--max-rss-gb``: it was stopped (the machine is shared)."""
-
-
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every ``interval`` seconds (Linux; else ``None``).
-
-    With ``cap_bytes``, the first sample above it interrupts the main thread (``KeyboardInterrupt`` at its next
-    Python instruction); ``__exit__`` turns that into :class:`MemoryCapExceeded`, so one method that runs away
-    cannot take the machine's memory (or the whole run) with it.
-    """
-
-    def __init__(self, interval: float = 0.02, cap_bytes: int | None = None) -> None:
-        self.interval = interval
-        self.cap = cap_bytes
-        self.peak_mb: float | None = None
-        self.tripped = False
-        self._stop = threading.Event()
-
-    def _sample(self) -> None:
-        import _thread
-
-        while not self._stop.is_set():
-            now = _rss_bytes()
-            if now is not None:
-                self._peak = max(self._peak, now)
-                if self.cap is not None and now > self.cap and not self.tripped:
-                    self.tripped = True
-                    _thread.interrupt_main()
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self._base = _rss_bytes()
-        self._peak = self._base or 0
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        if self._base is not None:
-            self._thread.start()
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        self._stop.set()
-        if self._base is not None:
-            self._thread.join()
-            now = _rss_bytes() or 0
-            self.peak_mb = round((max(self._peak, now) - self._base) / 2**20, 1)
-        if self.tripped:
-            raise MemoryCapExceeded(
-                f"resident memory above the cap of {self.cap / 2**30:.1f} GiB (peak {self._peak / 2**30:.2f} GiB); "
-                "stopped"
-            ) from (exc if isinstance(exc, BaseException) else None)
-        return False
 
 
 #: the process RSS cap every method runs under (``--max-rss-gb``; set by :func:`main`)
@@ -428,7 +367,7 @@ class CachedTail:
             new_g = torch.func.grad(lambda q: sum(self.inputs_loss(q, t, reduction="sum") for t in tails))(p)
             out[tag] = {
                 "max_abs_loss_diff": float((new_l - ref_l).abs().max()),
-                "grad_rel_diff": float((new_g[name] - ref_g[name]).norm() / ref_g[name].norm()),
+                "grad_rel_diff": float((new_g[name] - ref_g[name]).detach().norm() / ref_g[name].detach().norm()),
             }
         print(f"[bench_peers] cached-tail retraining loss vs split.inputs_loss: {out}", flush=True)
         worst = max(max(v["max_abs_loss_diff"], v["grad_rel_diff"]) for v in out.values())
@@ -1672,9 +1611,7 @@ def _main(args: argparse.Namespace, workdir: Path, t_start: float) -> dict[str, 
             r.cpu_s = time.process_time() - c0
         except GradientMismatchError:
             raise
-        except (Exception, KeyboardInterrupt) as err:  # one method failing must not hide the others' numbers
-            if isinstance(err, KeyboardInterrupt) and not isinstance(err.__context__, MemoryCapExceeded):
-                raise
+        except Exception as err:  # one method failing (MemoryCapExceeded included) must not hide the others' numbers
             import gc
 
             gc.collect()

@@ -86,16 +86,13 @@ def _best(fn: Any, repeats: int) -> tuple[float, Any]:
 
 
 def _peak_mb(fn: Any) -> float | None:
-    """Peak RSS (MB) of ``fn()`` above the RSS before it (bench_engine's sampler; ``None`` without psutil)."""
-    from bench_engine import _PeakRSS
+    """Peak RSS (MB) of ``fn()`` above the RSS before it (``None`` where RSS cannot be read)."""
+    from _memory import PeakRSS
 
-    try:
-        with _PeakRSS() as mem:
-            out = fn()
-    except ImportError:  # psutil missing
-        return None
+    with PeakRSS(interval=0.002, trim=True) as mem:
+        out = fn()
     del out
-    return round(mem.peak_mb, 1)
+    return mem.peak_mb
 
 
 def _parser() -> argparse.ArgumentParser:

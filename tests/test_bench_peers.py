@@ -138,6 +138,40 @@ def test_memory_cap_stops_a_method_and_the_run_goes_on(tmp_path):
     assert "MemoryCapExceeded" in res["skipped"]["repinf identity"]
 
 
+def test_the_memory_cap_raises_one_clear_error_however_short_the_block_and_keeps_ctrl_c():
+    """The cap's simulated SIGINT must never escape as a stray KeyboardInterrupt (it killed a CI run once, when a
+    sample tripped just as a block ended), a block shorter than one sample is judged at exit, and a real Ctrl-C
+    inside a capped block is still a KeyboardInterrupt."""
+    import signal
+    import time
+
+    from _memory import MemoryCapExceeded, PeakRSS, rss_bytes
+
+    before = signal.getsignal(signal.SIGINT)
+    for _ in range(20):  # a block shorter than one sampling interval, over the cap from the start
+        with pytest.raises(MemoryCapExceeded, match="above the cap"):
+            with PeakRSS(interval=10.0, cap_bytes=1):
+                pass
+    for _ in range(20):  # trips in the body, at exit or inside the join: always one MemoryCapExceeded
+        with pytest.raises(MemoryCapExceeded):
+            with PeakRSS(interval=1e-4, cap_bytes=1):
+                time.sleep(0.001 * (_ % 3))
+    time.sleep(0.05)  # (a stray simulated SIGINT would surface here)
+    t0 = time.time()
+    with pytest.raises(MemoryCapExceeded):  # a long body is stopped, not run to the end
+        with PeakRSS(interval=1e-3, cap_bytes=1):
+            while time.time() - t0 < 5:
+                pass
+    assert time.time() - t0 < 1
+    with pytest.raises(KeyboardInterrupt):  # a real Ctrl-C under a cap it does not exceed
+        with PeakRSS(interval=1e-3, cap_bytes=2**50):
+            signal.raise_signal(signal.SIGINT)
+    with PeakRSS() as mem:  # no cap: only the peak
+        x = torch.ones(2**22)  # 16 MB
+    assert mem.peak_mb is not None and mem.peak_mb >= 15 and x.numel()
+    assert signal.getsignal(signal.SIGINT) == before and (rss_bytes() or 0) > 0
+
+
 def test_the_whole_block_setting_matches_the_hf_twin_map_by_map(tmp_path):
     """--theta2 block: the 7 linear maps of the last block (grouped-query K/V included), each equal to its HF
     module in the HF layout, and per-example gradients equal to the HF twin's autograd (an independent model)."""
