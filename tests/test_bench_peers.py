@@ -167,8 +167,8 @@ def test_the_memory_cap_raises_one_clear_error_however_short_the_block_and_keeps
         with PeakRSS(interval=1e-3, cap_bytes=2**50):
             signal.raise_signal(signal.SIGINT)
     with PeakRSS() as mem:  # no cap: only the peak
-        x = torch.ones(2**22)  # 16 MB
-    assert mem.peak_mb is not None and mem.peak_mb >= 15 and x.numel()
+        x = torch.ones(2**25)  # 128 MB (above glibc's largest mmap threshold: fresh pages, whatever was freed)
+    assert mem.peak_mb is not None and mem.peak_mb >= 100 and x.numel()
     assert signal.getsignal(signal.SIGINT) == before and (rss_bytes() or 0) > 0
 
 
