@@ -793,14 +793,14 @@ def repinf_methods(s: Setting, args: argparse.Namespace, workdir: Path) -> dict[
                    precondition_dtype=rotations, **extra)  # fmt: skip
 
     def pcg(
-        it: int, rotations: str = "float32", latent_method: str = "none", full: bool = False
+        it: int, rotations: str = "float32", latent_method: str = "none", full: bool = False, block: bool = False
     ) -> tuple[str, Callable[[], MethodRun]]:
-        name = f"repinf pcg{it} ekfac (emp" + (", bf16 rotations" if rotations != "float32" else "")
-        name += (", full rotations" if full else "") + ")"
+        name = f"repinf {'block-' if block else ''}pcg{it} ekfac (emp"
+        name += (", bf16 rotations" if rotations != "float32" else "") + (", full rotations" if full else "") + ")"
         name += ", with latent scores" if latent_method != "none" else ""
         pre = factored(EKFAC, "empirical", rotations, full)
         return name, lambda: run_repinf(
-            s, name, CG(damping=d, max_iter=it, tol=0.0, batch_size=bs, preconditioner=pre), args,
+            s, name, CG(damping=d, max_iter=it, tol=0.0, batch_size=bs, preconditioner=pre, block=block), args,
             latent_method=latent_method,
         )  # fmt: skip
 
@@ -824,6 +824,7 @@ def repinf_methods(s: Setting, args: argparse.Namespace, workdir: Path) -> dict[
         ),
         **dict(
             [pcg(it) for it in (2, 3, 5, 10, 15, 20)]
+            + [pcg(it, block=True) for it in (5, 8, 10)]  # (block CG: the 8 queries share one search space)
             + [pcg(5, "bfloat16")]  # (where the null-space shortcut applies its rotations stay float32)
             + [pcg(20, full=True), pcg(15, "bfloat16", full=True), pcg(20, "bfloat16", full=True)]
             + [pcg(10, latent_method="grad_x_input")]

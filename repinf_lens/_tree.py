@@ -2,25 +2,55 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["tadd", "tdetach", "tdot", "tflatten", "tnorm", "tnumel", "tscale", "tunflatten", "tzeros_like"]
+__all__ = [
+    "tadd", "tcombine", "tdetach", "tdot", "tflatten", "tgram", "tnorm", "tnumel", "tscale", "tstack", "tunflatten",
+    "tunstack", "tzeros_like",
+]  # fmt: skip
 
 Tree = Mapping[str, Tensor]
 
 
+#: elements per float32 partial dot product in :func:`tdot` (the partials are summed in float64)
+_DOT_CHUNK = 1 << 16
+
+
 def tdot(a: Tree, b: Tree) -> Tensor:
-    """Inner product ``sum_k <a[k], b[k]>`` (accumulated in float64 for stability, returned in a's dtype)."""
-    total = sum((a[k].double() * b[k].double()).sum() for k in a)
-    return torch.as_tensor(total).to(next(iter(a.values())).dtype)
+    """Inner product ``sum_k <a[k], b[k]>``, returned in a's dtype.
+
+    Each tensor's dot product is taken in chunks of 65,536 elements by BLAS (``torch.vdot``, float32 for float32
+    and lower precisions, float64 for float64) and the partial sums are added in float64: rounding stays that of
+    a 65,536-term float32 sum, with no float64 copy or elementwise product of the operands (CG and LiSSA take
+    three of these per query per iteration).
+    """
+    parts: list[Tensor] = []
+    for k in a:
+        x, y = a[k], b[k]
+        if not x.is_contiguous() and x.dim() > 1:  # (e.g. a transposed weight gradient): read it in memory order
+            strides = x.stride()
+            order = sorted(range(x.dim()), key=lambda d: -strides[d])
+            x, y = x.permute(order), y.permute(order)
+        x, y = x.reshape(-1), y.reshape(-1)
+        if x.dtype != torch.float64:
+            x, y = x.to(torch.float32), y.to(torch.float32)
+        else:
+            y = y.to(torch.float64)
+        parts.extend(torch.vdot(x[i : i + _DOT_CHUNK], y[i : i + _DOT_CHUNK]) for i in range(0, x.numel(), _DOT_CHUNK))
+    total = torch.stack([p.to(torch.float64) for p in parts]).sum() if parts else torch.zeros((), dtype=torch.float64)
+    return total.to(next(iter(a.values())).dtype)
 
 
 def tadd(a: Tree, b: Tree, alpha: float | Tensor = 1.0) -> dict[str, Tensor]:
-    """``a + alpha * b``."""
-    return {k: a[k] + alpha * b[k] for k in a}
+    """``a + alpha * b`` (one fused ``torch.add`` per tensor; a 0-d ``alpha`` on the CPU is read as a number)."""
+    if isinstance(alpha, Tensor) and alpha.ndim == 0 and alpha.device.type == "cpu" and not alpha.requires_grad:
+        alpha = float(alpha)
+    if isinstance(alpha, Tensor):
+        return {k: a[k] + alpha * b[k] for k in a}
+    return {k: torch.add(a[k], b[k], alpha=alpha) for k in a}
 
 
 def tscale(a: Tree, alpha: float | Tensor) -> dict[str, Tensor]:
@@ -60,4 +90,44 @@ def tunflatten(flat: Tensor, like: Tree) -> dict[str, Tensor]:
         n = v.numel()
         out[k] = flat[i : i + n].reshape(v.shape).to(v.dtype)
         i += n
+    return out
+
+
+# ---- blocks of vectors: a tree whose tensors carry a leading block dimension [m, *shape] (block CG)
+def tstack(trees: Sequence[Tree]) -> dict[str, Tensor]:
+    """``[m, *shape]`` tensors from ``m`` trees of the same keys and shapes."""
+    return {k: torch.stack([t[k] for t in trees]) for k in trees[0]}
+
+
+def tunstack(block: Tree) -> list[dict[str, Tensor]]:
+    """The ``m`` trees of a block (views, no copies)."""
+    m = next(iter(block.values())).shape[0]
+    return [{k: v[i] for k, v in block.items()} for i in range(m)]
+
+
+def tgram(a: Tree, b: Tree) -> Tensor:
+    """``G[i, j] = <a_i, b_j>`` for blocks ``a`` ``[m, ...]`` and ``b`` ``[n, ...]``, float64 ``[m, n]``.
+
+    As in :func:`tdot`: float32 (or float64) BLAS products over chunks of 65,536 elements, partials summed in
+    float64.
+    """
+    m, n = next(iter(a.values())).shape[0], next(iter(b.values())).shape[0]
+    total = torch.zeros(m, n, dtype=torch.float64, device=next(iter(a.values())).device)
+    for k in a:
+        x, y = a[k].reshape(m, -1), b[k].reshape(n, -1)
+        if x.dtype != torch.float64:
+            x, y = x.to(torch.float32), y.to(torch.float32)
+        else:
+            y = y.to(torch.float64)
+        for i in range(0, x.shape[1], _DOT_CHUNK):
+            total += (x[:, i : i + _DOT_CHUNK] @ y[:, i : i + _DOT_CHUNK].T).to(torch.float64)
+    return total
+
+
+def tcombine(block: Tree, coef: Tensor) -> dict[str, Tensor]:
+    """``out_j = sum_i coef[i, j] block_i``: ``[m, ...]`` and ``coef`` ``[m, n]`` give an ``[n, ...]`` block."""
+    out = {}
+    for k, v in block.items():
+        flat = v.reshape(v.shape[0], -1)
+        out[k] = (coef.to(flat.dtype).T @ flat).reshape(coef.shape[1], *v.shape[1:])
     return out

@@ -1182,15 +1182,26 @@ class KFAC(InverseHessianSolver):
         s: dict[str, Tensor] = {}
         for b in factors.blocks:
             sub = {k: torch.stack([g[k] for g in gs]) for k in b.params}
-            s.update(
-                factors.precondition_block(
-                    b, sub, damping=self.damping, ekfac=self.corrected, dtype=self._rotation_dtype(),
-                    null_tol=self.null_space_tol,
-                )
-            )  # fmt: skip
+            s.update(self._precondition_block(factors, b, sub))
             del sub
         outs = [self._checked({k: s[k][i] for k in gs[0]}, query=i) for i in range(len(gs))]
         return outs, [SolveInfo(iterations=1, converged=True) for _ in gs]
+
+    def _precondition_block(self, factors: KFACFactors, b: FactorBlock, sub: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return factors.precondition_block(
+            b, sub, damping=self.damping, ekfac=self.corrected, dtype=self._rotation_dtype(),
+            null_tol=self.null_space_tol,
+        )  # fmt: skip
+
+    def solve_stacked(self, block: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """:meth:`solve_many` of vectors already stacked along a leading dim (``[m, *shape]`` per theta2 entry,
+        block CG's layout): the same preconditioning, without unstacking and restacking them."""
+        factors = self._fitted()
+        factors.check_keys(block)
+        out: dict[str, Tensor] = {}
+        for b in factors.blocks:
+            out.update(self._precondition_block(factors, b, {k: block[k] for k in b.params}))
+        return self._checked(out)
 
 
 @dataclass

@@ -70,6 +70,7 @@ class AttributionConfig:
         "CG only: precondition with fitted factors (ekfac, kfac): CG's answer in fewer iterations",
         choices="factor_solvers",
     )
+    block_cg: bool = _knob(False, "CG only: block CG, the queries solved together share one search space")
     gauss_newton: bool = _knob(False, "PSD Gauss-Newton curvature instead of the Hessian")
     max_iter: int = _knob(20, "CG iterations / LiSSA depth", minimum=1)
     hessian_examples: int = _knob(64, "training examples that define H", minimum=1)
@@ -109,6 +110,11 @@ class AttributionConfig:
 
     def __post_init__(self) -> None:
         get_solver_class(self.solver, setting="AttributionConfig solver")  # any solver registered by now
+        if self.block_cg and self.solver != "cg":
+            raise SettingsError(
+                f"AttributionConfig block_cg=True with solver={self.solver!r}: block CG is a CG variant. Fix: pass "
+                "solver='cg' (with or without a preconditioner), or block_cg=False."
+            )
         if self.preconditioner is not None:
             pre = get_solver_class(self.preconditioner, setting="AttributionConfig preconditioner")
             if self.solver != "cg" or not pre(damping=self.damping).fits_factors:
@@ -156,6 +162,8 @@ def solver_from_config(cfg: AttributionConfig) -> InverseHessianSolver:
     settings: dict[str, Any] = {}
     if cfg.preconditioner is not None:
         settings["preconditioner"] = build_solver(cfg.preconditioner, damping=cfg.damping, batch_size=cfg.batch_size)
+    if cfg.block_cg:
+        settings["block"] = True
     return build_solver(
         cfg.solver, damping=cfg.damping, gauss_newton=cfg.gauss_newton, max_iter=cfg.max_iter,
         batch_size=cfg.batch_size, **settings,
