@@ -112,6 +112,12 @@ class SolveInfo:
         return asdict(self)
 
 
+def _dense(block: Tree) -> dict[str, Tensor]:
+    """Every tensor in row-major order (an HVP or a preconditioner may return a transposed weight's layout): block
+    CG's products and updates then run on one layout, without a copy per operation."""
+    return {k: v.contiguous() for k, v in block.items()}
+
+
 def stacked_hvp(hvp_fn: HVPFn, block: Tree, *, chunk_size: int | None = None) -> dict[str, Tensor]:
     """``H v_i`` for every vector of a block (tensors ``[m, *shape]``), as a block: ``torch.func.vmap`` over
     ``hvp_fn``.
@@ -589,11 +595,11 @@ class CG(InverseHessianSolver):
         b = tstack([gs[q] for q in active])
         x = {k: torch.zeros_like(v) for k, v in b.items()}
         r: Tree = b
-        p = self._orth(self._precondition_stacked(r))
+        p = self._orth(_dense(self._precondition_stacked(r)))
         for it in range(self.max_iter):
             if p is None:  # (every residual exactly zero)
                 break
-            q_blk = tadd(stacked_hvp(hvp_fn, p, chunk_size=chunk_size), p, self.damping)
+            q_blk = tadd(_dense(stacked_hvp(hvp_fn, p, chunk_size=chunk_size)), p, self.damping)
             pq = tgram(p, q_blk)
             pq = (pq + pq.T) / 2
             if not bool(torch.isfinite(pq).all()):
@@ -626,7 +632,7 @@ class CG(InverseHessianSolver):
                 infos[q].converged = rel[j] <= self.tol
             if all(infos[q].converged for q in active) or it == self.max_iter - 1:
                 break
-            z = self._precondition_stacked(r)
+            z = _dense(self._precondition_stacked(r))
             beta = -torch.linalg.solve(pq, tgram(q_blk, z))
             p = self._orth(tadd(z, tcombine(p, beta)))
         xs = [tzeros_like(g) for g in gs]
