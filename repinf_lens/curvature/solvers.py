@@ -443,15 +443,7 @@ class CG(InverseHessianSolver):
             self._curvature_not_finite(pap, ap, it)
             if float(pap) <= 0.0:
                 info.negative_curvature = True
-                msg = (
-                    f"CG iteration {it}: p^T (H + {self.damping:g} I) p = {float(pap):.3e} <= 0, the damped Hessian is "
-                    "not positive definite on theta2. Fix: CG(gauss_newton=True) (PSD Gauss-Newton curvature) or a "
-                    "larger damping."
-                )
-                if self.on_negative_curvature == "raise":
-                    raise FloatingPointError(msg)
-                if self.on_negative_curvature == "warn":
-                    warnings.warn(msg, NegativeCurvatureWarning, stacklevel=3)
+                if self._negative_curvature(f"CG iteration {it}: p^T (H + {self.damping:g} I) p = {float(pap):.3e}"):
                     break
             alpha = rs / pap
             x = tadd(x, p, alpha)
@@ -484,25 +476,13 @@ class CG(InverseHessianSolver):
         With ``block=True`` (and more than one non-zero query) the queries share one search space instead
         (:meth:`_solve_block`).
         """
-        if self.block and sum(1 for g in gs if float(tnorm(g)) != 0.0) > 1:
-            return self._solve_block(hvp_fn, gs, chunk_size=chunk_size)
-        n = len(gs)
-        infos = [SolveInfo(converged=False) for _ in range(n)]
+        g_norms, infos, active = self._start(gs)
+        if self.block and len(active) > 1:
+            return self._solve_block(hvp_fn, gs, g_norms, infos, active, chunk_size=chunk_size)
         xs = [tzeros_like(g) for g in gs]
         rs_ = [dict(g) for g in gs]  # no copies: every update below makes new tensors, gs is never modified
         ps: list[Tree] = [dict(g) for g in gs]
-        g_norms = [float(tnorm(g)) for g in gs]
-        for q, g in enumerate(gs):
-            if not math.isfinite(g_norms[q]):
-                check_finite("g_test (the right-hand side)", g, where=f"for query {q} of the solve")
         rss: dict[int, Tensor] = {}  # per active query: r.z (r.r for plain CG)
-        active: list[int] = []
-        for q in range(n):
-            if g_norms[q] == 0.0:
-                infos[q].converged = True
-                continue
-            infos[q].residuals.append(1.0)
-            active.append(q)
         for q, z in zip(active, self._precondition([rs_[q] for q in active])):
             ps[q] = dict(z)
             rss[q] = tdot(rs_[q], z)
@@ -519,15 +499,8 @@ class CG(InverseHessianSolver):
                 self._curvature_not_finite(pap, ap, it, q)
                 if float(pap) <= 0.0:
                     info.negative_curvature = True
-                    msg = (
-                        f"CG iteration {it} (query {q}): p^T (H + {self.damping:g} I) p = {float(pap):.3e} <= 0, the "
-                        "damped Hessian is not positive definite on theta2. Fix: CG(gauss_newton=True) (PSD "
-                        "Gauss-Newton curvature) or a larger damping."
-                    )
-                    if self.on_negative_curvature == "raise":
-                        raise FloatingPointError(msg)
-                    if self.on_negative_curvature == "warn":
-                        warnings.warn(msg, NegativeCurvatureWarning, stacklevel=3)
+                    what = f"CG iteration {it} (query {q}): p^T (H + {self.damping:g} I) p = {float(pap):.3e}"
+                    if self._negative_curvature(what):
                         continue
                 alpha = rss[q] / pap
                 xs[q] = tadd(xs[q], p, alpha)
@@ -568,9 +541,40 @@ class CG(InverseHessianSolver):
             return solve_stacked(r)
         return tstack(self._precondition(tunstack(r)))
 
+    def _start(self, gs: list[Tree]) -> tuple[list[float], list[SolveInfo], list[int]]:
+        """Per query: ``||g||`` (a non-finite one raises, naming the tensor), a fresh :class:`SolveInfo` (converged
+        for ``g = 0``, else with the initial relative residual 1), and the queries with ``g != 0``."""
+        g_norms = [float(tnorm(g)) for g in gs]
+        infos = [SolveInfo(converged=False) for _ in gs]
+        active: list[int] = []
+        for q, g in enumerate(gs):
+            if not math.isfinite(g_norms[q]):
+                check_finite("g_test (the right-hand side)", g, where=f"for query {q} of the solve")
+            if g_norms[q] == 0.0:
+                infos[q].converged = True
+                continue
+            infos[q].residuals.append(1.0)
+            active.append(q)
+        return g_norms, infos, active
+
+    def _negative_curvature(self, what: str) -> bool:
+        """``what`` (a curvature <= 0 at some iteration) under ``on_negative_curvature``: raise, or warn and return
+        True (stop), or return False (``"ignore"``: keep iterating)."""
+        msg = (
+            f"{what} <= 0, the damped Hessian is not positive definite on theta2. Fix: CG(gauss_newton=True) (PSD "
+            "Gauss-Newton curvature) or a larger damping."
+        )
+        if self.on_negative_curvature == "raise":
+            raise FloatingPointError(msg)
+        if self.on_negative_curvature == "warn":
+            warnings.warn(msg, NegativeCurvatureWarning, stacklevel=4)
+            return True
+        return False
+
     def _solve_block(
-        self, hvp_fn: HVPFn, gs: list[Tree], *, chunk_size: int | None = None
-    ) -> tuple[list[Tree], list[SolveInfo]]:
+        self, hvp_fn: HVPFn, gs: list[Tree], g_norms: list[float], infos: list[SolveInfo], active: list[int],
+        *, chunk_size: int | None = None,
+    ) -> tuple[list[Tree], list[SolveInfo]]:  # fmt: skip
         """Block (preconditioned) CG over every non-zero query (``block=True``): breakdown-free block CG.
 
         ``R = G``, ``P = orth(M^-1 R)``; per iteration ``Q = (H + lambda) P``, ``alpha = (P^T Q)^-1 P^T R``,
@@ -579,18 +583,6 @@ class CG(InverseHessianSolver):
         ``on_negative_curvature`` applies to every query). It stops when every query's relative residual is
         ``<= tol`` or after ``max_iter`` iterations; a query that converged earlier keeps being refined.
         """
-        n = len(gs)
-        infos = [SolveInfo(converged=False) for _ in range(n)]
-        g_norms = [float(tnorm(g)) for g in gs]
-        for q, g in enumerate(gs):
-            if not math.isfinite(g_norms[q]):
-                check_finite("g_test (the right-hand side)", g, where=f"for query {q} of the solve")
-        active = [q for q in range(n) if g_norms[q] != 0.0]
-        for q in range(n):
-            if g_norms[q] == 0.0:
-                infos[q].converged = True
-            else:
-                infos[q].residuals.append(1.0)
         norms = torch.tensor([g_norms[q] for q in active], dtype=torch.float64)
         b = tstack([gs[q] for q in active])
         x = {k: torch.zeros_like(v) for k, v in b.items()}
@@ -612,15 +604,10 @@ class CG(InverseHessianSolver):
             if low <= 0.0:
                 for q in active:
                     infos[q].negative_curvature = True
-                msg = (
-                    f"block CG iteration {it}: the smallest eigenvalue of P^T (H + {self.damping:g} I) P is {low:.3e} "
-                    "<= 0, the damped Hessian is not positive definite on theta2. Fix: CG(gauss_newton=True) (PSD "
-                    "Gauss-Newton curvature) or a larger damping."
+                what = (
+                    f"block CG iteration {it}: the smallest eigenvalue of P^T (H + {self.damping:g} I) P is {low:.3e}"
                 )
-                if self.on_negative_curvature == "raise":
-                    raise FloatingPointError(msg)
-                if self.on_negative_curvature == "warn":
-                    warnings.warn(msg, NegativeCurvatureWarning, stacklevel=3)
+                if self._negative_curvature(what):
                     break
             alpha = torch.linalg.solve(pq, tgram(p, r))
             x = tadd(x, tcombine(p, alpha))
