@@ -778,7 +778,7 @@ def run_repinf(
 
 
 def repinf_methods(s: Setting, args: argparse.Namespace, workdir: Path) -> dict[str, Callable[[], MethodRun]]:
-    from repinf_lens.curvature import CG, EKFAC, KFAC, Identity
+    from repinf_lens.curvature import CG, EKFAC, KFAC, Identity, Woodbury
 
     d = args.damping
     bs = args.batch_size
@@ -803,6 +803,14 @@ def repinf_methods(s: Setting, args: argparse.Namespace, workdir: Path) -> dict[
             s, name, CG(damping=d, max_iter=it, tol=0.0, batch_size=bs, preconditioner=pre, block=block), args,
             latent_method=latent_method,
         )  # fmt: skip
+
+    def wood_pcg(it: int) -> tuple[str, Callable[[], MethodRun]]:
+        """CG on the exact damped Hessian preconditioned by the exact damped Gauss-Newton's inverse."""
+        name = f"repinf pcg{it} woodbury (true)"
+        pre = Woodbury(damping=d, batch_size=bs, fisher="true", progress=False)
+        return name, lambda: run_repinf(
+            s, name, CG(damping=d, max_iter=it, tol=0.0, batch_size=bs, preconditioner=pre), args
+        )
 
     return {
         "repinf identity": lambda: run_repinf(s, "repinf identity", Identity(damping=d), args),
@@ -829,6 +837,13 @@ def repinf_methods(s: Setting, args: argparse.Namespace, workdir: Path) -> dict[
             + [pcg(20, full=True), pcg(15, "bfloat16", full=True), pcg(20, "bfloat16", full=True)]
             + [pcg(10, latent_method="grad_x_input")]
         ),
+        "repinf woodbury (true)": lambda: run_repinf(
+            s, "repinf woodbury (true)", Woodbury(damping=d, batch_size=bs, fisher="true", progress=False), args
+        ),
+        "repinf woodbury (emp)": lambda: run_repinf(
+            s, "repinf woodbury (emp)", Woodbury(damping=d, batch_size=bs, fisher="empirical", progress=False), args
+        ),
+        **dict(wood_pcg(it) for it in (2, 3, 5)),
         "repinf kfac (true)": lambda: run_repinf(s, "repinf kfac (true)", factored(KFAC, "true"), args),
         "repinf ekfac (true)": lambda: run_repinf(s, "repinf ekfac (true)", factored(EKFAC, "true"), args),
         "repinf kfac (emp)": lambda: run_repinf(s, "repinf kfac (emp)", factored(KFAC, "empirical"), args),

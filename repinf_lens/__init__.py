@@ -22,7 +22,8 @@ family, reached as ``rl.<module>.<name>`` (``import repinf_lens as rl``):
   ``repinf_lens.split.lora``);
 * ``CG`` (the default solver; ``CG(preconditioner=EKFAC(...))``: preconditioned CG), ``KFAC`` / ``EKFAC`` (factors
   fitted once on TransformerLens hook points, then each query in one preconditioning pass), ``Identity`` (gradient
-  dot product, TracIn-style), ``register_solver`` (your own);
+  dot product, TracIn-style), ``Woodbury`` (the exact damped Gauss-Newton of a few Hessian rows, inverted in
+  sample space; also CG's preconditioner), ``register_solver`` (your own);
 * ``InfluenceAttributor``: fit, s_test, attribute; ``InfluenceResult``: top examples, latents, tokens; save/load;
 * ``build_sketches`` / ``prefilter``: the gradient-similarity prefilter over a large training set;
 * ``RepinfLensError``: the base class of every error the package raises on purpose;
@@ -48,7 +49,7 @@ The stage runners behind the ``repinf-lens`` command are in ``repinf_lens.workfl
 
 from repinf_lens import analysis, curvature, data, errors, influence, models, saes, testing, viz
 from repinf_lens._version import __version__
-from repinf_lens.curvature import CG, EKFAC, KFAC, Identity, register_solver
+from repinf_lens.curvature import CG, EKFAC, KFAC, Identity, Woodbury, register_solver
 from repinf_lens.data import load_mcqa
 from repinf_lens.errors import RepinfLensError
 from repinf_lens.influence import InfluenceAttributor, InfluenceResult, check_split
@@ -71,6 +72,7 @@ __all__ = [
     "RepinfLensError",
     "SplitModel",
     "Task",
+    "Woodbury",
     "__version__",
     "analysis",
     "build_sketches",

@@ -118,10 +118,21 @@ def tgram(a: Tree, b: Tree) -> Tensor:
     return total
 
 
-def tcombine(block: Tree, coef: Tensor) -> dict[str, Tensor]:
-    """``out_j = sum_i coef[i, j] block_i``: ``[m, ...]`` and ``coef`` ``[m, n]`` give an ``[n, ...]`` block."""
+def tcombine(block: Tree, coef: Tensor, *, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """``out_j = sum_i coef[i, j] block_i``: ``[m, ...]`` and ``coef`` ``[m, n]`` give an ``[n, ...]`` block.
+
+    ``dtype`` (e.g. ``torch.float64``): compute and return in that dtype, over chunks of 65,536 elements (as
+    :func:`tdot`), so that no full-size copy of ``block`` in it is made; ``None``: in the block's dtype.
+    """
     out = {}
     for k, v in block.items():
         flat = v.reshape(v.shape[0], -1)
-        out[k] = (coef.to(flat.dtype).T @ flat).reshape(coef.shape[1], *v.shape[1:])
+        if dtype is None:
+            out[k] = (coef.to(flat.dtype).T @ flat).reshape(coef.shape[1], *v.shape[1:])
+            continue
+        c = coef.to(dtype).T
+        res = torch.empty(coef.shape[1], flat.shape[1], dtype=dtype, device=flat.device)
+        for i in range(0, flat.shape[1], _DOT_CHUNK):
+            res[:, i : i + _DOT_CHUNK] = c @ flat[:, i : i + _DOT_CHUNK].to(dtype)
+        out[k] = res.reshape(coef.shape[1], *v.shape[1:])
     return out

@@ -2,11 +2,21 @@
 
 :mod:`~repinf_lens.curvature.solvers` holds the HVP-based solvers (CG, LiSSA, Explicit, Identity) and the registry;
 :mod:`~repinf_lens.curvature.kfac` the factored ones fitted on the Hessian rows (K-FAC, EK-FAC), registered as
-``"kfac"`` and ``"ekfac"``.
+``"kfac"`` and ``"ekfac"``; :mod:`~repinf_lens.curvature.woodbury` the exact damped Gauss-Newton / empirical Fisher of
+the Hessian rows inverted in sample space, ``"woodbury"``.
 """
 
 from repinf_lens.curvature.cache import STestCache, cache_key
-from repinf_lens.curvature.hvp import dataset_grad, dataset_hvp, gnhvp, hvp, loss_grad, prepared_dataset_hvp
+from repinf_lens.curvature.hvp import (
+    dataset_grad,
+    dataset_hvp,
+    gnhvp,
+    hvp,
+    loss_grad,
+    per_example_grads,
+    per_example_logit_vjps,
+    prepared_dataset_hvp,
+)
 from repinf_lens.curvature.kfac import EKFAC, KFAC, FactorBlock, FactorMappingError, KFACFactors, factor_blocks
 from repinf_lens.curvature.solvers import (
     CG,
@@ -26,6 +36,7 @@ from repinf_lens.curvature.solvers import (
     solver_from_dict,
     unregister_solver,
 )
+from repinf_lens.curvature.woodbury import Woodbury, WoodburyCheckError, gauss_newton_rows
 
 __all__ = [
     "CG",
@@ -43,17 +54,22 @@ __all__ = [
     "NegativeCurvatureWarning",
     "STestCache",
     "SolveInfo",
+    "Woodbury",
+    "WoodburyCheckError",
     "batched_hvp",
     "build_solver",
     "cache_key",
     "dataset_grad",
     "dataset_hvp",
     "factor_blocks",
+    "gauss_newton_rows",
     "get_solver_class",
     "gnhvp",
     "hvp",
     "list_solvers",
     "loss_grad",
+    "per_example_grads",
+    "per_example_logit_vjps",
     "prepared_dataset_hvp",
     "register_solver",
     "solver_from_dict",

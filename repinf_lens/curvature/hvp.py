@@ -9,13 +9,19 @@ example-weighted mean over batches, so the result does not depend on how the dat
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import fields
+from typing import Any
 
+import torch
 from torch import Tensor
-from torch.func import grad, jvp, vjp
+from torch.func import grad, jvp, vjp, vmap
 
 from repinf_lens.split import Params, SplitInputs, SplitModel
 
-__all__ = ["dataset_grad", "dataset_hvp", "gnhvp", "hvp", "loss_grad", "prepared_dataset_hvp"]
+__all__ = [
+    "dataset_grad", "dataset_hvp", "gnhvp", "hvp", "loss_grad", "per_example_grads", "per_example_logit_vjps",
+    "prepared_dataset_hvp",
+]  # fmt: skip
 
 
 def loss_grad(split: SplitModel, params: Params, inp: SplitInputs) -> Params:
@@ -135,3 +141,85 @@ def prepared_dataset_hvp(
         return out
 
     return prepared
+
+
+# ------------------------------------------------------------------------------------------ per-example products
+ItemFn = Callable[[Params, SplitInputs, Any], Tensor]  # (theta2, ONE example's inputs, its item) -> scalar
+
+
+def _per_example(
+    split: SplitModel, params: Params, inp: SplitInputs, index: Tensor, fn: ItemFn, items: Tensor | None,
+    chunk_size: int | None,
+) -> dict[str, Tensor]:  # fmt: skip
+    """``grad(fn)(params, example index[r], items[r])`` for every item r, as ``{name: [R, *shape]}``.
+
+    ``torch.func.vmap`` over the items (each a one-example :class:`SplitInputs`: the batch's tensors of length
+    ``B`` are sliced, its other fields shared), ``chunk_size`` items per vmapped call (``None``: all).
+    """
+    bt = inp.batch
+    n = len(inp)
+    names = [f.name for f in fields(bt)]
+    batched = {
+        k: getattr(bt, k) for k in names if isinstance(getattr(bt, k), Tensor) and getattr(bt, k).shape[:1] == (n,)
+    }
+    constant = {k: getattr(bt, k) for k in names if k not in batched}
+
+    def one(p: Params, lat: Tensor, err: Tensor | None, base: Tensor, anchor: Any, cols: dict[str, Tensor],
+            item: Any) -> Tensor:  # fmt: skip
+        batch = type(bt)(**{k: v[None] for k, v in cols.items()}, **constant)
+        single = SplitInputs(
+            latents=lat[None], error=None if err is None else err[None], base=base[None], batch=batch,
+            anchor=None if anchor is None else tuple(a[None] for a in anchor),
+        )  # fmt: skip
+        return fn(p, single, item)
+
+    dims = (None, 0, 0 if inp.error is not None else None, 0, 0 if inp.anchor is not None else None, 0,
+            0 if items is not None else None)  # fmt: skip
+    step = len(index) if chunk_size is None else max(1, int(chunk_size))
+    parts: list[dict[str, Tensor]] = []
+    for lo in range(0, len(index), step):
+        take = index[lo : lo + step].to(inp.latents.device)
+
+        def pick(t: Tensor, take: Tensor = take) -> Tensor:
+            return t.index_select(0, take.to(t.device))
+
+        out = vmap(grad(one), in_dims=dims)(
+            params, pick(inp.latents), None if inp.error is None else pick(inp.error), pick(inp.base),
+            None if inp.anchor is None else tuple(pick(a) for a in inp.anchor),
+            {k: pick(v) for k, v in batched.items()}, None if items is None else items[lo : lo + step],
+        )  # fmt: skip
+        parts.append({k: v.detach() for k, v in out.items()})
+    return parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def per_example_grads(
+    split: SplitModel, params: Params, inp: SplitInputs, *, chunk_size: int | None = None
+) -> dict[str, Tensor]:
+    """Gradient of each example's own loss w.r.t. theta2, ``{name: [B, *shape]}`` (one vmapped backward pass per
+    ``chunk_size`` examples). The mean over the batch is :func:`loss_grad` of the batch whenever the task's mean
+    loss is the mean of its per-example losses (the built-in tasks)."""
+
+    def loss(p: Params, single: SplitInputs, _item: Any) -> Tensor:
+        return split.inputs_loss(p, single)
+
+    return _per_example(split, params, inp, torch.arange(len(inp)), loss, None, chunk_size)
+
+
+def per_example_logit_vjps(
+    split: SplitModel, params: Params, inp: SplitInputs, index: Tensor, cotangents: Tensor, *,
+    chunk_size: int | None = None,
+) -> dict[str, Tensor]:  # fmt: skip
+    """``J_i^T u`` for pairs (example ``i = index[r]``, cotangent ``u = cotangents[r]``), ``{name: [R, *shape]}``.
+
+    ``J_i`` is the Jacobian of example ``i``'s loss-position logits (:meth:`SplitModel.logits` with
+    ``loss_only=True``: ``[V]`` for one loss position, ``[P, V]`` for several) w.r.t. theta2, and ``u`` has that
+    shape (0 in the columns the loss does not read, which are NaN there). With ``u = sqrt(e) v`` for the
+    eigenpairs of the loss's Hessian in the logits, ``sum_r (J^T u_r)(J^T u_r)^T`` is the example's Gauss-Newton
+    matrix ``J^T H_z J`` (:func:`gnhvp`).
+    """
+
+    def dot(p: Params, single: SplitInputs, u: Tensor) -> Tensor:
+        z = split.logits(single.latents, single.batch, p, single.error, single.base, single.anchor, loss_only=True)
+        return (torch.nan_to_num(z[0], nan=0.0) * u.to(z.dtype)).sum()
+
+    return _per_example(split, params, inp, index, dot, cotangents, chunk_size)

@@ -358,7 +358,8 @@ class CG(InverseHessianSolver):
         pre = self.preconditioner
         if pre is not None and not (isinstance(pre, InverseHessianSolver) and pre.fits_factors):
             raise SettingsError(
-                f"CG preconditioner must be a solver with fitted factors (EKFAC, KFAC), got {type(pre).__name__}. "
+                f"CG preconditioner must be a solver with fitted factors (EKFAC, KFAC, Woodbury), got "
+                f"{type(pre).__name__}. "
                 "Fix: CG(preconditioner=EKFAC(damping=...)), or leave it None for plain CG."
             )
         check_int(

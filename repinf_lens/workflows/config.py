@@ -67,7 +67,7 @@ class AttributionConfig:
     damping: float = _knob(1e-3, "lambda in (H + lambda I)^-1", minimum=0.0)
     preconditioner: str | None = _knob(
         None,
-        "CG only: precondition with fitted factors (ekfac, kfac): CG's answer in fewer iterations",
+        "CG only: precondition with fitted factors (ekfac, kfac, woodbury): CG's answer in fewer iterations",
         choices="factor_solvers",
     )
     block_cg: bool = _knob(False, "CG only: block CG, the queries solved together share one search space")
@@ -120,7 +120,7 @@ class AttributionConfig:
             if self.solver != "cg" or not pre(damping=self.damping).fits_factors:
                 raise SettingsError(
                     f"AttributionConfig preconditioner={self.preconditioner!r} with solver={self.solver!r}: a "
-                    "preconditioner is a solver with fitted factors (ekfac, kfac) for solver='cg'. Fix: pass "
+                    "preconditioner is a solver with fitted factors (ekfac, kfac, woodbury) for solver='cg'. Fix: pass "
                     "solver='cg', preconditioner='ekfac', or no preconditioner."
                 )
         check_float(

@@ -49,16 +49,16 @@ import json
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import fields
 from typing import Any, Literal, cast
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from torch.func import grad, vmap
+from torch.func import grad
 from tqdm.auto import tqdm
 
 from repinf_lens._io import as_rows
+from repinf_lens.curvature.hvp import per_example_grads
 from repinf_lens.errors import check_choice, check_int
 from repinf_lens.split import Params, SplitInputs, SplitModel
 
@@ -253,33 +253,7 @@ class GradientSketcher:
         return self._loop_grads(params, inp)
 
     def _vmap_grads(self, params: Params, inp: SplitInputs) -> dict[str, Tensor]:
-        bt = inp.batch
-        n = len(inp)
-        names = [f.name for f in fields(bt)]
-        batched = {
-            k: getattr(bt, k) for k in names if isinstance(getattr(bt, k), Tensor) and getattr(bt, k).shape[:1] == (n,)
-        }
-        constant = {k: getattr(bt, k) for k in names if k not in batched}
-        split = self.split
-
-        def one(
-            p: Params, lat: Tensor, err: Tensor | None, base: Tensor, anchor: Any, cols: dict[str, Tensor]
-        ) -> Tensor:
-            batch = type(bt)(**{k: v[None] for k, v in cols.items()}, **constant)
-            single = SplitInputs(
-                latents=lat[None],
-                error=None if err is None else err[None],
-                base=base[None],
-                batch=batch,
-                anchor=None if anchor is None else tuple(a[None] for a in anchor),
-            )
-            return split.inputs_loss(p, single)
-
-        maybe = (0 if inp.error is not None else None, 0 if inp.anchor is not None else None)
-        out = vmap(grad(one), in_dims=(None, 0, maybe[0], 0, maybe[1], 0))(
-            params, inp.latents, inp.error, inp.base, inp.anchor, batched
-        )
-        return {k: v.detach() for k, v in out.items()}
+        return per_example_grads(self.split, params, inp)
 
     def _loop_grads(self, params: Params, inp: SplitInputs) -> dict[str, Tensor]:
 
