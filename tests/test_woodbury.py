@@ -110,7 +110,7 @@ def test_woodbury_is_the_exact_inverse_of_the_damped_dense_curvature(make, fishe
     rows = toy_mcqa_rows(7, seed=1)  # 7 rows in batches of 3: an uneven last batch
     dense, params = (dense_gauss_newton if fisher == "true" else dense_empirical_fisher)(split, rows)
     lam = 1e-2
-    solver = Woodbury(damping=lam, batch_size=3, fisher=fisher, progress=False)
+    solver = Woodbury(damping=lam, batch_size=3, fisher=fisher, progress=False, solve_dtype="float64")
     solver.fit_factors(split, split.task, rows)
     # rank: one row per example for the empirical Fisher; for 4 option letters the softmax Hessian has rank 3
     assert solver.rank == (7 if fisher == "empirical" else 7 * 3)
@@ -132,7 +132,7 @@ def test_woodbury_in_float32_keeps_the_small_component_against_cancellation():
     split = ln_split(dtype=torch.float32)
     rows = toy_mcqa_rows(6, seed=2)
     lam = 1e-4
-    solver = Woodbury(damping=lam, batch_size=6, progress=False)
+    solver = Woodbury(damping=lam, batch_size=6, progress=False, solve_dtype="float64")
     solver.fit_factors(split, split.task, rows)
     u32 = torch.cat([solver.rows[k].reshape(solver.rank, -1) for k in solver.rows], 1)
     u = u32.double()
@@ -146,6 +146,11 @@ def test_woodbury_in_float32_keeps_the_small_component_against_cancellation():
     err_got = float((got - want).norm() / want.norm())
     err_naive = float((naive.double() - want).norm() / want.norm())
     assert err_got < 1e-5 and err_naive > 10 * err_got, (err_got, err_naive)
+    # the default float32 products: within float32 rounding of the same answer
+    fast = Woodbury(damping=lam, batch_size=6, progress=False)
+    fast.fit_factors(split, split.task, rows)
+    err_fast = float((tflatten(fast.solve(None, g)[0]).double() - want).norm() / want.norm())
+    assert err_fast < 1e-2 and fast.cache_identity() != solver.cache_identity()
 
 
 def test_woodbury_equals_gauss_newton_cg_through_the_attributor_and_preconditions_the_exact_hessian():
