@@ -16,7 +16,7 @@ import repinf_lens as rl
 from repinf_lens import InfluenceAttributor, SplitModel
 from repinf_lens._shards import ManifestMismatchError
 from repinf_lens._tree import tflatten, tunflatten
-from repinf_lens.curvature import CG, EKFAC, Woodbury, WoodburyCheckError, build_solver
+from repinf_lens.curvature import CG, EKFAC, Woodbury, WoodburyCheckError, build_solver, gauss_newton_rows
 from repinf_lens.curvature import woodbury as wood_mod
 from repinf_lens.errors import SettingsError
 from repinf_lens.task import CompletionTask, mcqa_to_completion
@@ -121,6 +121,11 @@ def test_woodbury_is_the_exact_inverse_of_the_damped_dense_curvature(make, fishe
         want = torch.linalg.solve(dense + lam * eye, tflatten(g))
         assert float((tflatten(s) - want).norm() / want.norm()) < 1e-10, float((tflatten(s) - want).norm())
     assert all(i.iterations == 1 and i.converged for i in infos)
+    if fisher == "true":  # the public row builder on one batch of every row: U^T U / N is the dense matrix
+        u, idx = gauss_newton_rows(split, params, split.prepare(split.task.collate(rows)))
+        flat_u = torch.cat([u[k].reshape(len(idx), -1) for k in params], 1)
+        assert sorted(set(idx.tolist())) == list(range(7))
+        assert float((flat_u.T @ flat_u / 7 - dense).norm() / dense.norm()) < 1e-10
     one, _ = solver.solve(None, gs[0])
     assert float((tflatten(one) - tflatten(got[0])).norm() / tflatten(got[0]).norm()) < 1e-12
 
@@ -200,7 +205,7 @@ def test_a_fit_killed_mid_way_resumes_from_its_batches_bitwise(tmp_path, monkeyp
     split = ln_split(dtype=torch.float32)
     rows = toy_mcqa_rows(8, seed=5)
     kw = dict(damping=0.1, batch_size=2, progress=False)
-    real = wood_mod.gauss_newton_rows
+    real = wood_mod.per_example_logit_vjps
     calls = {"n": 0}
 
     def crash_at_batch_2(*args, **kwargs):
@@ -209,11 +214,11 @@ def test_a_fit_killed_mid_way_resumes_from_its_batches_bitwise(tmp_path, monkeyp
             raise KeyboardInterrupt("simulated kill")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(wood_mod, "gauss_newton_rows", crash_at_batch_2)
+    monkeypatch.setattr(wood_mod, "per_example_logit_vjps", crash_at_batch_2)
     with pytest.raises(KeyboardInterrupt):
         Woodbury(factor_dir=str(tmp_path / "f"), **kw).fit_factors(split, split.task, rows)
     assert json.loads((tmp_path / "f" / "manifest.json").read_text())["batches_done"] == 2
-    monkeypatch.setattr(wood_mod, "gauss_newton_rows", real)
+    monkeypatch.setattr(wood_mod, "per_example_logit_vjps", real)
     resumed = Woodbury(factor_dir=str(tmp_path / "f"), **kw)
     resumed.fit_factors(split, split.task, rows)
     assert resumed.fit_info["batches_loaded"] == [0, 1] and resumed.fit_info["batches_computed"] == [2, 3]
@@ -250,7 +255,7 @@ def test_impossible_settings_are_refused_before_any_work(monkeypatch):
     def never(*a, **k):
         raise AssertionError("no rows may be computed once the memory check fails")
 
-    monkeypatch.setattr(wood_mod, "gauss_newton_rows", never)
+    monkeypatch.setattr(wood_mod, "per_example_logit_vjps", never)
     with pytest.raises(SettingsError, match=r"max_memory_gb.*Fix"):
         Woodbury(max_memory_gb=1e-6, progress=False).fit_factors(split, split.task, toy_mcqa_rows(4, seed=0))
     with pytest.raises(RuntimeError, match=r"no rows.*Fix"):

@@ -36,7 +36,7 @@ from repinf_lens.curvature.solvers import (
     solver_from_dict,
     unregister_solver,
 )
-from repinf_lens.curvature.woodbury import Woodbury, WoodburyCheckError, gauss_newton_rows
+from repinf_lens.curvature.woodbury import Woodbury, WoodburyCheckError, gauss_newton_directions, gauss_newton_rows
 
 __all__ = [
     "CG",
@@ -62,6 +62,7 @@ __all__ = [
     "dataset_grad",
     "dataset_hvp",
     "factor_blocks",
+    "gauss_newton_directions",
     "gauss_newton_rows",
     "get_solver_class",
     "gnhvp",

@@ -57,7 +57,7 @@ from repinf_lens.curvature.solvers import HVPFn, InverseHessianSolver, PrepareFn
 from repinf_lens.errors import RepinfLensError, SettingsError, check_choice, check_float, check_int
 from repinf_lens.split import Params, SplitInputs, SplitModel
 
-__all__ = ["Woodbury", "WoodburyCheckError", "gauss_newton_rows"]
+__all__ = ["Woodbury", "WoodburyCheckError", "gauss_newton_directions", "gauss_newton_rows"]
 
 Tree = dict[str, Tensor]
 
@@ -76,17 +76,15 @@ def _read_columns(split: SplitModel, z: Tensor) -> Tensor:
     return torch.arange(z.shape[-1], device=z.device) if cols is None else cols.to(z.device)
 
 
-def gauss_newton_rows(
-    split: SplitModel, params: Params, inp: SplitInputs, *, max_outputs: int = 256, chunk_size: int | None = 16
-) -> tuple[dict[str, Tensor], Tensor]:
-    """Rows ``u_r`` with ``sum_r u_r u_r^T = sum_n J_n^T H_n J_n`` over the examples ``n`` of ``inp``.
+def gauss_newton_directions(
+    split: SplitModel, params: Params, inp: SplitInputs, *, max_outputs: int = 256
+) -> tuple[Tensor, Tensor]:
+    """The logit-space directions of each example's Gauss-Newton matrix: ``(example index [R], cotangents [R, ...])``.
 
-    ``J_n``: Jacobian of example n's loss-position logits (the columns its loss reads) w.r.t. theta2; ``H_n``: the
-    Hessian of its loss ``task.loss(z_n)`` in them (``torch.func.hessian`` at the model's logits, float64). Each
-    example gives one row per eigenvector of ``H_n``: ``sqrt(e_k) J_n^T v_k``.
-
-    Returns:
-        ``({name: [R, *shape]}, example index [R])`` for the ``R`` directions with a positive eigenvalue.
+    For example ``n``: the Hessian ``H_n`` of its loss ``task.loss(z_n)`` in the logits it reads (the loss columns,
+    at its loss positions; ``torch.func.hessian`` at the model's logits, float64) and one cotangent ``sqrt(e_k)
+    v_k`` per eigenpair with ``e_k > 0``, placed in the logits' shape (0 in the other columns), so that
+    ``J_n^T H_n J_n = sum_k (J_n^T u_k)(J_n^T u_k)^T``. Cheap (no pass through theta2's backward).
 
     Raises:
         SettingsError: the loss reads more than ``max_outputs`` logits per example (the full vocabulary), or is not
@@ -129,11 +127,26 @@ def gauss_newton_rows(
             index.append(i)
             cots.append(u)
     if not cots:
-        empty = {k: p.new_zeros((0, *p.shape)) for k, p in params.items()}
-        return empty, torch.zeros(0, dtype=torch.long)
-    idx = torch.tensor(index, dtype=torch.long)
-    rows = per_example_logit_vjps(split, params, inp, idx, torch.stack(cots).to(z.dtype), chunk_size=chunk_size)
-    return rows, idx
+        return torch.zeros(0, dtype=torch.long), z.new_zeros((0, *z.shape[1:]))
+    return torch.tensor(index, dtype=torch.long), torch.stack(cots).to(z.dtype)
+
+
+def gauss_newton_rows(
+    split: SplitModel, params: Params, inp: SplitInputs, *, max_outputs: int = 256, chunk_size: int | None = 16
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Rows ``u_r`` with ``sum_r u_r u_r^T = sum_n J_n^T H_n J_n`` over the examples ``n`` of ``inp``.
+
+    ``J_n``: Jacobian of example n's loss-position logits (the columns its loss reads) w.r.t. theta2; ``H_n``: the
+    Hessian of its loss in them. One row ``sqrt(e_k) J_n^T v_k`` per direction of
+    :func:`gauss_newton_directions`, by :func:`~repinf_lens.curvature.hvp.per_example_logit_vjps`.
+
+    Returns:
+        ``({name: [R, *shape]}, example index [R])``.
+    """
+    idx, cots = gauss_newton_directions(split, params, inp, max_outputs=max_outputs)
+    if not len(idx):
+        return {k: p.new_zeros((0, *p.shape)) for k, p in params.items()}, idx
+    return per_example_logit_vjps(split, params, inp, idx, cots, chunk_size=chunk_size), idx
 
 
 def _gram_partials(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
@@ -250,22 +263,17 @@ class Woodbury(InverseHessianSolver):
         }
         return json.loads(json.dumps(fp, default=str))
 
-    def _check_memory(self, split: SplitModel, n_rows: int, per_example: int) -> None:
+    def _check_memory(self, split: SplitModel, n_rows: int, per_example: float) -> None:
         numel = sum(p.numel() for p in split.downstream_params().values())
         itemsize = next(iter(split.downstream_params().values())).element_size()
         need = n_rows * per_example * numel * itemsize / 2**30
         if need > self.max_memory_gb:
             raise SettingsError(
-                f"Woodbury(fisher={self.fisher!r}) keeps up to {n_rows} x {per_example} rows of theta2 "
+                f"Woodbury(fisher={self.fisher!r}) keeps about {n_rows} x {per_example:g} rows of theta2 "
                 f"({numel:,} entries): {need:.1f} GB, above max_memory_gb={self.max_memory_gb:g}. Fix: fewer Hessian "
                 "rows, a smaller theta2 (a later split, downstream=...), fisher='empirical' (one row per example), "
                 "EKFAC() (factors independent of the number of rows), or a larger max_memory_gb."
             )
-
-    def _batch_rows(self, split: SplitModel, params: Params, inp: SplitInputs) -> Tree:
-        if self.fisher == "empirical":
-            return per_example_grads(split, params, inp, chunk_size=self.chunk_size)
-        return gauss_newton_rows(split, params, inp, chunk_size=self.chunk_size)[0]
 
     def _check_first(self, split: SplitModel, params: Params, inp: SplitInputs, rows: Tree) -> None:
         """The first batch's rows against an independent computation of the same curvature (its mean gradient,
@@ -338,10 +346,15 @@ class Woodbury(InverseHessianSolver):
                     loaded.append(bi)
                     continue
             inp = prepare(rows[lo:hi]) if prepare is not None else split.prepare(task_.collate(rows[lo:hi]))
-            if not computed:
-                per = 1 if self.fisher == "empirical" else self._outputs_per_example(split, params, inp)
-                self._check_memory(split, n, per)
-            part = self._batch_rows(split, params, inp)
+            if self.fisher == "empirical":
+                if not computed:
+                    self._check_memory(split, n, 1.0)
+                part = per_example_grads(split, params, inp, chunk_size=self.chunk_size)
+            else:
+                idx, cots = gauss_newton_directions(split, params, inp)
+                if not computed:  # (rows per example from the first batch: e.g. 3 for 4 options in 10 letters)
+                    self._check_memory(split, n, len(idx) / len(inp))
+                part = per_example_logit_vjps(split, params, inp, idx, cots, chunk_size=self.chunk_size)
             if not computed:
                 self._check_first(split, params, inp, part)
             part = {k: v / math.sqrt(n) for k, v in part.items()}  # (1/N) sum over the examples of the mean loss
@@ -370,12 +383,6 @@ class Woodbury(InverseHessianSolver):
             "seconds": time.perf_counter() - t0,
             "gram_top_eigenvalue": float(torch.linalg.eigvalsh(gram)[-1]) if gram.numel() else 0.0,
         }  # fmt: skip
-
-    def _outputs_per_example(self, split: SplitModel, params: Params, inp: SplitInputs) -> int:
-        one = inp.slice(0, 1)
-        with torch.no_grad():
-            z = split.logits(one.latents, one.batch, params, one.error, one.base, one.anchor, loss_only=True)
-        return int(_read_columns(split, z).numel()) * (int(z[0].numel()) // int(z.shape[-1]))
 
     # ------------------------------------------------------------------ solving
     def _fitted(self) -> tuple[Tree, Tensor]:
