@@ -831,7 +831,7 @@ def repinf_methods(s: Setting, args: argparse.Namespace, workdir: Path) -> dict[
             hvp_mode="recompute",
         ),
         **dict(
-            [pcg(it) for it in (2, 3, 5, 10, 15, 20)]
+            [pcg(it) for it in (2, 3, 5, 10, 12, 15, 20)]
             + [pcg(it, block=True) for it in (5, 8, 10)]  # (block CG: the 8 queries share one search space)
             + [pcg(5, "bfloat16")]  # (where the null-space shortcut applies its rotations stay float32)
             + [pcg(20, full=True), pcg(15, "bfloat16", full=True), pcg(20, "bfloat16", full=True)]

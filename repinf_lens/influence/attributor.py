@@ -42,7 +42,7 @@ from repinf_lens._io import as_rows as io_rows
 from repinf_lens._io import write_json_atomic
 from repinf_lens._shards import open_manifest, shard_checksum, shard_is_done, shard_plan, write_shard
 from repinf_lens.curvature.cache import STestCache, cache_key
-from repinf_lens.curvature.hvp import dataset_hvp, loss_grad, prepared_dataset_hvp
+from repinf_lens.curvature.hvp import dataset_hvp, loss_grad, per_example_grads, prepared_dataset_hvp
 from repinf_lens.curvature.solvers import CG, InverseHessianSolver, SolveInfo
 from repinf_lens.errors import NonFiniteError, check_finite, check_int
 from repinf_lens.influence.math import LatentInfluence, check_latent_method, latent_influence_multi, stack_queries
@@ -339,9 +339,21 @@ class InfluenceAttributor:
         every real position's activation as it is)."""
         rows = as_rows(queries, "query set")
         params = self.split.downstream_params()
+        # several queries per vmapped backward while their gradients stay small (about 2**26 theta2 entries per
+        # call: all of a batch for one matrix, one at a time below early layers, where one gradient's
+        # intermediates already take GBs); one backward per query otherwise, or where vmap lacks a rule
+        chunk = max(1, (1 << 26) // max(1, sum(p.numel() for p in params.values())))
         out: list[Params] = []
         for lo, hi in token_batches(self.task, rows, self.batch_size, self.max_batch_tokens):
             inp = self.split.prepare(self.task.collate(rows[lo:hi]))
+            if chunk > 1 and len(inp) > 1:
+                try:
+                    with self._amp():
+                        per = per_example_grads(self.split, params, inp, chunk_size=chunk)
+                    out.extend({k: per[k][i].to(params[k].dtype) for k in params} for i in range(len(inp)))
+                    continue
+                except (RuntimeError, NotImplementedError):
+                    pass  # an op without a batching rule: the loop below computes the same gradients
             for i in range(len(inp)):
                 with self._amp():
                     g = loss_grad(self.split, params, inp.slice(i, i + 1))
