@@ -8,7 +8,9 @@ At ``--hook`` (theta2 = everything downstream), on one thread:
   1, 8 and ``--queries`` queries in one batched preconditioning pass each: time per query and peak RSS;
 * the speed-up per query (CG / EK-FAC, after the fit) and the cosine between the two s_tests per query;
 * the share of EK-FAC's s_test that is the query gradient itself (timed alone), and the same s_tests with the
-  eigenbasis rotations in bfloat16 (``precondition_dtype="bfloat16"``): time and cosine with the float32 ones.
+  eigenbasis rotations in bfloat16 (``precondition_dtype="bfloat16"``): time and cosine with the float32 ones;
+* Woodbury (the exact damped Gauss-Newton) on CG's own ``--cg-hessian`` rows: fit, s_test per query, cosine with
+  CG's s_test (CG solves the exact Hessian, Woodbury its Gauss-Newton part).
 
 ``--stream`` (for an early hook such as ``blocks.8``, where one s_test is ~0.3 GB and 64 do not fit in memory):
 skip CG and the sub-batches, solve ``--queries`` s_tests with ``s_test(keep=False)`` into a temporary s_test cache,
@@ -54,7 +56,7 @@ def main() -> int:
     from repinf_lens import CG, InfluenceAttributor, MultipleChoiceTask, SplitModel, load_mcqa, load_model
     from repinf_lens._resources import StageMeter
     from repinf_lens._tree import tdot
-    from repinf_lens.curvature import EKFAC
+    from repinf_lens.curvature import EKFAC, Woodbury
 
     model = load_model(args.model)
     task = MultipleChoiceTask(model.tokenizer, template="plain")
@@ -119,11 +121,36 @@ def main() -> int:
             "cosine_vs_float32": [round(_cos(tdot, a, b), 5) for a, b in zip(s_bf, s_ek, strict=True)],
         }  # fmt: skip
         print("ekfac_bf16", rep["ekfac_bf16"], flush=True)
+    # Woodbury on CG's own Hessian rows: the exact damped Gauss-Newton of those rows, one solve per query
+    with meter.stage("woodbury_fit"):
+        wb = Woodbury(damping=args.damping, batch_size=args.batch_size, progress=False)
+        att = InfluenceAttributor(split, hessian=wb, use_cache=False, progress=False, query_chunk_size=None)
+        t = time.perf_counter()
+        att.fit(train[: args.cg_hessian])
+        fit_s = time.perf_counter() - t
+    with meter.stage("woodbury"):
+        t = time.perf_counter()
+        s_wb = att.s_test(queries)
+        dt = time.perf_counter() - t
+    rep["woodbury"] = {
+        "hessian_examples": args.cg_hessian, "rank": wb.rank, "fit_s": round(fit_s, 1),
+        "fit_peak_rss_mb": round(meter.stages["woodbury_fit"]["peak_rss_mb"]), "s": round(dt, 2),
+        "s_per_query": round(dt / len(queries), 3), "peak_rss_mb": round(meter.stages["woodbury"]["peak_rss_mb"]),
+        "cosine_vs_cg": [round(_cos(tdot, a, b), 3) for a, b in zip(s_wb, s_cg, strict=True)],
+    }  # fmt: skip
+    rep["speedup_per_query_woodbury"] = round(rep["cg"]["s_per_query"] / rep["woodbury"]["s_per_query"], 1)
+    print("woodbury", rep["woodbury"], flush=True)
+    del att
     per_q = rep["ekfac"][str(len(queries))]["s_per_query"]
     rep["speedup_per_query_after_fit_bf16"] = round(rep["cg"]["s_per_query"] / rep["ekfac_bf16"]["s_per_query"], 1)
     rep["speedup_per_query_after_fit"] = round(rep["cg"]["s_per_query"] / per_q, 1)
     rep["cosine_cg_vs_ekfac"] = [round(_cos(tdot, a, b), 3) for a, b in zip(s_cg, s_ek, strict=True)]
-    keys = ("speedup_per_query_after_fit", "speedup_per_query_after_fit_bf16", "cosine_cg_vs_ekfac")
+    keys = (
+        "speedup_per_query_after_fit",
+        "speedup_per_query_after_fit_bf16",
+        "speedup_per_query_woodbury",
+        "cosine_cg_vs_ekfac",
+    )
     print(json.dumps({k: rep[k] for k in keys}))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rep, indent=1) + "\n")

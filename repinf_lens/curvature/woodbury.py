@@ -367,11 +367,11 @@ class Woodbury(InverseHessianSolver):
             computed.append(bi)
         u = {k: torch.cat([p[k].to(params[k]) for p in parts]) for k in params}
         del parts
-        norms = tgram(u, u).diagonal()
-        keep = torch.nonzero(norms > 0).flatten()
-        if len(keep) < norms.numel():
+        gram = tgram(u, u) if self.solve_dtype == "float64" else _gram_partials(u, u)
+        keep = torch.nonzero(gram.diagonal() > 0).flatten()
+        if len(keep) < gram.shape[0]:  # (rows of examples whose loss is flat in theta2)
             u = {k: v.index_select(0, keep.to(v.device)) for k, v in u.items()}
-        gram = tgram(u, u)
+            gram = gram.index_select(0, keep).index_select(1, keep)
         eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
         self.chol = torch.linalg.cholesky(0.5 * (gram + gram.T) + self.damping * eye)
         self.rows = u
