@@ -209,15 +209,14 @@ ENTRIES: tuple[Entry, ...] = (
     Entry(
         "bench-peers-block",
         "Peers",
-        140,  # ~100 min of retraining (checkpointed: a rerun resumes after the last finished refit), ~40 of methods
+        80,  # ~60 min of retraining (checkpointed: a rerun resumes after the last finished refit), ~17 of methods
         (
             "pip install --no-deps kronfluence==1.0.1 dattri==0.3.0 einconv opt-einsum",
             "python benchmarks/bench_peers.py --theta2 block --loo 0 --threads 1 --max-rss-gb 12 --grad-tol 3e-4 "
             "--no-progress "
-            "--out runs/bench_peers_block --only 'repinf identity' 'repinf cg100' 'repinf cg20 (fixed)' "
-            "'repinf pcg10 ekfac (emp)' 'repinf pcg20 ekfac (emp)' "
-            "'repinf kfac' 'repinf ekfac' 'kronfluence ekfac (emp)' 'kronfluence kfac (emp)' "
-            "'kronfluence ekfac (true)' 'kronfluence kfac (true)' dattri",
+            "--out runs/bench_peers_block --only 'repinf identity' 'repinf woodbury' 'repinf pcg5 woodbury' "
+            "'repinf pcg20 ekfac (emp)' 'repinf cg20 (fixed)' 'repinf ekfac (true)' 'repinf kfac (true)' "
+            "'kronfluence kfac' dattri",
         ),
     ),
     Entry(

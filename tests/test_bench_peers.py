@@ -96,7 +96,8 @@ def test_bench_peers_tiny_smoke(tmp_path):
     pytest.importorskip("dattri")
     import bench_peers
 
-    only = ["repinf identity", "repinf cg10", "repinf pcg5", "repinf ekfac (emp)", "kronfluence ekfac (emp)", "dattri"]
+    only = ["repinf identity", "repinf cg10", "repinf pcg5 ekfac", "repinf ekfac (emp)", "repinf woodbury (true)",
+            "kronfluence ekfac (emp)", "dattri"]  # fmt: skip
     res = bench_peers.main(["--tiny", "--subsets", "3", "--max-iter", "20", "--n-boot", "200", "--no-progress",
                             "--out", str(tmp_path), "--only", *only])  # fmt: skip
     on_disk = json.loads((tmp_path / "results.json").read_text())
@@ -104,6 +105,7 @@ def test_bench_peers_tiny_smoke(tmp_path):
     names = {r["method"] for r in res["methods"]}
     assert names == {"repinf identity", "repinf cg10 (fixed)", "repinf cg10 (fixed, recomputed HVPs)",
                      "repinf pcg5 ekfac (emp)", "repinf pcg5 ekfac (emp, bf16 rotations)", "repinf ekfac (emp)",
+                     "repinf woodbury (true)",
                      "kronfluence ekfac (emp)",
                      "dattri cg10", "dattri arnoldi", "dattri datainf", "dattri trak"}, res["skipped"]  # fmt: skip
     assert not res["skipped"] and res["versions"]["kronfluence"] and res["versions"]["dattri"]

@@ -71,7 +71,7 @@ def split():
 
 
 def test_builtins_are_registered_and_built_from_the_generic_knobs():
-    assert list_solvers() == ["cg", "ekfac", "explicit", "identity", "kfac", "lissa"] == sorted(SOLVERS)
+    assert list_solvers() == ["cg", "ekfac", "explicit", "identity", "kfac", "lissa", "woodbury"] == sorted(SOLVERS)
     knobs = dict(damping=0.1, gauss_newton=True, max_iter=7, batch_size=3)
     assert build_solver("cg", **knobs) == CG(damping=0.1, gauss_newton=True, max_iter=7, batch_size=3)
     assert build_solver("lissa", **knobs) == LiSSA(damping=0.1, gauss_newton=True, depth=7)  # max_iter -> depth
@@ -131,7 +131,7 @@ def test_unknown_solver_names_the_registered_ones_and_the_closest():
     with pytest.raises(SettingsError, match=r"Unknown solver 'lisa'\. Did you mean 'lissa'\?") as err2:
         get_solver_class("lisa")
     for e in (err, err2):
-        registered = "['cg', 'ekfac', 'explicit', 'identity', 'kfac', 'lissa']"
+        registered = "['cg', 'ekfac', 'explicit', 'identity', 'kfac', 'lissa', 'woodbury']"
         assert registered in str(e.value) and "Did you mean 'lissa'?" in str(e.value)
         assert "Fix:" in str(e.value) and "register_solver" in str(e.value)
     with pytest.raises(SettingsError, match="Unknown solver 'newton'"):

@@ -181,7 +181,8 @@ class Woodbury(InverseHessianSolver):
             float64, ``U^T c`` in float32 (relative deviation from the float64 path about 3e-5 on the peer
             benchmark's W_out, at a fifth of its time); ``"float64"``: both in float64 (for a very small
             damping, where the solution cancels most of ``g`` along the rows). Part of the s_test cache key.
-        chunk_size: examples x directions per vmapped backward pass (memory of the fit).
+        chunk_size: rows (examples x directions) per vmapped backward pass, at most; fewer for a large theta2 (about
+            2**26 theta2 entries per pass), which bounds the fit's memory.
         overwrite: replace a ``factor_dir`` fitted on other inputs instead of raising.
         progress: show a tqdm bar while fitting.
         gauss_newton: always True (a Gauss-Newton / Fisher curvature; False is refused).
@@ -332,6 +333,9 @@ class Woodbury(InverseHessianSolver):
             (folder / "rows").mkdir(exist_ok=True)
         batches = [(lo, min(len(rows), lo + bs)) for lo in range(0, len(rows), bs)]
         n = len(rows)
+        # rows per vmapped backward: at most chunk_size, and about 2**26 theta2 entries per call (the per-row
+        # intermediates of a large theta2 take GBs each)
+        chunk = min(self.chunk_size, max(1, (1 << 26) // max(1, sum(p.numel() for p in params.values()))))
         t0 = time.perf_counter()
         parts: list[Tree] = []
         loaded: list[int] = []
@@ -349,12 +353,12 @@ class Woodbury(InverseHessianSolver):
             if self.fisher == "empirical":
                 if not computed:
                     self._check_memory(split, n, 1.0)
-                part = per_example_grads(split, params, inp, chunk_size=self.chunk_size)
+                part = per_example_grads(split, params, inp, chunk_size=chunk)
             else:
                 idx, cots = gauss_newton_directions(split, params, inp)
                 if not computed:  # (rows per example from the first batch: e.g. 3 for 4 options in 10 letters)
                     self._check_memory(split, n, len(idx) / len(inp))
-                part = per_example_logit_vjps(split, params, inp, idx, cots, chunk_size=self.chunk_size)
+                part = per_example_logit_vjps(split, params, inp, idx, cots, chunk_size=chunk)
             if not computed:
                 self._check_first(split, params, inp, part)
             part = {k: v / math.sqrt(n) for k, v in part.items()}  # (1/N) sum over the examples of the mean loss
