@@ -369,12 +369,15 @@ class Woodbury(InverseHessianSolver):
                 write_json_atomic(folder / "manifest.json", manifest)
             parts.append(part)
             computed.append(bi)
-        u = {k: torch.cat([p[k].to(params[k]) for p in parts]) for k in params}
+        u: Tree = {}
+        for k in params:  # one entry at a time, each batch's part freed as it is copied: the peak is the rows + one
+            u[k] = torch.cat([p.pop(k).to(params[k]) for p in parts])
         del parts
         gram = tgram(u, u) if self.solve_dtype == "float64" else _gram_partials(u, u)
         keep = torch.nonzero(gram.diagonal() > 0).flatten()
         if len(keep) < gram.shape[0]:  # (rows of examples whose loss is flat in theta2)
-            u = {k: v.index_select(0, keep.to(v.device)) for k, v in u.items()}
+            for k in u:
+                u[k] = u[k].index_select(0, keep.to(u[k].device))
             gram = gram.index_select(0, keep).index_select(1, keep)
         eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
         self.chol = torch.linalg.cholesky(0.5 * (gram + gram.T) + self.damping * eye)
