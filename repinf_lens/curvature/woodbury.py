@@ -18,9 +18,9 @@ dropped), and the Woodbury identity inverts the damped matrix through an ``r x r
     (U^T U + lambda I)^-1 g = (g - U^T (lambda I + U U^T)^-1 U g) / lambda
 
 No Kronecker factorisation, no sampling: the solve is exact for that matrix, whatever the architecture of theta2
-(attention, norms, biases, LoRA adapters, the unembedding). The rows are computed once per (split, Hessian rows,
+(attention, norms, biases, the unembedding). The rows are computed once per (split, Hessian rows,
 fisher) by :meth:`Woodbury.fit_factors` (one vmapped backward per example and direction), ``U U^T`` and its
-Cholesky factor once; each query then costs two passes over the rows (``U g`` and ``U^T c``), about ``4 r``
+Cholesky factor once; each query then costs two passes over the rows (``U g`` and ``U^T c``), ``2 r``
 multiply-adds per theta2 entry. Memory: the rows, ``r x |theta2|`` floats (the fit refuses more than
 ``max_memory_gb`` before any work). It is the right tool when the Hessian data is small (the paper's 8-64 rows)
 and theta2 is large; with many Hessian rows use EK-FAC.
