@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from test_kfac import HOOK, llama_split, ln_split  # the GPT-2-like and Llama-like tiny splits K-FAC is tested on
 
 import repinf_lens as rl
 from repinf_lens import InfluenceAttributor, SplitModel
@@ -23,39 +24,14 @@ from repinf_lens.task import CompletionTask, mcqa_to_completion
 from repinf_lens.testing import random_sae, tiny_model, toy_mcqa_rows
 from repinf_lens.workflows.config import AttributionConfig, solver_from_config
 
-HOOK = "blocks.0.hook_resid_post"
-
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("REPINF_LENS_CACHE", str(tmp_path / "cache"))
 
 
-def ln_split(dtype=torch.float64, **kw):
-    model = tiny_model(n_layers=2, d_model=16, n_heads=2, d_mlp=24, seed=0, dtype=dtype)
-    return SplitModel(model, HOOK, random_sae(model, HOOK, d_sae=16, k=4), **kw)
-
-
-def llama_split(dtype=torch.float64):
-    """RMSNorm, rotary, grouped-query attention, gated MLP, a logit soft cap: the default model's architecture."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    from repinf_lens.testing import tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    cfg = HookedTransformerConfig(
-        n_layers=2, d_model=16, n_heads=4, d_head=4, d_mlp=24, n_ctx=256, d_vocab=len(tok), act_fn="silu",
-        normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=4, gated_mlp=True,
-        n_key_value_heads=2, output_logits_soft_cap=5.0, default_prepend_bos=False, tokenizer_prepends_bos=False,
-        dtype=dtype, seed=0, device="cpu",
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = HookedTransformer(cfg, tok, move_to_device=True, default_padding_side="right").eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith((".w", "b_in", "b_Q", "_b_K", "_b_V", "b_O", "b_out")):
-                p.add_(0.1 * torch.randn_like(p))
-    return SplitModel(model, HOOK, random_sae(model, HOOK, d_sae=16, k=4))
+def llama_softcap_split():
+    return llama_split(softcap=5.0)
 
 
 def dense_gauss_newton(split, rows):
@@ -103,7 +79,7 @@ def random_trees(params, k, seed=0):
     return [{n: torch.randn(v.shape, generator=gen, dtype=v.dtype) for n, v in params.items()} for _ in range(k)]
 
 
-@pytest.mark.parametrize("make", [ln_split, llama_split], ids=["layernorm-gpt2", "rmsnorm-gqa-gated-softcap"])
+@pytest.mark.parametrize("make", [ln_split, llama_softcap_split], ids=["layernorm-gpt2", "rmsnorm-gqa-gated-softcap"])
 @pytest.mark.parametrize("fisher", ["true", "empirical"])
 def test_woodbury_is_the_exact_inverse_of_the_damped_dense_curvature(make, fisher):
     split = make()

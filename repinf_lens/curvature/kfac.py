@@ -104,7 +104,7 @@ from repinf_lens._shards import (
     read_verified,
     write_shard,
 )
-from repinf_lens.curvature.solvers import HVPFn, InverseHessianSolver, PrepareFn, SolveInfo, register_solver
+from repinf_lens.curvature.solvers import FittedSolver, HVPFn, PrepareFn, SolveInfo, register_solver
 from repinf_lens.errors import RepinfLensError, SettingsError, check_choice, check_float, check_int
 from repinf_lens.models.hooked import logit_softcap
 from repinf_lens.split import Params, SplitInputs, SplitModel
@@ -883,7 +883,7 @@ def _read_tensors(path: Path, fingerprint: str) -> tuple[dict[str, Tensor], dict
 
 # ------------------------------------------------------------------------------------------------------ solvers
 @dataclass
-class KFAC(InverseHessianSolver):
+class KFAC(FittedSolver):
     """K-FAC (Martens & Grosse 2015; Kronfluence's ``"kfac"``) on TransformerLens hook points.
 
     ``s = (G (x) A + damping I)^-1 g`` per linear map of theta2 (a diagonal Fisher for the other parameters), with
@@ -950,14 +950,6 @@ class KFAC(InverseHessianSolver):
         check_float(f"{cls} null_space_tol", self.null_space_tol, minimum=0.0, maximum=1e-2)
         self.factors: KFACFactors | None = None
         self.fit_info: dict[str, Any] = {}
-
-    @property
-    def fits_factors(self) -> bool:
-        return True
-
-    @property
-    def uses_hvp(self) -> bool:
-        return False
 
     def to_dict(self) -> dict[str, Any]:
         """The settings; ``precondition_dtype`` and ``null_space_tol`` only when they are not the defaults, so

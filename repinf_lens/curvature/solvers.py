@@ -70,6 +70,7 @@ __all__ = [
     "GENERIC_KNOBS",
     "SOLVERS",
     "Explicit",
+    "FittedSolver",
     "Identity",
     "InverseHessianSolver",
     "LiSSA",
@@ -284,6 +285,20 @@ class InverseHessianSolver:
 
     def to_dict(self) -> dict[str, Any]:
         return {"solver": self.name, **asdict(self)}
+
+
+class FittedSolver(InverseHessianSolver):
+    """Base of the solvers that fit their curvature model on the Hessian rows (:meth:`fit_factors`) and never call
+    ``hvp_fn``: K-FAC / EK-FAC (:mod:`repinf_lens.curvature.kfac`) and Woodbury
+    (:mod:`repinf_lens.curvature.woodbury`). They can serve as CG's ``preconditioner``."""
+
+    @property
+    def fits_factors(self) -> bool:
+        return True
+
+    @property
+    def uses_hvp(self) -> bool:
+        return False
 
 
 @dataclass

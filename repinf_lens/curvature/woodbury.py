@@ -37,6 +37,7 @@ with a content sha256, one file per batch: a rerun after a kill resumes after th
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -53,7 +54,7 @@ from repinf_lens._io import write_json_atomic
 from repinf_lens._shards import fingerprint_hash, open_manifest, read_verified, shard_is_done, write_shard
 from repinf_lens._tree import tcombine, tgram, tstack, tunstack
 from repinf_lens.curvature.hvp import dataset_hvp, loss_grad, per_example_grads, per_example_logit_vjps
-from repinf_lens.curvature.solvers import HVPFn, InverseHessianSolver, PrepareFn, SolveInfo, register_solver
+from repinf_lens.curvature.solvers import FittedSolver, HVPFn, PrepareFn, SolveInfo, register_solver
 from repinf_lens.errors import RepinfLensError, SettingsError, check_choice, check_float, check_int
 from repinf_lens.split import Params, SplitInputs, SplitModel
 
@@ -149,21 +150,8 @@ def gauss_newton_rows(
     return per_example_logit_vjps(split, params, inp, idx, cots, chunk_size=chunk_size), idx
 
 
-def _gram_partials(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
-    """``[m, n]`` float64 Gram matrix of blocks ``a`` ``[m, ...]`` and ``b`` ``[n, ...]`` from float32 products over
-    chunks of 65,536 entries (no float64 copy of the rows), the partial sums added in float64."""
-    m, n = next(iter(a.values())).shape[0], next(iter(b.values())).shape[0]
-    total = torch.zeros(m, n, dtype=torch.float64, device=next(iter(a.values())).device)
-    step = 1 << 16
-    for k in a:
-        x, y = a[k].reshape(m, -1), b[k].reshape(n, -1).to(a[k].dtype)
-        for i in range(0, x.shape[1], step):
-            total += (x[:, i : i + step] @ y[:, i : i + step].T).to(torch.float64)
-    return total
-
-
 @dataclass
-class Woodbury(InverseHessianSolver):
+class Woodbury(FittedSolver):
     """``(F + damping I)^-1 g`` for the exact Gauss-Newton / empirical Fisher ``F`` of the Hessian rows (Woodbury).
 
     See the module docstring for the rows, the identity, the cost and the folder. Sign convention: as every solver,
@@ -228,14 +216,6 @@ class Woodbury(InverseHessianSolver):
         self._fingerprint: str | None = None
         self._damping_fitted: float | None = None
 
-    @property
-    def fits_factors(self) -> bool:
-        return True
-
-    @property
-    def uses_hvp(self) -> bool:
-        return False
-
     def cache_identity(self) -> dict[str, Any]:
         """The settings that change s_test plus the fingerprint of the rows it was fitted on (not the folder)."""
         d = self.to_dict()
@@ -252,8 +232,6 @@ class Woodbury(InverseHessianSolver):
     # ------------------------------------------------------------------ fitting
     def fingerprint(self, split: SplitModel, rows: Sequence[Mapping[str, Any]], batch_size: int) -> dict[str, Any]:
         """Everything the rows depend on: the split (model, hook, SAE, theta2, task), the rows, fisher, batching."""
-        import json
-
         fp = {
             "format_version": _FORMAT,
             "split": split.fingerprint(),
@@ -373,7 +351,7 @@ class Woodbury(InverseHessianSolver):
         for k in params:  # one entry at a time, each batch's part freed as it is copied: the peak is the rows + one
             u[k] = torch.cat([p.pop(k).to(params[k]) for p in parts])
         del parts
-        gram = tgram(u, u) if self.solve_dtype == "float64" else _gram_partials(u, u)
+        gram = tgram(u, u, product_dtype=torch.float64 if self.solve_dtype == "float64" else None)
         keep = torch.nonzero(gram.diagonal() > 0).flatten()
         if len(keep) < gram.shape[0]:  # (rows of examples whose loss is flat in theta2)
             for k in u:
@@ -419,7 +397,7 @@ class Woodbury(InverseHessianSolver):
             back = tcombine(u, coef, dtype=torch.float64)
             out = {k: ((g.to(torch.float64) - back[k]) / self.damping).to(g.dtype) for k, g in block.items()}
         else:
-            coef = torch.cholesky_solve(_gram_partials(u, block), chol)
+            coef = torch.cholesky_solve(tgram(u, block, product_dtype=None), chol)
             back = tcombine(u, coef)
             out = {k: (g - back[k].to(g.dtype)) / self.damping for k, g in block.items()}
         return self._checked(out)
