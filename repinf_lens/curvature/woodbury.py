@@ -242,9 +242,9 @@ class Woodbury(FittedSolver):
         }
         return json.loads(json.dumps(fp, default=str))
 
-    def _check_memory(self, split: SplitModel, n_rows: int, per_example: float) -> None:
-        numel = sum(p.numel() for p in split.downstream_params().values())
-        itemsize = next(iter(split.downstream_params().values())).element_size()
+    def _check_memory(self, params: Params, n_rows: int, per_example: float) -> None:
+        numel = sum(p.numel() for p in params.values())
+        itemsize = next(iter(params.values())).element_size()
         need = n_rows * per_example * numel * itemsize / 2**30
         if need > self.max_memory_gb:
             raise SettingsError(
@@ -330,12 +330,12 @@ class Woodbury(FittedSolver):
             inp = prepare(rows[lo:hi]) if prepare is not None else split.prepare(task_.collate(rows[lo:hi]))
             if self.fisher == "empirical":
                 if not computed:
-                    self._check_memory(split, n, 1.0)
+                    self._check_memory(params, n, 1.0)
                 part = per_example_grads(split, params, inp, chunk_size=chunk)
             else:
                 idx, cots = gauss_newton_directions(split, params, inp)
                 if not computed:  # (rows per example from the first batch: e.g. 3 for 4 options in 10 letters)
-                    self._check_memory(split, n, len(idx) / len(inp))
+                    self._check_memory(params, n, len(idx) / len(inp))
                 part = per_example_logit_vjps(split, params, inp, idx, cots, chunk_size=chunk)
             if not computed:
                 self._check_first(split, params, inp, part)
