@@ -846,6 +846,8 @@ def repinf_methods(s: Setting, args: argparse.Namespace, workdir: Path) -> dict[
         **dict(wood_pcg(it) for it in (2, 3, 5)),
         "repinf kfac (true)": lambda: run_repinf(s, "repinf kfac (true)", factored(KFAC, "true"), args),
         "repinf ekfac (true)": lambda: run_repinf(s, "repinf ekfac (true)", factored(EKFAC, "true"), args),
+        "repinf kfac (expected)": lambda: run_repinf(s, "repinf kfac (expected)", factored(KFAC, "expected"), args),
+        "repinf ekfac (expected)": lambda: run_repinf(s, "repinf ekfac (expected)", factored(EKFAC, "expected"), args),
         "repinf kfac (emp)": lambda: run_repinf(s, "repinf kfac (emp)", factored(KFAC, "empirical"), args),
         "repinf ekfac (emp)": lambda: run_repinf(s, "repinf ekfac (emp)", factored(EKFAC, "empirical"), args),
         "repinf ekfac (emp, full rotations)": lambda: run_repinf(

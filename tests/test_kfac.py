@@ -14,6 +14,7 @@ import repinf_lens.curvature.kfac as kfac_mod
 from repinf_lens import InfluenceAttributor, SplitModel
 from repinf_lens._shards import ManifestMismatchError
 from repinf_lens.curvature import CG, EKFAC, KFAC, FactorMappingError, build_solver, factor_blocks, solver_from_dict
+from repinf_lens.errors import SettingsError
 from repinf_lens.split import SplitInputs
 from repinf_lens.task import CompletionTask, MultipleChoiceTask, mcqa_to_completion
 from repinf_lens.testing import random_sae, tiny_model, tiny_tokenizer, toy_mcqa_rows
@@ -180,6 +181,95 @@ def test_kfac_and_ekfac_are_the_exact_inverse_where_the_factorisation_is_exact()
         solver.fit_factors(split, split.task, rows)
         got = flat(solver.solve(None, g)[0], keys)
         assert float((got - want).norm() / want.norm()) < 1e-8, cls.name
+
+
+@pytest.mark.parametrize("make", [ln_split, lambda: llama_split(softcap=5.0), lambda: llama_split(ungroup=True)],
+                         ids=["layernorm-gpt2", "rms-gqa-gated-softcap", "gqa-ungrouped"])  # fmt: skip
+def test_the_expected_fisher_is_the_label_expectation_of_the_empirical_statistics(make):
+    """fisher="expected" (one pseudo-gradient per eigen-direction of each example's loss Hessian in the logits) must
+    give what enumerating every answer label y does: sum_n sum_y p_n(y) * (example n's statistics with label y),
+    with p_n the model's option distribution. The enumeration never forms a Hessian, so this checks the directions,
+    their slots, the tiling of the activations and the soft cap against E_y[g g^T] itself; for every map's G and
+    EK-FAC correction, the norms' diagonal blocks, and A (which must not depend on the labels)."""
+    split = make()
+    rows = toy_mcqa_rows(5, seed=11)
+    blocks = kfac_mod.factor_blocks(split)
+    gen = torch.Generator().manual_seed(0)
+    eigen = {}
+    for b in blocks:
+        if b.kind == "kfac":
+            for key, dim in (("QA", b.a_dim), ("QG", b.d_out)):
+                eigen[f"{b.name}/{key}"] = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))[0]
+
+    def stats(rows_, fisher, stage):
+        inp = split.prepare(split.task.collate(rows_))
+        return kfac_mod.batch_statistics(split, blocks, inp, stage=stage, fisher=fisher, generator=gen, eigen=eigen,
+                                         dtype=torch.float64)  # fmt: skip
+
+    for stage in ("covariance", "lambda"):
+        got = stats(rows, "expected", stage)
+        want: dict[str, torch.Tensor] = {}
+        for row in rows:
+            batch = split.task.collate([row])
+            inp = split.prepare(batch)
+            with torch.no_grad():
+                z = split.logits(inp.latents, batch, None, inp.error, inp.base, inp.anchor)
+                p = torch.softmax(split.task.option_logits(z, batch), -1)[0]
+            for y in range(len(row["choices"])):
+                for k, v in stats([{**row, "answer": y}], "empirical", stage).items():
+                    same = k.endswith(("/A_sum", "/n_pos")) or k == "n_examples"  # (not label-dependent)
+                    w = 1.0 / len(row["choices"]) if same else float(p[y])
+                    want[k] = want[k] + w * v if k in want else w * v
+        assert set(got) == set(want)
+        for k in got:
+            scale = float(want[k].abs().max()) or 1.0
+            assert float((got[k] - want[k]).abs().max()) / scale < 1e-9, (stage, k)
+
+
+def test_expected_kfac_and_ekfac_are_the_exact_gauss_newton_inverse_where_the_factorisation_is_exact():
+    """theta2 = the trimmed W_U and b_U at one loss position, every row the same prompt: each example's Gauss-Newton
+    J^T H J is G (x) A with one A, so both solvers with fisher="expected" must equal the dense
+    (GN + damping I)^-1 g, with GN = mean_n J_n^T H_n J_n built from torch.func's jacrev (J) and hessian (H)."""
+    model = tiny_model(n_layers=2, d_model=16, n_heads=2, d_mlp=24, seed=0, dtype=torch.float64)
+    split = SplitModel(model, HOOK, random_sae(model, HOOK, d_sae=16, k=4), downstream=r"^unembed\.")
+    base = toy_mcqa_rows(1, seed=3)[0]
+    rows = [{**base, "id": f"r{i}", "answer": i % 4} for i in range(6)]
+    keys = split.param_names
+    params = split.downstream_params()
+    inp = split.prepare(split.task.collate(rows))
+    cols = split.loss_columns()
+    gn = torch.zeros(sum(params[k].numel() for k in keys), sum(params[k].numel() for k in keys), dtype=torch.float64)
+    for i in range(len(rows)):
+        one = inp.slice(i, i + 1)
+
+        def read(p, one=one):
+            return split.logits(one.latents, one.batch, p, one.error, one.base, one.anchor)[0].index_select(-1, cols)
+
+        jac = torch.func.jacrev(read)(params)
+        j = torch.cat([jac[k].reshape(len(cols), -1) for k in keys], dim=1)
+        z = read(params).detach()
+        full = split.logits(one.latents, one.batch, params, one.error, one.base, one.anchor).detach()
+
+        def loss_of(r, full=full, one=one):
+            return split.task.loss(full.index_copy(-1, cols, r[None]), one.batch)
+
+        gn += j.T @ torch.func.hessian(loss_of)(z) @ j / len(rows)
+    g = rand_like_theta(split, 4)
+    want = torch.linalg.solve(gn + 0.01 * torch.eye(len(gn), dtype=torch.float64), flat(g, keys))
+    for cls in (KFAC, EKFAC):
+        solver = cls(damping=0.01, batch_size=4, fisher="expected", factor_dtype="float64", progress=False)
+        solver.fit_factors(split, split.task, rows)
+        got = flat(solver.solve(None, g)[0], keys)
+        assert float((got - want).norm() / want.norm()) < 1e-8, cls.name
+    assert solver.fingerprint(split, rows, 4)["seed"] is None  # (no sampling: no seed in the factors' identity)
+
+
+def test_the_expected_fisher_of_a_loss_over_the_full_vocabulary_is_refused_with_a_fix():
+    model = tiny_model(n_layers=2, d_model=16, n_heads=2, d_mlp=24, seed=0, dtype=torch.float64)
+    task = MultipleChoiceTask.from_model(model, full_vocab=True)
+    split = SplitModel(model, HOOK, random_sae(model, HOOK, d_sae=16, k=4), task=task)
+    with pytest.raises(SettingsError, match="fisher='expected'.*Fix: fisher='empirical'"):
+        EKFAC(fisher="expected", progress=False).fit_factors(split, split.task, toy_mcqa_rows(3, seed=1))
 
 
 # ------------------------------------------------------------------------------------------------ persistence

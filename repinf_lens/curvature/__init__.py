@@ -10,6 +10,7 @@ from repinf_lens.curvature.cache import STestCache, cache_key
 from repinf_lens.curvature.hvp import (
     dataset_grad,
     dataset_hvp,
+    gauss_newton_directions,
     gnhvp,
     hvp,
     loss_grad,
@@ -36,7 +37,7 @@ from repinf_lens.curvature.solvers import (
     solver_from_dict,
     unregister_solver,
 )
-from repinf_lens.curvature.woodbury import Woodbury, WoodburyCheckError, gauss_newton_directions, gauss_newton_rows
+from repinf_lens.curvature.woodbury import Woodbury, WoodburyCheckError, gauss_newton_rows
 
 __all__ = [
     "CG",

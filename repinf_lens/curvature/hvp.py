@@ -16,11 +16,12 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
+from repinf_lens.errors import SettingsError
 from repinf_lens.split import Params, SplitInputs, SplitModel
 
 __all__ = [
-    "dataset_grad", "dataset_hvp", "gnhvp", "hvp", "loss_grad", "per_example_grads", "per_example_logit_vjps",
-    "prepared_dataset_hvp",
+    "dataset_grad", "dataset_hvp", "gauss_newton_directions", "gnhvp", "hvp", "loss_grad", "per_example_grads",
+    "per_example_logit_vjps", "prepared_dataset_hvp",
 ]  # fmt: skip
 
 
@@ -223,3 +224,71 @@ def per_example_logit_vjps(
         return (torch.nan_to_num(z[0], nan=0.0) * u.to(z.dtype)).sum()
 
     return _per_example(split, params, inp, index, dot, cotangents, chunk_size)
+
+
+#: eigenvalues of a loss Hessian in the logits below this times its largest are dropped (their directions are 0)
+_EIG_TOL = 1e-10
+
+
+def gauss_newton_directions(
+    split: SplitModel, params: Params, inp: SplitInputs, *, max_outputs: int = 256, logits: Tensor | None = None,
+    who: str = "The exact Gauss-Newton", fix: str = "fisher='empirical'",
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The logit-space directions of each example's Gauss-Newton matrix: ``(example index [R], cotangents [R, ...])``.
+
+    For example ``n``: the Hessian ``H_n`` of its loss ``task.loss(z_n)`` in the logits it reads (the loss columns,
+    at its loss positions; ``torch.func.hessian`` at the model's logits, float64) and one cotangent ``sqrt(e_k)
+    v_k`` per eigenpair with ``e_k > 0``, placed in the logits' shape (0 in the other columns), so that
+    ``J_n^T H_n J_n = sum_k (J_n^T u_k)(J_n^T u_k)^T``. For the softmax cross-entropy over the answer options
+    ``H_n = diag(p) - p p^T`` (rank = options - 1), and the sum is the exact true Fisher: the expectation over
+    the model's own labels that a sampled true Fisher estimates. Cheap (no pass through theta2's backward).
+
+    ``logits``: the loss-position logits of ``inp`` under ``params`` when the caller has them already (any values
+    in the columns the loss does not read); ``None`` computes them. ``who`` and ``fix`` name the caller and its
+    alternative in the errors.
+
+    Raises:
+        SettingsError: the loss reads more than ``max_outputs`` logits per example (the full vocabulary), or is not
+            convex in them (an eigenvalue below ``-1e-6`` times the largest: no Gauss-Newton matrix).
+    """
+    task = split.task
+    if logits is None:
+        with torch.no_grad():
+            logits = split.logits(inp.latents, inp.batch, params, inp.error, inp.base, inp.anchor, loss_only=True)
+    z = logits.detach()
+    cols = split.loss_columns()
+    cols = torch.arange(z.shape[-1], device=z.device) if cols is None else cols.to(z.device)
+    n_out = int(cols.numel()) * (int(z[0].numel()) // int(z.shape[-1]))
+    if n_out > max_outputs:
+        raise SettingsError(
+            f"{who} takes one direction per logit the loss reads, and this loss reads {n_out} per example (more "
+            f"than max_outputs={max_outputs}: the full vocabulary or many target tokens). Fix: {fix}, or a task "
+            "whose loss reads few logits (MultipleChoiceTask(full_vocab=False))."
+        )
+    index, cots = [], []
+    for i in range(len(inp)):
+        one = inp.slice(i, i + 1)
+        zi = z[i : i + 1]
+        read = zi.index_select(-1, cols).double()
+
+        def loss_of(r: Tensor, zi: Tensor = zi, one: SplitInputs = one) -> Tensor:
+            full = torch.nan_to_num(zi.double(), nan=0.0).index_copy(-1, cols, r)
+            return task.loss(full, one.batch)
+
+        h = torch.func.hessian(loss_of)(read).reshape(read.numel(), read.numel())
+        e, v = torch.linalg.eigh(0.5 * (h + h.T))
+        top = float(e.abs().max()) if e.numel() else 0.0
+        if top > 0 and float(e.min()) < -1e-6 * top:
+            raise SettingsError(
+                f"The task's loss is not convex in its logits (an eigenvalue {float(e.min()):.3e} of its Hessian for "
+                f"example {i} of the batch, the largest {top:.3e}): {who} has no Gauss-Newton matrix to build. "
+                f"Fix: {fix}, or CG() on the exact Hessian."
+            )
+        for k in torch.nonzero(e > _EIG_TOL * max(top, 1e-300)).flatten().tolist():
+            u = torch.zeros_like(zi[0], dtype=torch.float64)
+            u.index_copy_(-1, cols, (v[:, k] * e[k].sqrt()).reshape(read.shape[1:]))
+            index.append(i)
+            cots.append(u)
+    if not cots:
+        return torch.zeros(0, dtype=torch.long), z.new_zeros((0, *z.shape[1:]))
+    return torch.tensor(index, dtype=torch.long), torch.stack(cots).to(z.dtype)

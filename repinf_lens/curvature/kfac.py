@@ -64,7 +64,12 @@ with a CPU generator seeded by ``(seed, batch index)``: :class:`~repinf_lens.tas
 ``y ~ softmax(option_logits)``; :class:`~repinf_lens.task.CompletionTask` draws every target token from the
 next-token distribution and scales the example's loss by ``sqrt(#targets)``, so that the expectation is the
 Gauss-Newton of the per-example MEAN over target tokens; another task may provide
-``sample_labels(logits, batch, generator) -> batch``. ``fisher="empirical"`` uses the rows' own labels.
+``sample_labels(logits, batch, generator) -> batch``. ``fisher="expected"`` takes that expectation in closed form
+instead of sampling it: per example one pseudo-gradient per eigen-direction ``sqrt(e_k) v_k`` of its loss's Hessian in
+the logits it reads (:func:`~repinf_lens.curvature.hvp.gauss_newton_directions`: 3 for four answer options), so G
+and Lambda sum ``J^T H_n J`` exactly (the Gauss-Newton Woodbury and ``CG(gauss_newton=True)`` use), with no
+sampling noise and no seed; it costs one backward per direction, and is refused for a loss over the full
+vocabulary. ``fisher="empirical"`` uses the rows' own labels.
 
 Persistence: the factors are fitted ONCE per (split fingerprint, Hessian rows, fisher, seed, batch size, shard
 size, dtype) in ``factor_dir`` (default ``$REPINF_LENS_CACHE/kfac_factors/<fingerprint hash>``): a
@@ -104,6 +109,7 @@ from repinf_lens._shards import (
     read_verified,
     write_shard,
 )
+from repinf_lens.curvature.hvp import gauss_newton_directions
 from repinf_lens.curvature.solvers import FittedSolver, HVPFn, PrepareFn, SolveInfo, register_solver
 from repinf_lens.errors import RepinfLensError, SettingsError, check_choice, check_float, check_int
 from repinf_lens.models.hooked import logit_softcap
@@ -439,8 +445,12 @@ class _Captured:
     records: dict[tuple[str, str], Tensor] = field(default_factory=dict)  # (module, slot) -> activation
     outputs: dict[str, Tensor] = field(default_factory=dict)  # module -> output (checks)
     grads: dict[str, Tensor] = field(default_factory=dict)  # module -> d pseudo-loss / d output
-    per_example: dict[str, Tensor] = field(default_factory=dict)  # autograd diagonal params -> [B, ...]
+    per_example: dict[str, Tensor] = field(default_factory=dict)  # autograd diagonal params -> [S * B, ...]
     n_examples: int = 0
+    #: pseudo-gradients per example: 1, or (``fisher="expected"``) one per direction of its loss's Hessian in the
+    #: logits, stacked slot-major along the batch dim of ``grads`` / ``per_example`` (``[S * B, ...]``, row
+    #: ``s * B + n``; an example with fewer directions has zeros in its last slots); ``records`` stay ``[B, ...]``
+    n_slots: int = 1
 
 
 def _capture(
@@ -520,22 +530,35 @@ def _capture(
                 cap.outputs[_LOGITS] = kept.detach()
                 z_probe = torch.zeros_like(kept, requires_grad=True)
                 logits = logits.index_add(logits.ndim - 1, cols, z_probe)
-            batch2, scale = _pseudo_batch(split.task, logits, inp.batch, fisher, gen)
-            per = split.task.loss(logits, batch2, reduction="none")
-            total = (per * scale.to(per.dtype)).sum()
             keys = list(probes)
             wrt = [probes[k] for k in keys] + ([z_probe] if z_probe is not None else [])
-            got = torch.autograd.grad(total, wrt, retain_graph=bool(leaves), allow_unused=True) if wrt else ()
-            for k, t, g in zip([*keys, _LOGITS], wrt, got):
-                cap.grads[k] = torch.zeros_like(t) if g is None else g.detach()
+            # per slot s: the pseudo-loss whose gradient is the pseudo-gradient (one per example, or per direction)
+            if fisher == "expected":
+                cots = _expected_cotangents(split, params, inp, logits)
+                slot_losses = [(logits * cots[j]).flatten(1).sum(1) for j in range(len(cots))]
+            else:
+                batch2, scale = _pseudo_batch(split.task, logits, inp.batch, fisher, gen)
+                slot_losses = [split.task.loss(logits, batch2, reduction="none") * scale.to(logits.dtype)]
+            cap.n_slots = len(slot_losses)
+            n_ex = len(inp)
+            got_slots: list[list[Tensor | None]] = []
+            for j, per in enumerate(slot_losses):
+                last = j == len(slot_losses) - 1 and not leaves
+                got_slots.append(list(torch.autograd.grad(per.sum(), wrt, retain_graph=not last, allow_unused=True))
+                                 if wrt else [])  # fmt: skip
+            for i, (k, t) in enumerate(zip([*keys, _LOGITS], wrt)):
+                parts = [torch.zeros_like(t) if (gk := got[i]) is None else gk.detach() for got in got_slots]
+                cap.grads[k] = parts[0] if len(parts) == 1 else torch.cat(parts)
             for n in leaves:
-                cap.per_example[n] = torch.zeros((len(inp), *params[n].shape), dtype=params[n].dtype)
-            for i in range(len(inp)) if leaves else ():
-                gi = torch.autograd.grad(per[i] * scale[i], [params[n] for n in leaves], retain_graph=True,
-                                         allow_unused=True)  # fmt: skip
-                for n, g in zip(leaves, gi):
-                    if g is not None:
-                        cap.per_example[n][i] = g.detach().cpu()
+                cap.per_example[n] = torch.zeros((cap.n_slots * n_ex, *params[n].shape), dtype=params[n].dtype)
+            for j, per in enumerate(slot_losses if leaves else ()):
+                for i in range(n_ex):
+                    last = j == len(slot_losses) - 1 and i == n_ex - 1
+                    gi = torch.autograd.grad(per[i], [params[n] for n in leaves], retain_graph=not last,
+                                             allow_unused=True)  # fmt: skip
+                    for n, g in zip(leaves, gi):
+                        if g is not None:
+                            cap.per_example[n][j * n_ex + i] = g.detach().cpu()
     finally:
         for h in handles:
             h.remove()
@@ -552,9 +575,33 @@ def _capture(
     if unembed is not None and cap.grads.get(_LOGITS) is not None:
         cap_ = getattr(split.model.cfg, "output_logits_soft_cap", None)
         if cap_ is not None and float(cap_) > 0:  # the map's output is the logit BEFORE the soft cap
-            z = cap.outputs[_LOGITS]
+            z = _tile(cap.outputs[_LOGITS], cap.n_slots)
             cap.grads[_LOGITS] = cap.grads[_LOGITS] * (1 - (z / float(cap_)) ** 2)
     return cap
+
+
+def _expected_cotangents(split: SplitModel, params: Params, inp: SplitInputs, logits: Tensor) -> Tensor:
+    """``[S, B, *logits.shape[1:]]``: slot ``s`` holds each example's ``s``-th direction ``sqrt(e_k) v_k`` of its
+    loss's Hessian in the logits (:func:`~repinf_lens.curvature.hvp.gauss_newton_directions`; zeros where it has
+    fewer), so that ``sum_s g_s g_s^T`` over the slots' pseudo-gradients is the example's Gauss-Newton ``J^T H J``:
+    the true Fisher in closed form."""
+    index, cots = gauss_newton_directions(
+        split, params, inp, logits=logits.detach(), who="K-FAC / EK-FAC fisher='expected'",
+        fix="fisher='empirical' (the rows' labels) or fisher='true' (sampled labels)",
+    )  # fmt: skip
+    b = len(inp)
+    counts = torch.bincount(index, minlength=b)
+    slot = torch.zeros_like(index)
+    for r in range(1, len(index)):  # (the directions come example by example, in order)
+        slot[r] = slot[r - 1] + 1 if index[r] == index[r - 1] else 0
+    out = logits.new_zeros((max(int(counts.max()) if b else 0, 1), *logits.shape))
+    out[slot.to(out.device), index.to(out.device)] = cots.to(out)
+    return out
+
+
+def _tile(x: Tensor, n_slots: int) -> Tensor:
+    """``[B, ...] -> [S * B, ...]``: an example's activations, once per pseudo-gradient slot (slot-major)."""
+    return x if n_slots == 1 else x.repeat(n_slots, *([1] * (x.ndim - 1)))
 
 
 def _positions(x: Tensor, n: int) -> Tensor:
@@ -578,9 +625,10 @@ def _mask(block: FactorBlock, batch: Any, n_pos: int, device: torch.device, dtyp
 
 
 def _block_ag(block: FactorBlock, cap: _Captured, batch: Any, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """``(a [B, T, a_dim] with the homogeneous 1, g [B, T, d_out] masked, mask [B, T])`` of a K-FAC block."""
+    """``(a [B, T, a_dim] with the homogeneous 1, g [S * B, T, d_out] masked, mask [B, T])`` of a K-FAC block (S:
+    the pseudo-gradient slots, ``cap.n_slots``)."""
     n = cap.n_examples
-    g = _positions(cap.grads[str(block.output_module)], n).to(dtype)
+    g = _positions(cap.grads[str(block.output_module)], n * cap.n_slots).to(dtype)
     if block.kv_repeat > 1:  # ungrouped GQA: the repeated heads' gradients belong to their key/value head
         g = _sum_repeats(g, block)
     if block.layout == "bias_only":
@@ -590,7 +638,7 @@ def _block_ag(block: FactorBlock, cap: _Captured, batch: Any, dtype: torch.dtype
         if block.bias is not None:
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
     mask = _mask(block, batch, g.shape[1], g.device, dtype)
-    return a, g * mask[..., None], mask
+    return a, g * _tile(mask, cap.n_slots)[..., None], mask
 
 
 def _sum_repeats(g: Tensor, block: FactorBlock) -> Tensor:
@@ -628,8 +676,9 @@ def batch_statistics(
         if b.kind == "kfac":
             a, g, mask = _block_ag(b, cap, inp.batch, dtype)
             if stage == "covariance":
-                # A averages over the positions whose output can reach the loss (g not identically 0)
-                mask = mask * (g.abs().amax(-1) > 0).to(mask.dtype)
+                # A averages over the positions whose output can reach the loss (g not identically 0 in every slot)
+                live = (g.abs().amax(-1) > 0).view(cap.n_slots, *mask.shape).any(0)
+                mask = mask * live.to(mask.dtype)
                 am = (a * mask[..., None]).flatten(0, 1)
                 gf = g.flatten(0, 1)
                 out[f"{b.name}/A_sum"] = am.T @ am
@@ -639,7 +688,8 @@ def batch_statistics(
                 if eigen is None:
                     raise ValueError("batch_statistics(stage='lambda') needs the eigenvectors (eigen=...).")
                 qa, qg = eigen[f"{b.name}/QA"].to(dtype), eigen[f"{b.name}/QG"].to(dtype)
-                rot = torch.einsum("bto,bti->boi", g @ qg, a @ qa)  # Q_G^T dW_n Q_A per example
+                # Q_G^T dW_{n,s} Q_A per example and slot (rows s * B + n of g), summed over both
+                rot = torch.einsum("bto,bti->boi", g @ qg, _tile(a @ qa, cap.n_slots))
                 out[f"{b.name}/L_sum"] = rot.square().sum(0)
         elif stage == "covariance":
             out[f"{b.name}/D_sum"] = _diag_per_example(b, cap).to(dtype).square().sum(0)
@@ -647,14 +697,15 @@ def batch_statistics(
 
 
 def _diag_per_example(block: FactorBlock, cap: _Captured) -> Tensor:
-    """Per-example gradients ``[B, *shape]`` of a diagonal block's parameter."""
+    """Per-example (and slot) gradients ``[S * B, *shape]`` of a diagonal block's parameter."""
     if block.rule == "autograd":
         return cap.per_example[block.name]
+    rows = cap.n_examples * cap.n_slots
     g = cap.grads[str(block.norm_module)]
     if block.rule == "norm_b":
-        return g.reshape(cap.n_examples, -1, g.shape[-1]).sum(1)
-    normed = cap.records[(f"{block.norm_module}.hook_normalized", "out")]
-    return (g * normed).reshape(cap.n_examples, -1, g.shape[-1]).sum(1)
+        return g.reshape(rows, -1, g.shape[-1]).sum(1)
+    normed = _tile(cap.records[(f"{block.norm_module}.hook_normalized", "out")], cap.n_slots)
+    return (g * normed).reshape(rows, -1, g.shape[-1]).sum(1)
 
 
 def _check_maps(split: SplitModel, blocks: Sequence[FactorBlock], cap: _Captured) -> None:
@@ -893,7 +944,9 @@ class KFAC(FittedSolver):
     Args:
         damping: lambda, added to the curvature of the MEAN loss (the same lambda as CG's).
         batch_size: Hessian examples per forward/backward pass (the generic ``batch_size`` knob).
-        fisher: ``"true"`` (labels sampled from the model, the Gauss-Newton in expectation) or ``"empirical"``.
+        fisher: ``"true"`` (labels sampled from the model, the Gauss-Newton in expectation), ``"expected"`` (that
+            expectation in closed form: every direction of each example's loss Hessian in the logits, no sampling),
+            or ``"empirical"`` (the rows' own labels).
         seed: seeds the sampled labels (one generator per Hessian batch).
         factor_dir: the folder of the fitted factors (``None``: ``$REPINF_LENS_CACHE/kfac_factors/<hash>``).
         shard_batches: batches between two checkpoints of the running sums (the unit of resumption).
@@ -941,7 +994,7 @@ class KFAC(FittedSolver):
                 f"(gauss_newton={self.gauss_newton!r}). Fix: leave gauss_newton=True (the default), or use CG() for "
                 "the exact Hessian."
             )
-        check_choice(f"{cls} fisher", self.fisher, ("true", "empirical"))
+        check_choice(f"{cls} fisher", self.fisher, ("true", "expected", "empirical"))
         check_int(f"{cls} seed", self.seed, minimum=0)
         check_int(f"{cls} shard_batches", self.shard_batches, minimum=1, why="batches between checkpoints")
         check_int(f"{cls} max_factor_dim", self.max_factor_dim, minimum=1)

@@ -53,83 +53,30 @@ from repinf_lens._cache import fingerprint_rows
 from repinf_lens._io import write_json_atomic
 from repinf_lens._shards import fingerprint_hash, open_manifest, read_verified, shard_is_done, write_shard
 from repinf_lens._tree import tcombine, tgram, tstack, tunstack
-from repinf_lens.curvature.hvp import dataset_hvp, loss_grad, per_example_grads, per_example_logit_vjps
+from repinf_lens.curvature.hvp import (
+    dataset_hvp,
+    gauss_newton_directions,
+    loss_grad,
+    per_example_grads,
+    per_example_logit_vjps,
+)
 from repinf_lens.curvature.solvers import FittedSolver, HVPFn, PrepareFn, SolveInfo, register_solver
 from repinf_lens.errors import RepinfLensError, SettingsError, check_choice, check_float, check_int
 from repinf_lens.split import Params, SplitInputs, SplitModel
 
-__all__ = ["Woodbury", "WoodburyCheckError", "gauss_newton_directions", "gauss_newton_rows"]
+__all__ = ["Woodbury", "WoodburyCheckError", "gauss_newton_rows"]
 
 Tree = dict[str, Tensor]
 
 _KIND = "repinf_lens.woodbury_rows"
 _FORMAT = 1
-#: eigenvalues of a loss Hessian in the logits below this times its largest are dropped (their rows are 0)
-_EIG_TOL = 1e-10
+
+#: how :func:`gauss_newton_directions`' errors name this solver and its alternative
+_GN_WHO, _GN_FIX = "Woodbury(fisher='true')", "Woodbury(fisher='empirical') (one row per example), EKFAC()"
 
 
 class WoodburyCheckError(RepinfLensError, RuntimeError):
     """The rows of the first Hessian batch do not reproduce the curvature computed by the independent path."""
-
-
-def _read_columns(split: SplitModel, z: Tensor) -> Tensor:
-    cols = split.loss_columns()
-    return torch.arange(z.shape[-1], device=z.device) if cols is None else cols.to(z.device)
-
-
-def gauss_newton_directions(
-    split: SplitModel, params: Params, inp: SplitInputs, *, max_outputs: int = 256
-) -> tuple[Tensor, Tensor]:
-    """The logit-space directions of each example's Gauss-Newton matrix: ``(example index [R], cotangents [R, ...])``.
-
-    For example ``n``: the Hessian ``H_n`` of its loss ``task.loss(z_n)`` in the logits it reads (the loss columns,
-    at its loss positions; ``torch.func.hessian`` at the model's logits, float64) and one cotangent ``sqrt(e_k)
-    v_k`` per eigenpair with ``e_k > 0``, placed in the logits' shape (0 in the other columns), so that
-    ``J_n^T H_n J_n = sum_k (J_n^T u_k)(J_n^T u_k)^T``. Cheap (no pass through theta2's backward).
-
-    Raises:
-        SettingsError: the loss reads more than ``max_outputs`` logits per example (the full vocabulary), or is not
-            convex in them (an eigenvalue below ``-1e-6`` times the largest: no Gauss-Newton matrix).
-    """
-    task = split.task
-    with torch.no_grad():
-        z = split.logits(inp.latents, inp.batch, params, inp.error, inp.base, inp.anchor, loss_only=True)
-    cols = _read_columns(split, z)
-    n_out = int(cols.numel()) * (int(z[0].numel()) // int(z.shape[-1]))
-    if n_out > max_outputs:
-        raise SettingsError(
-            f"Woodbury(fisher='true') builds one row per logit the loss reads, and this loss reads {n_out} per "
-            f"example (more than max_outputs={max_outputs}: the full vocabulary or many target tokens). Fix: "
-            "Woodbury(fisher='empirical') (one row per example), EKFAC(), or a task whose loss reads few logits "
-            "(MultipleChoiceTask(full_vocab=False))."
-        )
-    index, cots = [], []
-    for i in range(len(inp)):
-        one = inp.slice(i, i + 1)
-        zi = z[i : i + 1].detach()
-        read = zi.index_select(-1, cols).double()
-
-        def loss_of(r: Tensor, zi: Tensor = zi, one: SplitInputs = one) -> Tensor:
-            full = torch.nan_to_num(zi.double(), nan=0.0).index_copy(-1, cols, r)
-            return task.loss(full, one.batch)
-
-        h = torch.func.hessian(loss_of)(read).reshape(read.numel(), read.numel())
-        e, v = torch.linalg.eigh(0.5 * (h + h.T))
-        top = float(e.abs().max()) if e.numel() else 0.0
-        if top > 0 and float(e.min()) < -1e-6 * top:
-            raise SettingsError(
-                f"The task's loss is not convex in its logits (an eigenvalue {float(e.min()):.3e} of its Hessian for "
-                f"example {i} of the batch, the largest {top:.3e}): there is no Gauss-Newton matrix to invert. Fix: "
-                "Woodbury(fisher='empirical'), or CG() on the exact Hessian."
-            )
-        for k in torch.nonzero(e > _EIG_TOL * max(top, 1e-300)).flatten().tolist():
-            u = torch.zeros_like(zi[0], dtype=torch.float64)
-            u.index_copy_(-1, cols, (v[:, k] * e[k].sqrt()).reshape(read.shape[1:]))
-            index.append(i)
-            cots.append(u)
-    if not cots:
-        return torch.zeros(0, dtype=torch.long), z.new_zeros((0, *z.shape[1:]))
-    return torch.tensor(index, dtype=torch.long), torch.stack(cots).to(z.dtype)
 
 
 def gauss_newton_rows(
@@ -144,7 +91,7 @@ def gauss_newton_rows(
     Returns:
         ``({name: [R, *shape]}, example index [R])``.
     """
-    idx, cots = gauss_newton_directions(split, params, inp, max_outputs=max_outputs)
+    idx, cots = gauss_newton_directions(split, params, inp, max_outputs=max_outputs, who=_GN_WHO, fix=_GN_FIX)
     if not len(idx):
         return {k: p.new_zeros((0, *p.shape)) for k, p in params.items()}, idx
     return per_example_logit_vjps(split, params, inp, idx, cots, chunk_size=chunk_size), idx
@@ -333,7 +280,7 @@ class Woodbury(FittedSolver):
                     self._check_memory(params, n, 1.0)
                 part = per_example_grads(split, params, inp, chunk_size=chunk)
             else:
-                idx, cots = gauss_newton_directions(split, params, inp)
+                idx, cots = gauss_newton_directions(split, params, inp, who=_GN_WHO, fix=_GN_FIX)
                 if not computed:  # (rows per example from the first batch: e.g. 3 for 4 options in 10 letters)
                     self._check_memory(params, n, len(idx) / len(inp))
                 part = per_example_logit_vjps(split, params, inp, idx, cots, chunk_size=chunk)
