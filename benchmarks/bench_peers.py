@@ -21,7 +21,8 @@ queries against the best method.
 Methods:
 
 * repinf_lens (TransformerLens split): Identity, CG (100 iterations, tol 1e-8), CG with exactly 20 iterations
-  (matched to dattri's), K-FAC and EK-FAC (true and empirical Fisher);
+  (matched to dattri's), K-FAC and EK-FAC (sampled true, closed-form true ``"expected"`` and empirical Fisher),
+  EK-FAC-preconditioned CG (plain and block), Woodbury and Woodbury-preconditioned CG;
 * Kronfluence on the Hugging Face twin (``load_hf_model``), tracking only ``model.layers[-1].mlp.down_proj`` (the same
   matrix, transposed): EK-FAC and K-FAC, true and empirical Fisher, with its token mask at the answer position (the
   only position whose down_proj output reaches the loss, so its factors are normalised as repinf_lens' and
