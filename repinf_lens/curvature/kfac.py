@@ -676,7 +676,7 @@ def batch_statistics(
         if b.kind == "kfac":
             a, g, mask = _block_ag(b, cap, inp.batch, dtype)
             if stage == "covariance":
-                # A averages over the positions whose output can reach the loss (g not identically 0 in every slot)
+                # A averages over the positions whose output can reach the loss (g not identically 0 in some slot)
                 live = (g.abs().amax(-1) > 0).view(cap.n_slots, *mask.shape).any(0)
                 mask = mask * live.to(mask.dtype)
                 am = (a * mask[..., None]).flatten(0, 1)
