@@ -407,6 +407,8 @@ def add_config_flags(
                 kw["choices"] = list(IG_RULES)
             elif meta.get("choices") == "factor_solvers":
                 kw["choices"] = [n for n in list_solvers() if get_solver_class(n)().fits_factors]
+            elif isinstance(meta.get("choices"), tuple):  # (a fixed set of values)
+                kw["choices"] = list(meta["choices"])
         target.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 

@@ -157,3 +157,22 @@ def test_ekfac_preconditioned_cg_on_a_tiny_model_matches_cg_in_fewer_hvps():
         b = torch.cat([s_pcg[k].reshape(-1) for k in s_cg])
         assert float((a - b).norm() / a.norm()) < 1e-4  # the same system, solved to the same tolerance
     assert sum(out["pcg"][1]) < sum(out["cg"][1])  # EK-FAC as M^-1 saves iterations (HVPs)
+
+
+def test_the_fisher_knob_reaches_the_fitted_curvature_and_is_refused_where_there_is_none():
+    assert solver_from_config(AttributionConfig(solver="ekfac", fisher="expected")).fisher == "expected"
+    cg = solver_from_config(AttributionConfig(solver="cg", preconditioner="kfac", fisher="empirical"))
+    assert cg.preconditioner.fisher == "empirical" and "fisher" not in cg.to_dict()
+    assert solver_from_config(AttributionConfig(solver="ekfac")).fisher == EKFAC().fisher  # unset: the default
+    with pytest.raises(SettingsError, match="fisher='expected' with solver='cg'.*Fix: solver='ekfac'"):
+        AttributionConfig(solver="cg", fisher="expected")
+    with pytest.raises(SettingsError, match="Woodbury fisher"):  # (Woodbury's true Fisher is already exact)
+        AttributionConfig(solver="woodbury", fisher="expected")
+    with pytest.raises(SettingsError, match="fisher is one of"):
+        AttributionConfig(solver="ekfac", fisher="sampled")
+    from repinf_lens.cli import build_parser
+
+    args = build_parser().parse_args(["attribute", "--sae", "x", "--solver", "ekfac", "--fisher", "expected"])
+    assert args.fisher == "expected"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["attribute", "--sae", "x", "--fisher", "sampled"])

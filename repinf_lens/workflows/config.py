@@ -12,7 +12,10 @@ from repinf_lens.curvature.solvers import InverseHessianSolver, build_solver, ge
 from repinf_lens.errors import SettingsError, check_float, check_int
 from repinf_lens.influence.math import check_latent_method
 
-__all__ = ["AttributionConfig", "config_fields", "override", "solver_from_config"]
+__all__ = ["FISHERS", "AttributionConfig", "config_fields", "override", "solver_from_config"]
+
+#: the values of :attr:`AttributionConfig.fisher` (each fitted curvature accepts some of them)
+FISHERS: tuple[str, ...] = ("true", "expected", "empirical")
 
 
 def _knob(default: Any, help: str, **meta: Any) -> Any:
@@ -52,7 +55,10 @@ class AttributionConfig:
     ``solver`` names a solver of :mod:`repinf_lens.curvature` (``cg``, ``lissa``, ``explicit``, ``identity``);
     ``gauss_newton`` uses the PSD Gauss-Newton curvature (with few Hessian examples the exact Hessian of the real
     model is indefinite and CG meets negative curvature within a few iterations; then use it with damping ~1);
-    ``hessian_examples`` training examples define H. With ``prefilter_fraction`` / ``prefilter_top_k`` the
+    ``hessian_examples`` training examples define H. ``fisher`` picks the Fisher of a fitted curvature (the solver,
+    or CG's ``preconditioner``): ``"expected"`` is K-FAC / EK-FAC's true Fisher in closed form (best of the three
+    for EK-FAC on both peer-benchmark settings), ``"true"`` samples it (Woodbury: closed form), ``"empirical"``
+    uses the rows' labels. With ``prefilter_fraction`` / ``prefilter_top_k`` the
     candidates are the union over queries of each query's most gradient-similar training examples.
     ``sketches``: a prebuilt sketch store (a folder, or the name of an index shipped in the package, e.g.
     ``"smollm2-135m-openbookqa-L22"``) used read-only instead of sketching the training set (checked against
@@ -71,6 +77,13 @@ class AttributionConfig:
         choices="factor_solvers",
     )
     block_cg: bool = _knob(False, "CG only: block CG, the queries solved together share one search space")
+    fisher: str | None = _knob(
+        None,
+        "the Fisher of a fitted curvature (kfac, ekfac, woodbury; the solver or CG's preconditioner): true (K-FAC: "
+        "labels sampled from the model; Woodbury: in closed form), expected (K-FAC: the true Fisher in closed form), "
+        "empirical (the rows' labels); default: the solver's own",
+        choices=FISHERS,
+    )
     gauss_newton: bool = _knob(False, "PSD Gauss-Newton curvature instead of the Hessian")
     max_iter: int = _knob(20, "CG iterations / LiSSA depth", minimum=1)
     hessian_examples: int = _knob(64, "training examples that define H", minimum=1)
@@ -123,6 +136,8 @@ class AttributionConfig:
                     "preconditioner is a solver with fitted factors (ekfac, kfac, woodbury) for solver='cg'. Fix: pass "
                     "solver='cg', preconditioner='ekfac', or no preconditioner."
                 )
+        if self.fisher is not None:
+            self._check_fisher()
         check_float(
             "AttributionConfig damping", self.damping, minimum=0.0,
             fix="pass damping >= 0 (the paper: 1e-3; about 1 with gauss_newton=True).",
@@ -154,14 +169,35 @@ class AttributionConfig:
         check_int("AttributionConfig query_chunk_size", self.query_chunk_size, minimum=1, allow_none=True,
                   fix="pass query_chunk_size >= 1, or None for all queries at once.")  # fmt: skip
 
+    def _check_fisher(self) -> None:
+        """``fisher`` must name a value of :data:`FISHERS` that the fitted curvature (the solver, or CG's
+        preconditioner) takes; anything else is refused here, naming the fix."""
+        target = self.preconditioner or self.solver
+        cls = get_solver_class(target, setting="AttributionConfig solver")
+        if self.fisher not in FISHERS or "fisher" not in {f.name for f in fields(cls)}:
+            raise SettingsError(
+                f"AttributionConfig fisher={self.fisher!r} with solver={self.solver!r}"
+                + (f", preconditioner={self.preconditioner!r}" if self.preconditioner else "")
+                + f": fisher is one of {list(FISHERS)} and sets the Fisher of a fitted curvature (kfac, ekfac, "
+                "woodbury). Fix: solver='ekfac' (or solver='cg', preconditioner='ekfac') with fisher='expected', "
+                "'true' or 'empirical', or leave fisher unset."
+            )
+        cls.from_config(damping=self.damping, fisher=self.fisher)  # its own check names a value it does not take
+
 
 def solver_from_config(cfg: AttributionConfig) -> InverseHessianSolver:
     """The registered solver ``cfg.solver`` built from the config's generic knobs (each solver takes its own:
     ``config_knobs``, e.g. LiSSA reads ``max_iter`` as its depth, Identity reads none); with ``preconditioner``
-    CG gets that factor solver (same damping) as ``M^-1``."""
+    CG gets that factor solver (same damping) as ``M^-1``; ``fisher`` goes to the fitted curvature (the
+    preconditioner, else the solver)."""
     settings: dict[str, Any] = {}
+    fisher = {} if cfg.fisher is None else {"fisher": cfg.fisher}
     if cfg.preconditioner is not None:
-        settings["preconditioner"] = build_solver(cfg.preconditioner, damping=cfg.damping, batch_size=cfg.batch_size)
+        settings["preconditioner"] = build_solver(
+            cfg.preconditioner, damping=cfg.damping, batch_size=cfg.batch_size, **fisher
+        )
+    else:
+        settings.update(fisher)
     if cfg.block_cg:
         settings["block"] = True
     return build_solver(
