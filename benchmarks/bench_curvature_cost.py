@@ -3,9 +3,13 @@
 At ``--hook`` (theta2 = everything downstream), on one thread:
 
 * CG, ``--cg-iters`` iterations over ``--cg-hessian`` Hessian examples (the faithfulness runs' setting), for
-  ``--queries`` queries in lockstep: wall time per query and the stage's peak RSS (prepared HVPs, the default);
+  the first ``--cg-queries`` queries in lockstep (default: all ``--queries``): wall time per query and the stage's
+  peak RSS (prepared HVPs, the default), and the iterations each query ran: CG stops a query at negative curvature
+  (``on_negative_curvature="warn"``, the default); with ``--cg-full`` also CG running all ``--cg-iters`` iterations
+  (``"ignore"``), timed the same way;
 * EK-FAC (true Fisher) fitted ONCE on ``--fit-examples`` training questions: fit time and peak RSS, then s_test for
-  1, 8 and ``--queries`` queries in one batched preconditioning pass each: time per query and peak RSS;
+  1, 8 and ``--queries`` queries (at most ``--chunk`` per batched preconditioning pass; only the CG queries'
+  s_tests are kept, for the cosines): time per query and peak RSS;
 * the speed-up per query (CG / EK-FAC, after the fit) and the cosine between the two s_tests per query;
 * the share of EK-FAC's s_test that is the query gradient itself (timed alone), and the same s_tests with the
   eigenbasis rotations in bfloat16 (``precondition_dtype="bfloat16"``): time and cosine with the float32 ones;
@@ -40,6 +44,9 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=8)
     ap.add_argument("--cg-iters", type=int, default=5)
     ap.add_argument("--cg-hessian", type=int, default=8)
+    ap.add_argument("--cg-queries", type=int, default=None, help="CG's queries (lockstep; default: --queries)")
+    ap.add_argument("--chunk", type=int, default=8, help="EK-FAC / Woodbury queries per batched pass")
+    ap.add_argument("--cg-full", action="store_true", help="also time CG through every iteration (no early stop)")
     ap.add_argument("--fit-examples", type=int, default=256)
     ap.add_argument("--damping", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -63,10 +70,12 @@ def main() -> int:
     split = SplitModel(model, args.hook, task=task)
     train = [dict(r) for r in load_mcqa("openbookqa", "train", offline=True)]
     queries = [dict(r) for r in load_mcqa("openbookqa", "test", offline=True)][: args.queries]
+    cg_queries = queries[: args.cg_queries or len(queries)]
     n_params = sum(t.numel() for t in split.downstream_params().values())
     meter = StageMeter()
     rep: dict = {"model": args.model, "hook": args.hook, "theta2_params": n_params, "threads": args.threads,
-                 "damping": args.damping, "queries": len(queries)}  # fmt: skip
+                 "damping": args.damping, "queries": len(queries), "cg_queries": len(cg_queries),
+                 "chunk": args.chunk}  # fmt: skip
 
     if args.stream:
         return stream(args, split, train, queries, meter, rep)
@@ -76,14 +85,31 @@ def main() -> int:
         att = InfluenceAttributor(split, hessian=cg, use_cache=False, progress=False, query_chunk_size=None)
         att.fit(train[: args.cg_hessian])
         t = time.perf_counter()
-        s_cg = att.s_test(queries)
+        s_cg = att.s_test(cg_queries)
         cg_s = time.perf_counter() - t
     rep["cg"] = {
-        "iterations": args.cg_iters, "hessian_examples": args.cg_hessian, "s": round(cg_s, 1),
-        "s_per_query": round(cg_s / len(queries), 2), "peak_rss_mb": round(meter.stages["cg"]["peak_rss_mb"]),
+        "iterations": args.cg_iters, "hessian_examples": args.cg_hessian, "queries": len(cg_queries),
+        "s": round(cg_s, 1), "s_per_query": round(cg_s / len(cg_queries), 2),
+        "peak_rss_mb": round(meter.stages["cg"]["peak_rss_mb"]),
+        "iterations_run": [i.iterations for i in att.solve_infos], "hvps": [i.n_hvp for i in att.solve_infos],
+        "negative_curvature": [i.negative_curvature for i in att.solve_infos],
     }  # fmt: skip
     print("cg", rep["cg"], flush=True)
     del att
+    if args.cg_full:  # the same CG through every iteration (negative curvature ignored)
+        with meter.stage("cg_full"):
+            cg = CG(damping=args.damping, max_iter=args.cg_iters, batch_size=args.batch_size, tol=0.0,
+                    on_negative_curvature="ignore")  # fmt: skip
+            att = InfluenceAttributor(split, hessian=cg, use_cache=False, progress=False, query_chunk_size=None)
+            att.fit(train[: args.cg_hessian])
+            t = time.perf_counter()
+            att.s_test(cg_queries)
+            dt = time.perf_counter() - t
+        rep["cg_full"] = {"s": round(dt, 1), "s_per_query": round(dt / len(cg_queries), 2),
+                          "hvps": [i.n_hvp for i in att.solve_infos],
+                          "peak_rss_mb": round(meter.stages["cg_full"]["peak_rss_mb"])}  # fmt: skip
+        print("cg_full", rep["cg_full"], flush=True)
+        del att
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = str(args.factor_dir or Path(tmp) / "factors")
@@ -91,12 +117,12 @@ def main() -> int:
         att = InfluenceAttributor(split, hessian=ek, use_cache=False, progress=False, query_chunk_size=None)
         fit_ekfac(att, train[: args.fit_examples], folder, meter, rep)
         rep["ekfac"] = {}
-        s_ek = None
+        s_ek: list = []
         for q in sorted({1, min(8, len(queries)), len(queries)}):
             name = f"ekfac_{q}"
             with meter.stage(name):
                 t = time.perf_counter()
-                out = att.s_test(queries[:q])
+                out = s_tests(att, queries[:q], args.chunk, len(cg_queries))
                 dt = time.perf_counter() - t
             rep["ekfac"][str(q)] = {"s": round(dt, 2), "s_per_query": round(dt / q, 3),
                                     "peak_rss_mb": round(meter.stages[name]["peak_rss_mb"])}  # fmt: skip
@@ -113,7 +139,7 @@ def main() -> int:
         ek.precondition_dtype = "bfloat16"  # the same fitted factors, rotations in bf16
         with meter.stage("ekfac_bf16"):
             t = time.perf_counter()
-            s_bf = att.s_test(queries)
+            s_bf = s_tests(att, queries, args.chunk, len(cg_queries))
             dt = time.perf_counter() - t
         rep["ekfac_bf16"] = {
             "s": round(dt, 2), "s_per_query": round(dt / len(queries), 3),
@@ -130,7 +156,7 @@ def main() -> int:
         fit_s = time.perf_counter() - t
     with meter.stage("woodbury"):
         t = time.perf_counter()
-        s_wb = att.s_test(queries)
+        s_wb = s_tests(att, queries, args.chunk, len(cg_queries))
         dt = time.perf_counter() - t
     rep["woodbury"] = {
         "hessian_examples": args.cg_hessian, "rank": wb.rank, "fit_s": round(fit_s, 1),
@@ -144,17 +170,35 @@ def main() -> int:
     per_q = rep["ekfac"][str(len(queries))]["s_per_query"]
     rep["speedup_per_query_after_fit_bf16"] = round(rep["cg"]["s_per_query"] / rep["ekfac_bf16"]["s_per_query"], 1)
     rep["speedup_per_query_after_fit"] = round(rep["cg"]["s_per_query"] / per_q, 1)
+    if "cg_full" in rep:
+        full = rep["cg_full"]["s_per_query"]
+        rep["speedup_vs_cg_full"] = {
+            "ekfac": round(full / per_q, 1), "ekfac_bf16": round(full / rep["ekfac_bf16"]["s_per_query"], 1),
+            "woodbury": round(full / rep["woodbury"]["s_per_query"], 1),
+        }  # fmt: skip
     rep["cosine_cg_vs_ekfac"] = [round(_cos(tdot, a, b), 3) for a, b in zip(s_cg, s_ek, strict=True)]
     keys = (
         "speedup_per_query_after_fit",
         "speedup_per_query_after_fit_bf16",
         "speedup_per_query_woodbury",
         "cosine_cg_vs_ekfac",
+        "speedup_vs_cg_full",
     )
-    print(json.dumps({k: rep[k] for k in keys}))
+    print(json.dumps({k: rep[k] for k in keys if k in rep}))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rep, indent=1) + "\n")
     return 0
+
+
+def s_tests(att, rows, chunk: int, keep: int) -> list:
+    """s_test of every row, ``chunk`` queries per batched pass; returns the first ``keep`` (the CG queries', for
+    the cosines), so that 64 s_tests of a large theta2 need not be held at once."""
+    kept: list = []
+    for lo in range(0, len(rows), chunk):
+        out = att.s_test(rows[lo : lo + chunk])
+        kept.extend(out[: max(0, keep - len(kept))])
+        del out
+    return kept
 
 
 def _cos(tdot, a, b) -> float:

@@ -260,10 +260,10 @@ ENTRIES: tuple[Entry, ...] = (
     Entry(
         "bench-curvature-cost",
         "Engine performance",
-        8,
+        16,
         (
-            "python benchmarks/bench_curvature_cost.py --hook blocks.22.hook_resid_post --queries 4 --threads 1 "
-            "--out benchmarks/results/curvature_cost_L22.json",
+            "python benchmarks/bench_curvature_cost.py --hook blocks.22.hook_resid_post --queries 64 --cg-queries 8 "
+            "--cg-full --threads 1 --out benchmarks/results/curvature_cost_L22.json",
         ),
     ),
     Entry(
