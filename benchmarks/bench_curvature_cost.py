@@ -7,9 +7,9 @@ At ``--hook`` (theta2 = everything downstream), on one thread:
   peak RSS (prepared HVPs, the default), and the iterations each query ran: CG stops a query at negative curvature
   (``on_negative_curvature="warn"``, the default); with ``--cg-full`` also CG running all ``--cg-iters`` iterations
   (``"ignore"``), timed the same way;
-* EK-FAC (true Fisher) fitted ONCE on ``--fit-examples`` training questions: fit time and peak RSS, then s_test for
-  1, 8 and ``--queries`` queries (at most ``--chunk`` per batched preconditioning pass; only the CG queries'
-  s_tests are kept, for the cosines): time per query and peak RSS;
+* EK-FAC (``--fisher``: the sampled true Fisher by default) fitted ONCE on ``--fit-examples`` training questions:
+  fit time and peak RSS, then s_test for 1, 8 and ``--queries`` queries (at most ``--chunk`` per batched
+  preconditioning pass; only the CG queries' s_tests are kept, for the cosines): time per query and peak RSS;
 * the speed-up per query (CG / EK-FAC, after the fit) and the cosine between the two s_tests per query;
 * the share of EK-FAC's s_test that is the query gradient itself (timed alone), and the same s_tests with the
   eigenbasis rotations in bfloat16 (``precondition_dtype="bfloat16"``): time and cosine with the float32 ones;
@@ -47,6 +47,7 @@ def main() -> int:
     ap.add_argument("--cg-queries", type=int, default=None, help="CG's queries (lockstep; default: --queries)")
     ap.add_argument("--chunk", type=int, default=8, help="EK-FAC / Woodbury queries per batched pass")
     ap.add_argument("--cg-full", action="store_true", help="also time CG through every iteration (no early stop)")
+    ap.add_argument("--fisher", default="true", choices=("true", "expected", "empirical"), help="EK-FAC's Fisher")
     ap.add_argument("--fit-examples", type=int, default=256)
     ap.add_argument("--damping", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -74,7 +75,7 @@ def main() -> int:
     n_params = sum(t.numel() for t in split.downstream_params().values())
     meter = StageMeter()
     rep: dict = {"model": args.model, "hook": args.hook, "theta2_params": n_params, "threads": args.threads,
-                 "damping": args.damping, "queries": len(queries), "cg_queries": len(cg_queries),
+                 "damping": args.damping, "fisher": args.fisher, "queries": len(queries), "cg_queries": len(cg_queries),
                  "chunk": args.chunk}  # fmt: skip
 
     if args.stream:
@@ -113,7 +114,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = str(args.factor_dir or Path(tmp) / "factors")
-        ek = EKFAC(damping=args.damping, batch_size=args.batch_size, factor_dir=folder, progress=False)
+        ek = EKFAC(damping=args.damping, batch_size=args.batch_size, fisher=args.fisher, factor_dir=folder,
+                   progress=False)  # fmt: skip
         att = InfluenceAttributor(split, hessian=ek, use_cache=False, progress=False, query_chunk_size=None)
         fit_ekfac(att, train[: args.fit_examples], folder, meter, rep)
         rep["ekfac"] = {}
