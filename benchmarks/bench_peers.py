@@ -794,12 +794,13 @@ def repinf_methods(s: Setting, args: argparse.Namespace, workdir: Path) -> dict[
                    precondition_dtype=rotations, **extra)  # fmt: skip
 
     def pcg(
-        it: int, rotations: str = "float32", latent_method: str = "none", full: bool = False, block: bool = False
-    ) -> tuple[str, Callable[[], MethodRun]]:
-        name = f"repinf {'block-' if block else ''}pcg{it} ekfac (emp"
+        it: int, rotations: str = "float32", latent_method: str = "none", full: bool = False, block: bool = False,
+        fisher: str = "empirical",
+    ) -> tuple[str, Callable[[], MethodRun]]:  # fmt: skip
+        name = f"repinf {'block-' if block else ''}pcg{it} ekfac ({'emp' if fisher == 'empirical' else fisher}"
         name += (", bf16 rotations" if rotations != "float32" else "") + (", full rotations" if full else "") + ")"
         name += ", with latent scores" if latent_method != "none" else ""
-        pre = factored(EKFAC, "empirical", rotations, full)
+        pre = factored(EKFAC, fisher, rotations, full)
         return name, lambda: run_repinf(
             s, name, CG(damping=d, max_iter=it, tol=0.0, batch_size=bs, preconditioner=pre, block=block), args,
             latent_method=latent_method,
@@ -837,6 +838,7 @@ def repinf_methods(s: Setting, args: argparse.Namespace, workdir: Path) -> dict[
             + [pcg(5, "bfloat16")]  # (where the null-space shortcut applies its rotations stay float32)
             + [pcg(20, full=True), pcg(15, "bfloat16", full=True), pcg(20, "bfloat16", full=True)]
             + [pcg(10, latent_method="grad_x_input")]
+            + [pcg(it, fisher="expected") for it in (5, 10, 15)]
         ),
         "repinf woodbury (true)": lambda: run_repinf(
             s, "repinf woodbury (true)", Woodbury(damping=d, batch_size=bs, fisher="true", progress=False), args

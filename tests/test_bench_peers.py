@@ -104,7 +104,8 @@ def test_bench_peers_tiny_smoke(tmp_path):
     assert on_disk["best"] == res["best"] and (tmp_path / "results.md").read_text().startswith("# repinf_lens vs")
     names = {r["method"] for r in res["methods"]}
     assert names == {"repinf identity", "repinf cg10 (fixed)", "repinf cg10 (fixed, recomputed HVPs)",
-                     "repinf pcg5 ekfac (emp)", "repinf pcg5 ekfac (emp, bf16 rotations)", "repinf ekfac (emp)",
+                     "repinf pcg5 ekfac (emp)", "repinf pcg5 ekfac (emp, bf16 rotations)",
+                     "repinf pcg5 ekfac (expected)", "repinf ekfac (emp)",
                      "repinf woodbury (true)",
                      "kronfluence ekfac (emp)",
                      "dattri cg10", "dattri arnoldi", "dattri datainf", "dattri trak"}, res["skipped"]  # fmt: skip
