@@ -838,7 +838,7 @@ def repinf_methods(s: Setting, args: argparse.Namespace, workdir: Path) -> dict[
             + [pcg(5, "bfloat16")]  # (where the null-space shortcut applies its rotations stay float32)
             + [pcg(20, full=True), pcg(15, "bfloat16", full=True), pcg(20, "bfloat16", full=True)]
             + [pcg(10, latent_method="grad_x_input")]
-            + [pcg(it, fisher="expected") for it in (5, 10, 15)]
+            + [pcg(it, fisher="expected") for it in (5, 10, 15, 20)]
         ),
         "repinf woodbury (true)": lambda: run_repinf(
             s, "repinf woodbury (true)", Woodbury(damping=d, batch_size=bs, fisher="true", progress=False), args
