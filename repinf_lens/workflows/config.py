@@ -56,10 +56,11 @@ class AttributionConfig:
     ``gauss_newton`` uses the PSD Gauss-Newton curvature (with few Hessian examples the exact Hessian of the real
     model is indefinite and CG meets negative curvature within a few iterations; then use it with damping ~1);
     ``hessian_examples`` training examples define H. ``fisher`` picks the Fisher of a fitted curvature (the solver,
-    or CG's ``preconditioner``): ``"expected"`` is K-FAC / EK-FAC's true Fisher in closed form (best of the three
-    for EK-FAC on both peer-benchmark settings), ``"true"`` samples it (Woodbury: closed form), ``"empirical"``
-    uses the rows' labels. With ``prefilter_fraction`` / ``prefilter_top_k`` the
-    candidates are the union over queries of each query's most gradient-similar training examples.
+    or CG's ``preconditioner``): ``"expected"`` is K-FAC / EK-FAC's true Fisher in closed form (on the peer
+    benchmark above the sampled one on both settings, and tied with / above the empirical one), ``"true"`` samples
+    it (Woodbury: closed form), ``"empirical"`` uses the rows' labels. With ``prefilter_fraction`` /
+    ``prefilter_top_k`` the candidates are the union over queries of each query's most gradient-similar training
+    examples.
     ``sketches``: a prebuilt sketch store (a folder, or the name of an index shipped in the package, e.g.
     ``"smollm2-135m-openbookqa-L22"``) used read-only instead of sketching the training set (checked against
     the split and the training rows before use).
