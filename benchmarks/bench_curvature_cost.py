@@ -61,7 +61,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from repinf_lens import CG, InfluenceAttributor, MultipleChoiceTask, SplitModel, load_mcqa, load_model
+    from repinf_lens import InfluenceAttributor, MultipleChoiceTask, SplitModel, load_mcqa, load_model
     from repinf_lens._resources import StageMeter
     from repinf_lens._tree import tdot
     from repinf_lens.curvature import EKFAC, Woodbury
@@ -81,36 +81,22 @@ def main() -> int:
     if args.stream:
         return stream(args, split, train, queries, meter, rep)
 
-    with meter.stage("cg"):
-        cg = CG(damping=args.damping, max_iter=args.cg_iters, batch_size=args.batch_size)
-        att = InfluenceAttributor(split, hessian=cg, use_cache=False, progress=False, query_chunk_size=None)
-        att.fit(train[: args.cg_hessian])
-        t = time.perf_counter()
-        s_cg = att.s_test(cg_queries)
-        cg_s = time.perf_counter() - t
+    s_cg, cg_s, infos = time_cg(args, split, train, cg_queries, meter, "cg")
     rep["cg"] = {
         "iterations": args.cg_iters, "hessian_examples": args.cg_hessian, "queries": len(cg_queries),
         "s": round(cg_s, 1), "s_per_query": round(cg_s / len(cg_queries), 2),
         "peak_rss_mb": round(meter.stages["cg"]["peak_rss_mb"]),
-        "iterations_run": [i.iterations for i in att.solve_infos], "hvps": [i.n_hvp for i in att.solve_infos],
-        "negative_curvature": [i.negative_curvature for i in att.solve_infos],
+        "iterations_run": [i.iterations for i in infos], "hvps": [i.n_hvp for i in infos],
+        "negative_curvature": [i.negative_curvature for i in infos],
     }  # fmt: skip
     print("cg", rep["cg"], flush=True)
-    del att
     if args.cg_full:  # the same CG through every iteration (negative curvature ignored)
-        with meter.stage("cg_full"):
-            cg = CG(damping=args.damping, max_iter=args.cg_iters, batch_size=args.batch_size, tol=0.0,
-                    on_negative_curvature="ignore")  # fmt: skip
-            att = InfluenceAttributor(split, hessian=cg, use_cache=False, progress=False, query_chunk_size=None)
-            att.fit(train[: args.cg_hessian])
-            t = time.perf_counter()
-            att.s_test(cg_queries)
-            dt = time.perf_counter() - t
+        _, dt, infos = time_cg(args, split, train, cg_queries, meter, "cg_full", tol=0.0,
+                               on_negative_curvature="ignore")  # fmt: skip
         rep["cg_full"] = {"s": round(dt, 1), "s_per_query": round(dt / len(cg_queries), 2),
-                          "hvps": [i.n_hvp for i in att.solve_infos],
+                          "hvps": [i.n_hvp for i in infos],
                           "peak_rss_mb": round(meter.stages["cg_full"]["peak_rss_mb"])}  # fmt: skip
         print("cg_full", rep["cg_full"], flush=True)
-        del att
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = str(args.factor_dir or Path(tmp) / "factors")
@@ -190,6 +176,21 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rep, indent=1) + "\n")
     return 0
+
+
+def time_cg(args, split, train, rows, meter, stage: str, **cg_settings) -> tuple[list, float, list]:
+    """CG (``--cg-iters`` iterations on the first ``--cg-hessian`` training rows, plus ``cg_settings``) solving
+    ``rows`` in lockstep inside ``meter`` stage ``stage``: (s_tests, seconds of the solve, per-query SolveInfo)."""
+    from repinf_lens import CG, InfluenceAttributor
+
+    with meter.stage(stage):
+        cg = CG(damping=args.damping, max_iter=args.cg_iters, batch_size=args.batch_size, **cg_settings)
+        att = InfluenceAttributor(split, hessian=cg, use_cache=False, progress=False, query_chunk_size=None)
+        att.fit(train[: args.cg_hessian])
+        t = time.perf_counter()
+        out = att.s_test(rows)
+        dt = time.perf_counter() - t
+    return out, dt, att.solve_infos
 
 
 def s_tests(att, rows, chunk: int, keep: int) -> list:

@@ -167,20 +167,30 @@ def test_kfac_and_ekfac_are_the_exact_inverse_where_the_factorisation_is_exact()
     """theta2 = the trimmed W_U and b_U, one loss position, every row the same prompt (answers differ): the
     per-example gradients are g_n (x) a with one a, so F = G (x) A exactly; both solvers must equal the dense
     (F_emp + damping I)^-1 g, F_emp built from per-example gradients computed with torch.func."""
+    split, rows = one_prompt_unembed_split()
+    grads = torch.stack([flat(gr, split.param_names) for gr in per_example_grads(split, rows)])
+    assert_kfac_and_ekfac_invert(split, rows, grads.T @ grads / len(rows), "empirical")
+
+
+def one_prompt_unembed_split():
+    """theta2 = the trimmed W_U and b_U of a tiny model, and 6 rows of one prompt (answers 0-3, 0, 1)."""
     model = tiny_model(n_layers=2, d_model=16, n_heads=2, d_mlp=24, seed=0, dtype=torch.float64)
     split = SplitModel(model, HOOK, random_sae(model, HOOK, d_sae=16, k=4), downstream=r"^unembed\.")
     base = toy_mcqa_rows(1, seed=3)[0]
-    rows = [{**base, "id": f"r{i}", "answer": i % 4} for i in range(6)]
+    return split, [{**base, "id": f"r{i}", "answer": i % 4} for i in range(6)]
+
+
+def assert_kfac_and_ekfac_invert(split, rows, curvature, fisher):
+    """KFAC and EKFAC with ``fisher``, fitted on ``rows``, must apply the dense ``(curvature + 0.01 I)^-1``."""
     keys = split.param_names
-    grads = torch.stack([flat(gr, keys) for gr in per_example_grads(split, rows)])
-    fisher = grads.T @ grads / len(rows)
     g = rand_like_theta(split, 4)
-    want = torch.linalg.solve(fisher + 0.01 * torch.eye(len(fisher), dtype=torch.float64), flat(g, keys))
+    want = torch.linalg.solve(curvature + 0.01 * torch.eye(len(curvature), dtype=torch.float64), flat(g, keys))
     for cls in (KFAC, EKFAC):
-        solver = cls(damping=0.01, batch_size=4, fisher="empirical", factor_dtype="float64", progress=False)
+        solver = cls(damping=0.01, batch_size=4, fisher=fisher, factor_dtype="float64", progress=False)
         solver.fit_factors(split, split.task, rows)
         got = flat(solver.solve(None, g)[0], keys)
         assert float((got - want).norm() / want.norm()) < 1e-8, cls.name
+    return solver
 
 
 @pytest.mark.parametrize("make", [ln_split, lambda: llama_split(softcap=5.0), lambda: llama_split(ungroup=True)],
@@ -230,10 +240,7 @@ def test_expected_kfac_and_ekfac_are_the_exact_gauss_newton_inverse_where_the_fa
     """theta2 = the trimmed W_U and b_U at one loss position, every row the same prompt: each example's Gauss-Newton
     J^T H J is G (x) A with one A, so both solvers with fisher="expected" must equal the dense
     (GN + damping I)^-1 g, with GN = mean_n J_n^T H_n J_n built from torch.func's jacrev (J) and hessian (H)."""
-    model = tiny_model(n_layers=2, d_model=16, n_heads=2, d_mlp=24, seed=0, dtype=torch.float64)
-    split = SplitModel(model, HOOK, random_sae(model, HOOK, d_sae=16, k=4), downstream=r"^unembed\.")
-    base = toy_mcqa_rows(1, seed=3)[0]
-    rows = [{**base, "id": f"r{i}", "answer": i % 4} for i in range(6)]
+    split, rows = one_prompt_unembed_split()
     keys = split.param_names
     params = split.downstream_params()
     inp = split.prepare(split.task.collate(rows))
@@ -254,13 +261,7 @@ def test_expected_kfac_and_ekfac_are_the_exact_gauss_newton_inverse_where_the_fa
             return split.task.loss(full.index_copy(-1, cols, r[None]), one.batch)
 
         gn += j.T @ torch.func.hessian(loss_of)(z) @ j / len(rows)
-    g = rand_like_theta(split, 4)
-    want = torch.linalg.solve(gn + 0.01 * torch.eye(len(gn), dtype=torch.float64), flat(g, keys))
-    for cls in (KFAC, EKFAC):
-        solver = cls(damping=0.01, batch_size=4, fisher="expected", factor_dtype="float64", progress=False)
-        solver.fit_factors(split, split.task, rows)
-        got = flat(solver.solve(None, g)[0], keys)
-        assert float((got - want).norm() / want.norm()) < 1e-8, cls.name
+    solver = assert_kfac_and_ekfac_invert(split, rows, gn, "expected")
     assert solver.fingerprint(split, rows, 4)["seed"] is None  # (no sampling: no seed in the factors' identity)
 
 

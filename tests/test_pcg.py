@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from repinf_lens import InfluenceAttributor, SplitModel
-from repinf_lens.curvature import CG, EKFAC, InverseHessianSolver
+from repinf_lens.curvature import CG, EKFAC
+from repinf_lens.curvature.solvers import FittedSolver
 from repinf_lens.errors import SettingsError
 from repinf_lens.testing import random_sae, tiny_model, toy_mcqa_rows
 from repinf_lens.workflows.config import AttributionConfig, solver_from_config
@@ -27,20 +28,12 @@ def _cache(tmp_path, monkeypatch):
 
 
 @dataclass
-class DensePreconditioner(InverseHessianSolver):
+class DensePreconditioner(FittedSolver):
     """A test preconditioner with 'fitted factors': ``M^-1 = inv`` (a dense SPD matrix on the flat vector)."""
 
     name: ClassVar[str] = "dense_test"
     inv: Any = None
     calls: int = 0
-
-    @property
-    def fits_factors(self) -> bool:
-        return True
-
-    @property
-    def uses_hvp(self) -> bool:
-        return False
 
     def solve(self, hvp_fn, g):
         raise AssertionError("PCG must precondition all residuals in one batched solve_many call")

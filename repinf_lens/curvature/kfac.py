@@ -96,7 +96,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from repinf_lens._cache import cache_dir, fingerprint_rows
+from repinf_lens._cache import cache_dir
 from repinf_lens._fingerprint import state_digest
 from repinf_lens._io import atomic_file, write_json_atomic
 from repinf_lens._shards import (
@@ -591,9 +591,8 @@ def _expected_cotangents(split: SplitModel, params: Params, inp: SplitInputs, lo
     )  # fmt: skip
     b = len(inp)
     counts = torch.bincount(index, minlength=b)
-    slot = torch.zeros_like(index)
-    for r in range(1, len(index)):  # (the directions come example by example, in order)
-        slot[r] = slot[r - 1] + 1 if index[r] == index[r - 1] else 0
+    # the directions come example by example, in order: a row's slot is its rank among its example's rows
+    slot = torch.arange(len(index)) - (torch.cumsum(counts, 0) - counts)[index]
     out = logits.new_zeros((max(int(counts.max()) if b else 0, 1), *logits.shape))
     out[slot.to(out.device), index.to(out.device)] = cots.to(out)
     return out
@@ -1028,19 +1027,11 @@ class KFAC(FittedSolver):
     def fingerprint(self, split: SplitModel, rows: Sequence[Mapping[str, Any]], batch_size: int) -> dict[str, Any]:
         """Everything the factors depend on: the split, the rows, the pseudo-labels and the accumulation order."""
         blocks = factor_blocks(split, max_factor_dim=self.max_factor_dim)
-        fp = {
-            "format_version": _FORMAT,
-            "split": split.fingerprint(),
-            "rows": fingerprint_rows(rows),
-            "n_rows": len(rows),
-            "fisher": self.fisher,
-            "seed": self.seed if self.fisher == "true" else None,
-            "batch_size": int(batch_size),
-            "shard_batches": self.shard_batches,
-            "factor_dtype": self.factor_dtype,
-            "blocks": [b.describe() for b in blocks],
-        }
-        return json.loads(json.dumps(fp, default=str))
+        return self.fit_fingerprint(
+            split, rows, batch_size, format_version=_FORMAT, fisher=self.fisher,
+            seed=self.seed if self.fisher == "true" else None, shard_batches=self.shard_batches,
+            factor_dtype=self.factor_dtype, blocks=[b.describe() for b in blocks],
+        )  # fmt: skip
 
     def fit_factors(
         self, split: Any, task: Any, rows: Sequence[Mapping[str, Any]], *, batch_size: int | None = None,

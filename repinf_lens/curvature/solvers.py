@@ -39,6 +39,7 @@ own :meth:`CG.solve`. The base class loops over :meth:`solve`.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -49,6 +50,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor
 
+from repinf_lens._cache import fingerprint_rows
 from repinf_lens._tree import (
     tadd,
     tcombine,
@@ -299,6 +301,22 @@ class FittedSolver(InverseHessianSolver):
     @property
     def uses_hvp(self) -> bool:
         return False
+
+    @staticmethod
+    def fit_fingerprint(
+        split: Any, rows: Sequence[Mapping[str, Any]], batch_size: int, *, format_version: int, **settings: Any
+    ) -> dict[str, Any]:
+        """The identity of a fit (what a factor folder's manifest holds): the file format, the split, the Hessian rows,
+        the batch size, and the solver's own ``settings`` (fisher, seed, ...), normalised through JSON."""
+        fp = {
+            "format_version": format_version,
+            "split": split.fingerprint(),
+            "rows": fingerprint_rows(rows),
+            "n_rows": len(rows),
+            "batch_size": int(batch_size),
+            **settings,
+        }
+        return json.loads(json.dumps(fp, default=str))
 
 
 @dataclass

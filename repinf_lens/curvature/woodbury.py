@@ -37,7 +37,6 @@ with a content sha256, one file per batch: a rerun after a kill resumes after th
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -49,7 +48,6 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from repinf_lens._cache import fingerprint_rows
 from repinf_lens._io import write_json_atomic
 from repinf_lens._shards import fingerprint_hash, open_manifest, read_verified, shard_is_done, write_shard
 from repinf_lens._tree import tcombine, tgram, tstack, tunstack
@@ -179,15 +177,7 @@ class Woodbury(FittedSolver):
     # ------------------------------------------------------------------ fitting
     def fingerprint(self, split: SplitModel, rows: Sequence[Mapping[str, Any]], batch_size: int) -> dict[str, Any]:
         """Everything the rows depend on: the split (model, hook, SAE, theta2, task), the rows, fisher, batching."""
-        fp = {
-            "format_version": _FORMAT,
-            "split": split.fingerprint(),
-            "rows": fingerprint_rows(rows),
-            "n_rows": len(rows),
-            "fisher": self.fisher,
-            "batch_size": int(batch_size),
-        }
-        return json.loads(json.dumps(fp, default=str))
+        return self.fit_fingerprint(split, rows, batch_size, format_version=_FORMAT, fisher=self.fisher)
 
     def _check_memory(self, params: Params, n_rows: int, per_example: float) -> None:
         numel = sum(p.numel() for p in params.values())
