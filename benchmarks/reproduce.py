@@ -207,6 +207,12 @@ ENTRIES: tuple[Entry, ...] = (
         ),
     ),
     Entry(
+        "bench-pcg-iterations",
+        "Peers",
+        8,  # after bench-peers (it reads that run's retraining ground truth)
+        ("python benchmarks/bench_pcg_iterations.py --truth runs/bench_peers/ground_truth.partial.safetensors",),
+    ),
+    Entry(
         "bench-peers-block",
         "Peers",
         80,  # ~60 min of retraining (checkpointed: a rerun resumes after the last finished refit), ~17 of methods

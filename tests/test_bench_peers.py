@@ -260,3 +260,29 @@ def test_parts_over_one_checkpoint_merge_into_the_single_run_table(tmp_path):
         bp.merge_results([tmp_path / "a/results.json", tmp_path / "c.json"], tmp_path / "x", n_boot=10, seed=0)
     with pytest.raises(ValueError, match="ran in two parts"):
         bp.merge_results([tmp_path / "a/results.json", tmp_path / "a/results.json"], tmp_path / "x", n_boot=10, seed=0)
+
+
+def test_pcg_by_iteration_reads_the_peer_ground_truth_and_refuses_another(tmp_path):
+    """bench_pcg_iterations.py on the tiny setting: it reads bench_peers' retraining checkpoint (read only), plain
+    CG100 and every PCG row converge to its converged PCG reference, and a missing ground truth stops it before any
+    work, naming the fix."""
+    import bench_pcg_iterations as bpi
+    import bench_peers
+
+    peer = "--tiny --n-train 6 --queries 2 --subsets 3 --loo 0 --max-iter 20 --precheck 0"
+    bench_peers.main([*peer.split(), "--n-boot", "50", "--no-progress", "--out", str(tmp_path / "peers"),
+                      "--only", "repinf identity"])  # fmt: skip
+    truth = tmp_path / "peers" / "ground_truth.partial.safetensors"
+    before = truth.read_bytes()
+    out = tmp_path / "pcg.json"
+    res = bpi.main(["--peer-args", peer, "--truth", str(truth), "--iters", "3,40", "--reps", "1", "--ref-iters", "80",
+                    "--pre-dampings", "0.1", "--sweep-iters", "8", "--out", str(out)])  # fmt: skip
+    assert truth.read_bytes() == before
+    assert json.loads(out.read_text())["summary"] == res["summary"]
+    side = res["side_by_side"]
+    assert set(side) == {"cg100", "pcg3", "pcg40"} and res["summary"]["cg100"]["ratio_vs_cg100"] == 1.0
+    assert side["cg100"]["score_rel_err_vs_reference"][0] < 1e-3  # plain CG and PCG solve the same system
+    assert side["pcg40"]["score_rel_err_vs_reference"][0] < 1e-3 < side["pcg3"]["score_rel_err_vs_reference"][0]
+    assert set(res["preconditioner_damping"]) == {"pre_damping=0.1 pcg8"}
+    with pytest.raises(SystemExit, match="Fix: run `make reproduce RUN=bench-peers`"):
+        bpi.main(["--peer-args", peer, "--truth", str(tmp_path / "none.safetensors"), "--out", str(out)])

@@ -514,6 +514,12 @@ def test_the_null_space_shortcut_equals_the_full_rotation_and_shrinks_it(cls):
     assert any(r[2] < r[3] or r[0] < r[1] for r in ranks.values())
     keys = split.param_names
     gs = [rand_like_theta(split, i) for i in range(3)]
+    # the [in, out] maps without a bias in theta2 (the gated MLP's W_in / W_gate, W_U) rotate in their own layout,
+    # one query at a time; the others go through the [out, in] matrix, stacked
+    per_vector = {b.name for b in full.factors.blocks
+                  if full.factors.per_vector(b, gs[0][b.params[0]], damping=0.05, ekfac=cls.corrected,
+                                             null_tol=short.null_space_tol)}  # fmt: skip
+    assert "blocks.1.mlp.W_gate" in per_vector and "blocks.1.mlp.W_out" not in per_vector, per_vector
     for g in gs:
         want, got = flat(full.solve(None, g)[0], keys), flat(short.solve(None, g)[0], keys)
         assert float((got - want).norm() / want.norm()) < 1e-9
@@ -538,3 +544,22 @@ def test_the_null_space_shortcut_equals_the_full_rotation_and_shrinks_it(cls):
     assert solver_from_dict(coarse.to_dict()) == coarse
     with pytest.raises(Exception, match="null_space_tol"):
         cls(damping=0.1, null_space_tol=-1.0)
+
+
+@pytest.mark.parametrize("ranks", [(3, 5), (5, 3)])  # both product orders (the big products carry the smaller rank)
+def test_the_reduced_rotation_in_the_weight_layout_is_the_matrix_formula(ranks):
+    """``_reduced_in_out`` on ``V [.., in, out]`` equals ``(M / damping + Q_G' [(Q_G'^T M Q_A') * s] Q_A'^T)^T`` with
+    ``M = V^T``, written out densely, for a stack of vectors and for one."""
+    from repinf_lens.curvature.kfac import _reduced_in_out
+
+    rg, ra = ranks
+    gen = torch.Generator().manual_seed(sum(ranks))
+    d_in, d_out, damping = 7, 6, 0.3
+    qg = torch.linalg.qr(torch.randn(d_out, rg, generator=gen, dtype=torch.float64))[0]
+    qa = torch.linalg.qr(torch.randn(d_in, ra, generator=gen, dtype=torch.float64))[0]
+    scale = torch.randn(rg, ra, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, 3, d_in, d_out, generator=gen, dtype=torch.float64)
+    m = v.transpose(-1, -2)
+    want = (m / damping + qg @ ((qg.T @ m @ qa) * scale) @ qa.T).transpose(-1, -2)
+    torch.testing.assert_close(_reduced_in_out(v, qg, qa, scale, damping), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_reduced_in_out(v[1, 2], qg, qa, scale, damping), want[1, 2], rtol=1e-12, atol=1e-12)

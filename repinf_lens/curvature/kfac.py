@@ -855,6 +855,21 @@ class KFACFactors:
             self._reduced[key] = hit
         return self._reduced[key]
 
+    @staticmethod
+    def _weight_layout_ok(b: FactorBlock, w: Tensor, scale: Tensor) -> bool:
+        """Whether :func:`_reduced_in_out` applies: an ``[in, out]`` weight without a bias in theta2, in the
+        factors' dtype."""
+        return b.layout == "in_out" and b.bias is None and b.weight == b.name and w.dtype == scale.dtype
+
+    def per_vector(self, b: FactorBlock, w: Tensor, *, damping: float, ekfac: bool, null_tol: float) -> bool:
+        """Whether :meth:`precondition_block` takes ``b`` one vector at a time as cheaply as stacked: the reduced
+        rotations in the weight's own layout (:func:`_reduced_in_out`), so stacking the queries first would only
+        copy them."""
+        if b.kind != "kfac":
+            return False
+        red = self._reduced_block(b, damping=damping, ekfac=ekfac, null_tol=null_tol)
+        return red is not None and self._weight_layout_ok(b, w, red[2])
+
     def check_keys(self, g: Mapping[str, Tensor]) -> None:
         """Raise ``ValueError`` unless ``g`` holds exactly the theta2 entries the factors were fitted for."""
         shapes = {p: s for b in self.blocks for p, s in zip(b.params, b.shapes)}
@@ -888,6 +903,8 @@ class KFACFactors:
         red = self._reduced_block(b, damping=damping, ekfac=ekfac, null_tol=null_tol, max_cost=0.4 if low else 0.8)
         if red is not None:
             qg_r, qa_r, scale = red
+            if self._weight_layout_ok(b, ref, scale):
+                return {b.name: _reduced_in_out(ref, qg_r, qa_r, scale, damping)}
             m = b.to_matrix(g).to(scale.dtype)
             # the cheaper order of Q_G'^T V Q_A' (and the same order back)
             (dg, rg), (da, ra) = qg_r.shape, qa_r.shape
@@ -909,6 +926,28 @@ class KFACFactors:
             den = t[f"{b.name}/lG"][:, None] * t[f"{b.name}/lA"][None, :] + damping
         back = qg @ (rot / den).to(qa.dtype) @ qa.T
         return b.from_matrix(back.to(ref.dtype))
+
+
+def _reduced_in_out(v: Tensor, qg: Tensor, qa: Tensor, scale: Tensor, damping: float) -> Tensor:
+    """The reduced rotations of :meth:`KFACFactors.precondition_block` in an ``[in, out]`` weight's own layout.
+
+    For ``V`` ``[..., in, out]`` (the map's ``[out, in]`` matrix transposed): ``V / damping + Q_A' [(Q_A'^T V Q_G')
+    * scale^T] Q_G'^T``, the transpose of ``M / damping + Q_G' [(Q_G'^T M Q_A') * scale] Q_A'^T`` with ``M = V^T``.
+    Per leading index two GEMMs over ``V`` (the second adds ``V / damping`` as its ``beta`` term), so ``V`` is
+    read twice and the result written once, without transposed copies; the rest is ``[in or out, rank]``-sized.
+    """
+    flat = v.reshape(-1, *v.shape[-2:])
+    out = torch.empty(flat.shape, dtype=v.dtype, device=v.device)
+    s_t = scale.T
+    for i in range(flat.shape[0]):
+        vi = flat[i]
+        if qg.shape[1] <= qa.shape[1]:  # (the cheaper order: the big products carry the smaller rank)
+            inner = (qa.T @ (vi @ qg)) * s_t  # [ra, rg]
+            torch.addmm(vi, qa @ inner, qg.T, beta=1.0 / damping, out=out[i])
+        else:
+            inner = ((qa.T @ vi) @ qg) * s_t
+            torch.addmm(vi, qa, inner @ qg.T, beta=1.0 / damping, out=out[i])
+    return out.reshape(v.shape)
 
 
 def _write_tensors(path: Path, tensors: Mapping[str, Tensor], meta: Mapping[str, Any], fingerprint: str) -> None:
@@ -1215,12 +1254,20 @@ class KFAC(FittedSolver):
             factors.check_keys(g)
         # block by block: only one block's entries are stacked at a time, so the peak is the queries' gradients,
         # their results and one block's temporaries (not a stacked copy of every gradient besides)
-        s: dict[str, Tensor] = {}
+        per: list[dict[str, Tensor]] = [{} for _ in gs]
+        null_tol = self.null_space_tol
         for b in factors.blocks:
+            w = gs[0][b.params[0]]
+            if factors.per_vector(b, w, damping=self.damping, ekfac=self.corrected, null_tol=null_tol):
+                for q, g in enumerate(gs):  # (as cheap one at a time: no stacked copy)
+                    per[q].update(self._precondition_block(factors, b, {k: g[k] for k in b.params}))
+                continue
             sub = {k: torch.stack([g[k] for g in gs]) for k in b.params}
-            s.update(self._precondition_block(factors, b, sub))
+            res = self._precondition_block(factors, b, sub)
             del sub
-        outs = [self._checked({k: s[k][i] for k in gs[0]}, query=i) for i in range(len(gs))]
+            for q in range(len(gs)):
+                per[q].update({k: v[q] for k, v in res.items()})
+        outs = [self._checked({k: per[i][k] for k in gs[0]}, query=i) for i in range(len(gs))]
         return outs, [SolveInfo(iterations=1, converged=True) for _ in gs]
 
     def _precondition_block(self, factors: KFACFactors, b: FactorBlock, sub: Mapping[str, Tensor]) -> dict[str, Tensor]:
