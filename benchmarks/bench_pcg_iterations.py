@@ -32,8 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_peers as bp  # noqa: E402
-from _record import Recorder  # noqa: E402
+import bench_peers as bp
+from _record import Recorder
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return float((scores - ref).norm() / ref.norm())
 
     side: dict[str, dict[str, list[float]]] = {}
-    for rep in range(args.reps):
+    for _ in range(args.reps):
         for k in [100] + ints(args.iters):
             name = "cg100" if k == 100 else f"pcg{k}"
             if k != 100:
