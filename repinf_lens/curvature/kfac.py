@@ -861,13 +861,20 @@ class KFACFactors:
         factors' dtype."""
         return b.layout == "in_out" and b.bias is None and b.weight == b.name and w.dtype == scale.dtype
 
-    def per_vector(self, b: FactorBlock, w: Tensor, *, damping: float, ekfac: bool, null_tol: float) -> bool:
-        """Whether :meth:`precondition_block` takes ``b`` one vector at a time as cheaply as stacked: the reduced
-        rotations in the weight's own layout (:func:`_reduced_in_out`), so stacking the queries first would only
-        copy them."""
+    def _max_cost(self, b: FactorBlock, dtype: torch.dtype | None) -> float:
+        """:meth:`_reduced_block`'s ``max_cost`` for rotations in ``dtype`` (lower where they run in bfloat16)."""
+        return 0.4 if dtype is not None and dtype != self.tensors[f"{b.name}/QA"].dtype else 0.8
+
+    def per_vector(
+        self, b: FactorBlock, w: Tensor, *, damping: float, ekfac: bool, null_tol: float,
+        dtype: torch.dtype | None = None,
+    ) -> bool:  # fmt: skip
+        """Whether :meth:`precondition_block` (same arguments) takes ``b`` one vector at a time as cheaply as
+        stacked: the reduced rotations in the weight's own layout (:func:`_reduced_in_out`), so stacking the queries
+        first would only copy them."""
         if b.kind != "kfac":
             return False
-        red = self._reduced_block(b, damping=damping, ekfac=ekfac, null_tol=null_tol)
+        red = self._reduced_block(b, damping=damping, ekfac=ekfac, null_tol=null_tol, max_cost=self._max_cost(b, dtype))
         return red is not None and self._weight_layout_ok(b, w, red[2])
 
     def check_keys(self, g: Mapping[str, Tensor]) -> None:
@@ -899,8 +906,7 @@ class KFACFactors:
             v = g[b.name]
             return {b.name: (v.to(t[f"{b.name}/D"].dtype) / (t[f"{b.name}/D"] + damping)).to(v.dtype)}
         ref = g[b.params[0]]
-        low = dtype is not None and dtype != t[f"{b.name}/QA"].dtype
-        red = self._reduced_block(b, damping=damping, ekfac=ekfac, null_tol=null_tol, max_cost=0.4 if low else 0.8)
+        red = self._reduced_block(b, damping=damping, ekfac=ekfac, null_tol=null_tol, max_cost=self._max_cost(b, dtype))
         if red is not None:
             qg_r, qa_r, scale = red
             if self._weight_layout_ok(b, ref, scale):
@@ -1258,7 +1264,8 @@ class KFAC(FittedSolver):
         null_tol = self.null_space_tol
         for b in factors.blocks:
             w = gs[0][b.params[0]]
-            if factors.per_vector(b, w, damping=self.damping, ekfac=self.corrected, null_tol=null_tol):
+            if factors.per_vector(b, w, damping=self.damping, ekfac=self.corrected, null_tol=null_tol,
+                                  dtype=self._rotation_dtype()):  # fmt: skip
                 for q, g in enumerate(gs):  # (as cheap one at a time: no stacked copy)
                     per[q].update(self._precondition_block(factors, b, {k: g[k] for k in b.params}))
                 continue
