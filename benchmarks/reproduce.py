@@ -209,8 +209,12 @@ ENTRIES: tuple[Entry, ...] = (
     Entry(
         "bench-pcg-iterations",
         "Peers",
-        8,  # after bench-peers (it reads that run's retraining ground truth)
-        ("python benchmarks/bench_pcg_iterations.py --truth runs/bench_peers/ground_truth.partial.safetensors",),
+        16,  # ~7 min for the peer benchmark's retraining ground truth (resumed when bench-peers already wrote it)
+        (
+            "python benchmarks/bench_peers.py --threads 1 --no-progress --out runs/bench_peers "
+            "--only 'repinf identity'",
+            "python benchmarks/bench_pcg_iterations.py --truth runs/bench_peers/ground_truth.partial.safetensors",
+        ),
     ),
     Entry(
         "bench-peers-block",
